@@ -1,0 +1,116 @@
+"""Qwen2 decoder as pure functions: GQA with q/k/v bias, RoPE (rotate-half), RMSNorm, SwiGLU.
+
+Layers are stacked on a leading axis and run with `lax.scan`. Prefill runs any layer range
+[start, stop) over a sequence with a key-validity mask (padding slots are never attended) and
+explicit position ids (gaps allowed, as EarlyTom's in-LLM merge leaves them); it returns the
+keys (after RoPE) and values to cache. A decode step writes one slot of a static-length cache
+at a traced index, so it compiles once per cache length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from earlytom_jax.config import Qwen2Config
+from earlytom_jax.models.attention import attention, causal_attention
+
+
+def rms_norm(x, w, eps):
+    """HF Qwen2RMSNorm: normalise in fp32, cast back, then times weight."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """positions int [B, L] → cos, sin fp32 [B, L, D] (HF default rope, halves duplicated)."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    f = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, L, H, D]; rotate-half (non-interleaved) RoPE; result in x's dtype."""
+    d = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., d:], x[..., :d]], axis=-1)
+    c, s = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * c + rot * s
+
+
+def qkv(p, h, cos, sin):
+    """h [B, L, C] (already normed) → q [B,L,Hq,D], k [B,L,Hk,D] (both rotated), v."""
+    q = jnp.einsum("blc,chd->blhd", h, p["q_w"]) + p["q_b"]
+    k = jnp.einsum("blc,chd->blhd", h, p["k_w"]) + p["k_b"]
+    v = jnp.einsum("blc,chd->blhd", h, p["v_w"]) + p["v_b"]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def mlp(p, h):
+    return (jax.nn.silu(h @ p["gate_w"]) * (h @ p["up_w"])) @ p["down_w"]
+
+
+def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = True, block: int = 512):
+    """One decoder layer over a whole sequence. → (h, k, v, q)."""
+    x = rms_norm(h, p["ln1"], cfg.rms_norm_eps)
+    q, k, v = qkv(p, x, cos, sin)
+    if causal:
+        o = causal_attention(q, k, v, key_valid, block=block)
+    else:
+        o = attention(q, k, v, jnp.broadcast_to(key_valid[:, None, :], (h.shape[0], h.shape[1], h.shape[1])))
+    h = h + jnp.einsum("blhd,hdc->blc", o, p["o_w"])
+    h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
+    return h, k, v, q
+
+
+def layer_slice(layers, start: int, stop: int):
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def run_layers(layers, h, positions, key_valid, start: int, stop: int, cfg: Qwen2Config, block: int = 512):
+    """Causal prefill of layers [start, stop). h [B,L,C]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    def step(h, p):
+        h, k, v, _ = layer_prefill(p, h, cos, sin, key_valid, cfg, block=block)
+        return h, (k, v)
+
+    b, L = h.shape[:2]
+    if stop <= start:
+        empty = jnp.zeros((0, b, L, cfg.num_kv_heads, cfg.head_dim), h.dtype)
+        return h, empty, empty
+    h, (ks, vs) = jax.lax.scan(step, h, layer_slice(layers, start, stop))
+    return h, ks, vs
+
+
+def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: Qwen2Config):
+    """One token through all layers of `layers` with a static-length cache.
+
+    h [B, 1, C]; position int [B] (RoPE id of the new token); cache_k/v [n, B, Lc, Hk, D];
+    key_valid bool [B, Lc] (before writing); index: int32 scalar slot to write.
+    → (h, cache_k, cache_v, key_valid).
+    """
+    cos, sin = rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta)
+    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((h.shape[0], 1), bool), (0, index))
+
+    def step(h, xs):
+        p, ck, cv = xs
+        x = rms_norm(h, p["ln1"], cfg.rms_norm_eps)
+        q, k, v = qkv(p, x, cos, sin)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        o = attention(q, ck, cv, key_valid[:, None, :])
+        h = h + jnp.einsum("blhd,hdc->blc", o, p["o_w"])
+        h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
+        return h, (ck, cv)
+
+    h, (cache_k, cache_v) = jax.lax.scan(step, h, (layers, cache_k, cache_v))
+    return h, cache_k, cache_v, key_valid
+
+
+def logits(params, h, cfg: Qwen2Config):
+    """Final norm and head. h [..., C] → fp32 logits [..., V] (tied head reuses the embedding)."""
+    x = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...c,vc->...v", x, head, preferred_element_type=jnp.float32)

@@ -1,0 +1,77 @@
+"""SigLIP vision encoder (pre-LN ViT, no CLS), as pure functions of (params, inputs).
+
+Blocks are stacked on a leading layer axis and run with `lax.scan`, so any range of blocks
+[start, stop) is one compiled loop; a compression hook sits between two ranges and asks the
+block before it for its attention (mean over heads and queries).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from earlytom_jax.config import SiglipConfig
+from earlytom_jax.models.attention import attention, attention_colmean
+
+
+def layer_norm(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mu = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mu).mean(-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def embed(params, pixels, cfg: SiglipConfig):
+    """pixels [B, 3, S, S] (normalised) → patch tokens plus position embedding [B, N, C]."""
+    b = pixels.shape[0]
+    g, p = cfg.grid, cfg.patch_size
+    x = pixels[:, :, : g * p, : g * p].astype(params["patch_w"].dtype)
+    x = x.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
+    x = x @ params["patch_w"] + params["patch_b"]
+    return x + params["pos"][None]
+
+
+def block(p, x, cfg: SiglipConfig, with_attention: bool = False):
+    """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None)."""
+    h = layer_norm(x, p["ln1_s"], p["ln1_b"], cfg.layer_norm_eps)
+    q = jnp.einsum("bnc,chd->bnhd", h, p["q_w"]) + p["q_b"]
+    k = jnp.einsum("bnc,chd->bnhd", h, p["k_w"]) + p["k_b"]
+    v = jnp.einsum("bnc,chd->bnhd", h, p["v_w"]) + p["v_b"]
+    if with_attention:
+        o, colmean = attention_colmean(q, k, v)
+    else:
+        o, colmean = attention(q, k, v), None
+    x = x + jnp.einsum("bnhd,hdc->bnc", o, p["o_w"]) + p["o_b"]
+    h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
+    h = jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True)
+    x = x + h @ p["fc2_w"] + p["fc2_b"]
+    return x, colmean
+
+
+def layer_slice(blocks, start: int, stop: int):
+    return jax.tree.map(lambda a: a[start:stop], blocks)
+
+
+def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):
+    """Run blocks [start, stop) (static) on x [B, N, C]."""
+    if stop <= start:
+        return x
+
+    def step(x, p):
+        return block(p, x, cfg)[0], None
+
+    x, _ = jax.lax.scan(step, x, layer_slice(blocks, start, stop))
+    return x
+
+
+def run_block_with_attention(blocks, x, index: int, cfg: SiglipConfig):
+    """Block `index` returning (x, colmean [B, N]): attention each token receives."""
+    p = jax.tree.map(lambda a: a[index], blocks)
+    return block(p, x, cfg, with_attention=True)
+
+
+def encode(params, pixels, cfg: SiglipConfig):
+    """All `cfg.num_layers` blocks, no post-LayerNorm (LLaVA's feature). [B,3,S,S] → [B, N, C]."""
+    x = embed(params, pixels, cfg)
+    return run_blocks(params["blocks"], x, 0, cfg.num_layers, cfg)

@@ -1,0 +1,254 @@
+"""The video → first token pipeline with three compression hooks, all under jit.
+
+    pixels [T0,3,S,S] ─► SigLIP blocks ─(hook 1: merge frames after chosen blocks)─► features
+        ─► projector + bilinear pool [Tc, S', H] ─(hook 2: select tokens into a static buffer)─►
+        splice into the prompt ─► Qwen2 layers 0..k-1 ─(hook 3: drop/merge visual tokens)─►
+        layers k.. ─► logits of the last prompt token, KV caches for decoding.
+
+Shapes stay static: frames live in a buffer of capacity T0 with a valid count `n`; after a
+frame merge the following encoder blocks run on the smallest bucket of frames that holds
+`n` (chosen on device with `lax.switch`, so no host round trip); visual tokens live in a buffer
+of the method's static capacity with a validity mask; the in-LLM merge compacts the sequence
+into a shorter static capacity. Positions count valid slots only, so padding never moves a
+RoPE id and is never attended.
+
+A hook is any object with the attributes used below (see compression/base.py); `None` at
+every hook is the full-token model of transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.models import llava_onevision as lov
+from earlytom_jax.models import qwen2, siglip
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+def frame_buckets(capacity: int, count: int) -> tuple[int, ...]:
+    """Static frame counts the encoder may run on after a merge: `count` even steps up to T0."""
+    return tuple(sorted({max(1, -(-capacity * j // count)) for j in range(1, count + 1)}))
+
+
+def _bucketed(fn, x, n, buckets):
+    """Run fn on the first b frames of x for the smallest bucket b >= n; pad back to capacity.
+
+    fn(x [b, ...]) → tuple of arrays with leading frame axis b.
+    """
+    cap = x.shape[0]
+    if len(buckets) == 1 and buckets[0] == cap:
+        return fn(x)
+
+    def branch(b):
+        def f(x):
+            outs = fn(x[:b])
+            return tuple(jnp.pad(o, [(0, cap - b)] + [(0, 0)] * (o.ndim - 1)) for o in outs)
+
+        return f
+
+    idx = jnp.searchsorted(jnp.asarray(buckets), n, side="left")
+    return jax.lax.switch(idx, [branch(b) for b in buckets], x)
+
+
+def encode_video(params, pixels, cfg: LlavaOVConfig, hook=None):
+    """pixels [T0,3,S,S] → (features [T0, N, C] with the first `n` frames valid, n, state)."""
+    vcfg = cfg.vision
+    blocks = params["vision"]["blocks"]
+    t0 = pixels.shape[0]
+    x = siglip.embed(params["vision"], pixels, vcfg)
+    n = jnp.asarray(t0, jnp.int32)
+    layers = tuple(hook.encoder_layers) if hook is not None else ()
+    buckets = hook.frame_buckets(t0) if hook is not None else (t0,)
+    state = hook.encoder_init(t0) if hook is not None else None
+    start, merged = 0, False
+    for i, layer in enumerate(layers):
+
+        def run(x, start=start, layer=layer):
+            x = siglip.run_blocks(blocks, x, start, layer, vcfg)
+            x, colmean = siglip.run_block_with_attention(blocks, x, layer, vcfg)
+            return x, colmean
+
+        x, colmean = _bucketed(run, x, n, buckets if merged else (t0,))
+        x, n, state = hook.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1)
+        start, merged = layer + 1, True
+
+    def rest(x):
+        return (siglip.run_blocks(blocks, x, start, vcfg.num_layers, vcfg),)
+
+    (x,) = _bucketed(rest, x, n, buckets if merged else (t0,))
+    return x, n, state
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, hook=None):
+    """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info) with the newline appended
+    right after the last kept token. Without a hook: all T0*S tokens + newline."""
+    tokens = lov.video_tokens(params, feats, cfg)  # [T0, S, H]
+    t0, s, h = tokens.shape
+    if hook is None:
+        buf = jnp.concatenate([tokens.reshape(t0 * s, h), params["newline"][None]], 0)
+        return buf, jnp.ones((t0 * s + 1,), bool), {"count": jnp.asarray(t0 * s, jnp.int32)}
+    buf, valid, info = hook.select(tokens, n, state, cfg)
+    count = info["count"]
+    buf = jnp.concatenate([buf, jnp.zeros((1, h), buf.dtype)], 0)
+    buf = jax.lax.dynamic_update_slice(buf, params["newline"][None].astype(buf.dtype), (count, 0))
+    valid = jnp.concatenate([valid, jnp.zeros((1,), bool)]).at[count].set(True)
+    return buf, valid, info
+
+
+# ----------------------------------------------------------------------------- LLM
+
+
+@dataclasses.dataclass
+class CacheGroup:
+    """KV cache of a contiguous range of layers: k/v [n_layers, B, Lc, Hk, D], valid [B, Lc]."""
+
+    k: Any
+    v: Any
+    valid: Any
+    length: int  # prefill slots used (static); decode writes at length + step
+
+
+jax.tree_util.register_dataclass(CacheGroup, data_fields=["k", "v", "valid"], meta_fields=["length"])
+
+
+def _alloc(ks, vs, valid, extra: int) -> CacheGroup:
+    pad = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
+    return CacheGroup(
+        jnp.pad(ks, pad), jnp.pad(vs, pad), jnp.pad(valid, ((0, 0), (0, extra))), ks.shape[2]
+    )
+
+
+def last_token_attention(q, k, key_valid):
+    """Mean over heads of the last query's attention probabilities. q [B,L,Hq,D] → [B, L]."""
+    b, L, hq, d = q.shape
+    hk = k.shape[2]
+    ql = q[:, -1].reshape(b, hk, hq // hk, d)
+    s = jnp.einsum("bhgd,bkhd->bhgk", ql, k, preferred_element_type=jnp.float32) * d**-0.5
+    s = jnp.where(key_valid[:, None, None, :], s, -1e30)
+    return jax.nn.softmax(s, -1).mean(axis=(1, 2))
+
+
+def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOVConfig, max_new: int, hook=None):
+    """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer.
+
+    → (logits [V] fp32 of the last slot, caches tuple[CacheGroup], next position [1], info).
+    """
+    tcfg = cfg.text
+    layers = params["text"]["layers"]
+    nl = tcfg.num_layers
+    if hook is None or hook.llm_layer is None:
+        h, ks, vs = qwen2.run_layers(layers, h, positions, valid, 0, nl, tcfg)
+        caches = (_alloc(ks, vs, valid, max_new),)
+        info = {}
+    else:
+        k_layer = hook.llm_layer
+        h, ks_a, vs_a = qwen2.run_layers(layers, h, positions, valid, 0, k_layer - 1, tcfg)
+        cos, sin = qwen2.rope_tables(positions, tcfg.head_dim, tcfg.rope_theta)
+        p = jax.tree.map(lambda a: a[k_layer - 1], layers)
+        h, k, v, q = qwen2.layer_prefill(p, h, cos, sin, valid, tcfg, causal=not hook.llm_noncausal)
+        ks_a = jnp.concatenate([ks_a, k[None]], 0)
+        vs_a = jnp.concatenate([vs_a, v[None]], 0)
+        attn = last_token_attention(q, k, valid)[0]
+        a, b = span
+        h_span, keep = hook.llm_merge(h[0, a:b], attn[a:b], valid[0, a:b])
+        cap = hook.llm_capacity(b - a)
+        order = jnp.argsort(~keep, stable=True)[:cap]  # kept slots first, in order
+        kept_valid = keep[order]
+        h_new = jnp.concatenate([h[0, :a], h_span[order], h[0, b:]], 0)[None]
+        valid_new = jnp.concatenate([valid[0, :a], kept_valid, valid[0, b:]])[None]
+        pos_new = jnp.concatenate([positions[0, :a], positions[0, a:b][order], positions[0, b:]])[None]
+        h_new, ks_b, vs_b = qwen2.run_layers(layers, h_new, pos_new, valid_new, k_layer, nl, tcfg)
+        caches = (_alloc(ks_a, vs_a, valid, max_new), _alloc(ks_b, vs_b, valid_new, max_new))
+        info = {"llm_kept": keep.sum(), "llm_keep_mask": keep}
+        h = h_new
+    logits = qwen2.logits(params["text"], h[0, -1], tcfg)
+    next_pos = positions[:, -1] + 1
+    return logits, caches, next_pos, info
+
+
+def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
+    """One greedy step. token/position int32 [1]; step int32 scalar (0 for the first new token).
+
+    → (logits [V], caches). Compiles once per set of cache lengths.
+    """
+    tcfg = cfg.text
+    layers = params["text"]["layers"]
+    h = params["text"]["embed"][token][:, None]
+    out, start = [], 0
+    for g in caches:
+        nlay = g.k.shape[0]
+        lp = jax.tree.map(lambda a, s=start, e=start + nlay: a[s:e], layers)
+        h, ck, cv, valid = qwen2.decode_layers(lp, h, position, g.k, g.v, g.valid, g.length + step, tcfg)
+        out.append(CacheGroup(ck, cv, valid, g.length))
+        start += nlay
+    return qwen2.logits(params["text"], h[0, -1], tcfg), tuple(out)
+
+
+# ----------------------------------------------------------------------------- whole
+
+
+def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=None, max_new: int = 32):
+    """Video + prompt → (first-token logits [V], caches, next position [1], stats dict).
+
+    prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder.
+    """
+    feats, n, state = encode_video(params, pixels, cfg, method)
+    buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
+    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
+    a = prefix_ids.shape[0]
+    span = (a, a + buf.shape[0])
+    logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
+    stats = {"frames": n, "visual_tokens": buf_valid.sum(), **info, **llm_info}
+    if state is not None:
+        stats.update(method.encoder_stats(state))
+    return logits, caches, next_pos, stats
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new"))
+def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=None, max_new: int = 32):
+    return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new)
+
+
+decode_step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("caches",))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("caches",))
+def decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids):
+    """Greedy decoding of `steps` tokens on device (no host sync per token).
+
+    Returns tokens int32 [steps] (the first is argmax of first_logits) and the number
+    generated before and including the first EOS (or `steps`).
+    """
+    tok0 = jnp.argmax(first_logits).astype(jnp.int32)
+
+    def body(carry, i):
+        tok, caches, done, count = carry
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos_ids)
+        logits, caches = decode_step(params, tok[None], position + i, caches, i, cfg)
+        nxt = jnp.argmax(logits).astype(jnp.int32)
+        return (nxt, caches, done, count), tok
+
+    init = (tok0, caches, jnp.asarray(False), jnp.asarray(0, jnp.int32))
+    (_, _, _, count), toks = jax.lax.scan(body, init, jnp.arange(steps))
+    return toks, count
+
+
+def sequence_logits(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig):
+    """Full-token logits at every prompt position [L, V] fp32 (for inspection and parity)."""
+    feats, n, state = encode_video(params, pixels, cfg)
+    buf, buf_valid, _ = visual_buffer(params, feats, n, state, cfg)
+    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
+    h, _, _ = qwen2.run_layers(params["text"]["layers"], h, positions, valid, 0, cfg.text.num_layers, cfg.text)
+    return qwen2.logits(params["text"], h[0], cfg.text)
