@@ -107,6 +107,24 @@ def _feature_depth(stored_layers: int, feature_layer: int) -> int:
     return depth
 
 
+_SO400M = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    image_size=384, patch_size=14, layer_norm_eps=1e-6,
+)
+
+
+def _siglip_from_dict(v: dict, depth: int) -> SiglipConfig:
+    return SiglipConfig(
+        hidden_size=int(v.get("hidden_size", 1152)),
+        intermediate_size=int(v.get("intermediate_size", 4304)),
+        num_layers=depth,
+        num_heads=int(v.get("num_attention_heads", 16)),
+        image_size=int(v.get("image_size", 384)),
+        patch_size=int(v.get("patch_size", 14)),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+    )
+
+
 def config_from_dict(d: dict) -> LlavaOVConfig:
     """Build the config from a parsed config.json (any of the supported layouts)."""
     if "vision_config" in d and "text_config" in d:
@@ -120,16 +138,7 @@ def config_from_dict(d: dict) -> LlavaOVConfig:
         if not isinstance(feature_layer, int):
             raise CheckpointError(f"vision_feature_layer={feature_layer!r}: only one layer is supported")
         v = d["vision_config"]
-        stored = int(v.get("num_hidden_layers", 26))
-        vision = SiglipConfig(
-            hidden_size=int(v.get("hidden_size", 1152)),
-            intermediate_size=int(v.get("intermediate_size", 4304)),
-            num_layers=_feature_depth(stored, feature_layer),
-            num_heads=int(v.get("num_attention_heads", 16)),
-            image_size=int(v.get("image_size", 384)),
-            patch_size=int(v.get("patch_size", 14)),
-            layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        )
+        vision = _siglip_from_dict(v, _feature_depth(int(v.get("num_hidden_layers", 26)), feature_layer))
         t = d["text_config"]
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
         return LlavaOVConfig(
@@ -139,10 +148,12 @@ def config_from_dict(d: dict) -> LlavaOVConfig:
             image_token_id=int(d.get("image_token_index", d.get("image_token_id", 151646))),
         )
     if "mm_vision_tower" in d or d.get("model_type") in ("llava", "llava_qwen"):
-        # lmms-lab original: SigLIP so400m/14-384 with 27 stored blocks; features come from
-        # hidden_states[mm_vision_select_layer] (-2 in every released config: 26 blocks).
+        # lmms-lab original: the config names the vision tower but not its shape; it is SigLIP
+        # so400m/14-384 with 27 stored blocks unless a `vision_config` says otherwise. Features
+        # come from hidden_states[mm_vision_select_layer] (-2 in every release: 26 blocks).
+        v = {**_SO400M, **d.get("vision_config", {})}
         select = int(d.get("mm_vision_select_layer", -2))
-        vision = SiglipConfig(num_layers=_feature_depth(27, select))
+        vision = _siglip_from_dict(v, _feature_depth(int(v["num_hidden_layers"]), select))
         return LlavaOVConfig(
             vision=vision,
             text=_qwen2_from_dict(d, bool(d.get("tie_word_embeddings", False))),

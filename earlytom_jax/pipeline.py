@@ -223,7 +223,7 @@ def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=None, max_ne
 decode_step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("caches",))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("caches",))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"))
 def decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids):
     """Greedy decoding of `steps` tokens on device (no host sync per token).
 

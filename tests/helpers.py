@@ -1,0 +1,36 @@
+"""Run transformers and our pipeline on the same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hf_logits(model, pixels: np.ndarray, prefix, suffix):
+    """transformers' full-token logits [L, V] for prefix + <video>*(T*S+1) + suffix."""
+    import torch
+
+    cfg = model.config
+    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    s = (-(-grid // 2)) ** 2
+    ids = list(prefix) + [cfg.video_token_index] * (pixels.shape[0] * s + 1) + list(suffix)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values_videos=torch.tensor(pixels)[None])
+    return out.logits[0].float().numpy(), ids
+
+
+def hf_generate(model, pixels: np.ndarray, ids, n: int):
+    import torch
+
+    with torch.no_grad():
+        g = model.generate(
+            input_ids=torch.tensor([ids]),
+            pixel_values_videos=torch.tensor(pixels)[None],
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+        )
+    return g[0, len(ids) :].tolist()
+
+
+def random_pixels(n_frames: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n_frames, 3, size, size)).astype(np.float32)
