@@ -1,0 +1,66 @@
+"""Named architectures with random weights, for benchmarks and the demo (speed does not
+depend on weight values). Shapes are those of the released checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from earlytom_jax.checkpoint.hf import _specs, set_path
+from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
+from earlytom_jax.errors import ConfigError
+
+ARCHITECTURES = {
+    "tiny": LlavaOVConfig(
+        vision=SiglipConfig(hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
+                            image_size=112, patch_size=14),
+        text=Qwen2Config(hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4,
+                         num_kv_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+        video_token_id=511, image_token_id=510,
+    ),
+    "llava-ov-0.5b": LlavaOVConfig(
+        vision=SiglipConfig(),
+        text=Qwen2Config(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, vocab_size=152000, tie_word_embeddings=True),
+    ),
+    "llava-ov-7b": LlavaOVConfig(
+        vision=SiglipConfig(),
+        text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                         num_kv_heads=4, head_dim=128, vocab_size=152128, tie_word_embeddings=False),
+    ),
+}
+
+
+def architecture(name: str) -> LlavaOVConfig:
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def param_shapes(cfg: LlavaOVConfig) -> dict:
+    """The parameter tree of `cfg` as ShapeDtypeStructs (fp32), derived from the loader's specs."""
+    tree: dict = {}
+    for s in _specs(cfg):
+        one = jax.eval_shape(s.fn, jax.ShapeDtypeStruct(s.shape, jnp.float32))
+        shape = ((s.layers,) if s.layers else ()) + one.shape
+        set_path(tree, s.path, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return tree
+
+
+def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0) -> dict:
+    """Random weights: N(0, 0.02) matrices and biases, ones for norm scales (numpy's PCG64 in
+    fp32, several times faster than threefry on CPU for the 7B shape)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
+    out = []
+    for path, sd in leaves:
+        name = jax.tree_util.keystr(path)
+        if any(n in name for n in ("ln1", "ln2", "norm")) and not name.endswith("_b']"):
+            out.append(jnp.ones(sd.shape, dtype))
+        else:
+            a = rng.standard_normal(sd.shape, dtype=np.float32)
+            a *= 0.02
+            out.append(jnp.asarray(a, dtype))
+            del a
+    return jax.tree.unflatten(treedef, out)
