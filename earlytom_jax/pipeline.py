@@ -12,8 +12,8 @@ of the method's static capacity with a validity mask; the in-LLM merge compacts 
 into a shorter static capacity. Positions count valid slots only, so padding never moves a
 RoPE id and is never attended.
 
-A hook is any object with the attributes used below (see compression/base.py); `None` at
-every hook is the full-token model of transformers.
+A method is a frozen dataclass with the hooks of compression/base.py; `FullTokens()` (the
+default) is the uncompressed model exactly as transformers runs it.
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from earlytom_jax.compression.base import FullTokens
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models import qwen2, siglip
 
 
+FULL = FullTokens()
+
 # ----------------------------------------------------------------------------- vision
-
-
-def frame_buckets(capacity: int, count: int) -> tuple[int, ...]:
-    """Static frame counts the encoder may run on after a merge: `count` even steps up to T0."""
-    return tuple(sorted({max(1, -(-capacity * j // count)) for j in range(1, count + 1)}))
 
 
 def _bucketed(fn, x, n, buckets):
@@ -58,26 +56,25 @@ def _bucketed(fn, x, n, buckets):
     return jax.lax.switch(idx, [branch(b) for b in buckets], x)
 
 
-def encode_video(params, pixels, cfg: LlavaOVConfig, hook=None):
+def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
     """pixels [T0,3,S,S] → (features [T0, N, C] with the first `n` frames valid, n, state)."""
     vcfg = cfg.vision
     blocks = params["vision"]["blocks"]
     t0 = pixels.shape[0]
     x = siglip.embed(params["vision"], pixels, vcfg)
     n = jnp.asarray(t0, jnp.int32)
-    layers = tuple(hook.encoder_layers) if hook is not None else ()
-    buckets = hook.frame_buckets(t0) if hook is not None else (t0,)
-    state = hook.encoder_init(t0) if hook is not None else None
+    layers = method.encoder_layers
+    buckets = method.frame_buckets(t0)
+    state = method.encoder_init(t0)
     start, merged = 0, False
     for i, layer in enumerate(layers):
 
         def run(x, start=start, layer=layer):
             x = siglip.run_blocks(blocks, x, start, layer, vcfg)
-            x, colmean = siglip.run_block_with_attention(blocks, x, layer, vcfg)
-            return x, colmean
+            return siglip.run_block_with_attention(blocks, x, layer, vcfg)
 
         x, colmean = _bucketed(run, x, n, buckets if merged else (t0,))
-        x, n, state = hook.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1)
+        x, n, state = method.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1)
         start, merged = layer + 1, True
 
     def rest(x):
@@ -90,15 +87,12 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, hook=None):
 # ----------------------------------------------------------------------------- tokens
 
 
-def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, hook=None):
-    """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info) with the newline appended
-    right after the last kept token. Without a hook: all T0*S tokens + newline."""
+def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
+    """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
+    tokens packed at the front, then the newline right after the last kept token."""
     tokens = lov.video_tokens(params, feats, cfg)  # [T0, S, H]
-    t0, s, h = tokens.shape
-    if hook is None:
-        buf = jnp.concatenate([tokens.reshape(t0 * s, h), params["newline"][None]], 0)
-        return buf, jnp.ones((t0 * s + 1,), bool), {"count": jnp.asarray(t0 * s, jnp.int32)}
-    buf, valid, info = hook.select(tokens, n, state, cfg)
+    h = tokens.shape[-1]
+    buf, valid, info = method.select(tokens, n, state, cfg)
     count = info["count"]
     buf = jnp.concatenate([buf, jnp.zeros((1, h), buf.dtype)], 0)
     buf = jax.lax.dynamic_update_slice(buf, params["newline"][None].astype(buf.dtype), (count, 0))
@@ -139,7 +133,7 @@ def last_token_attention(q, k, key_valid):
     return jax.nn.softmax(s, -1).mean(axis=(1, 2))
 
 
-def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOVConfig, max_new: int, hook=None):
+def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOVConfig, max_new: int, method=FULL):
     """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer.
 
     → (logits [V] fp32 of the last slot, caches tuple[CacheGroup], next position [1], info).
@@ -147,22 +141,22 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
     tcfg = cfg.text
     layers = params["text"]["layers"]
     nl = tcfg.num_layers
-    if hook is None or hook.llm_layer is None:
+    if method.llm_layer is None:
         h, ks, vs = qwen2.run_layers(layers, h, positions, valid, 0, nl, tcfg)
         caches = (_alloc(ks, vs, valid, max_new),)
         info = {}
     else:
-        k_layer = hook.llm_layer
+        k_layer = method.llm_layer
         h, ks_a, vs_a = qwen2.run_layers(layers, h, positions, valid, 0, k_layer - 1, tcfg)
         cos, sin = qwen2.rope_tables(positions, tcfg.head_dim, tcfg.rope_theta)
         p = jax.tree.map(lambda a: a[k_layer - 1], layers)
-        h, k, v, q = qwen2.layer_prefill(p, h, cos, sin, valid, tcfg, causal=not hook.llm_noncausal)
+        h, k, v, q = qwen2.layer_prefill(p, h, cos, sin, valid, tcfg, causal=not method.llm_noncausal)
         ks_a = jnp.concatenate([ks_a, k[None]], 0)
         vs_a = jnp.concatenate([vs_a, v[None]], 0)
         attn = last_token_attention(q, k, valid)[0]
         a, b = span
-        h_span, keep = hook.llm_merge(h[0, a:b], attn[a:b], valid[0, a:b])
-        cap = hook.llm_capacity(b - a)
+        h_span, keep = method.llm_merge(h[0, a:b], attn[a:b], valid[0, a:b])
+        cap = method.llm_capacity(b - a)
         order = jnp.argsort(~keep, stable=True)[:cap]  # kept slots first, in order
         kept_valid = keep[order]
         h_new = jnp.concatenate([h[0, :a], h_span[order], h[0, b:]], 0)[None]
@@ -198,7 +192,7 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
 # ----------------------------------------------------------------------------- whole
 
 
-def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=None, max_new: int = 32):
+def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):
     """Video + prompt → (first-token logits [V], caches, next position [1], stats dict).
 
     prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder.
@@ -209,14 +203,12 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=N
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
     logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
-    stats = {"frames": n, "visual_tokens": buf_valid.sum(), **info, **llm_info}
-    if state is not None:
-        stats.update(method.encoder_stats(state))
+    stats = {"frames": n, "visual_tokens": buf_valid.sum(), **info, **llm_info, **method.encoder_stats(state)}
     return logits, caches, next_pos, stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new"))
-def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=None, max_new: int = 32):
+def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32):
     return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new)
 
 
@@ -225,23 +217,24 @@ decode_step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps"))
 def decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids):
-    """Greedy decoding of `steps` tokens on device (no host sync per token).
+    """Greedy decoding of up to `steps` tokens in one device loop (no host sync per token),
+    stopping after the first token in `eos_ids`.
 
-    Returns tokens int32 [steps] (the first is argmax of first_logits) and the number
-    generated before and including the first EOS (or `steps`).
+    → (tokens int32 [steps], count): the first `count` tokens are the answer, EOS included;
+    the first token is argmax(first_logits).
     """
-    tok0 = jnp.argmax(first_logits).astype(jnp.int32)
+    toks = jnp.zeros((steps,), jnp.int32).at[0].set(jnp.argmax(first_logits).astype(jnp.int32))
 
-    def body(carry, i):
-        tok, caches, done, count = carry
-        count = count + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, eos_ids)
-        logits, caches = decode_step(params, tok[None], position + i, caches, i, cfg)
-        nxt = jnp.argmax(logits).astype(jnp.int32)
-        return (nxt, caches, done, count), tok
+    def cond(carry):
+        i, toks, _ = carry
+        return (i < steps) & ~jnp.isin(toks[i - 1], eos_ids)
 
-    init = (tok0, caches, jnp.asarray(False), jnp.asarray(0, jnp.int32))
-    (_, _, _, count), toks = jax.lax.scan(body, init, jnp.arange(steps))
+    def body(carry):
+        i, toks, caches = carry
+        logits, caches = decode_step(params, toks[i - 1][None], position + i - 1, caches, i - 1, cfg)
+        return i + 1, toks.at[i].set(jnp.argmax(logits).astype(jnp.int32)), caches
+
+    count, toks, _ = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), toks, caches))
     return toks, count
 
 

@@ -40,7 +40,7 @@ def test_logits_every_position_and_greedy_tokens(case, tmp_path):
     ours = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
-    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, None, 20)
+    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, pipeline.FULL, 20)
     np.testing.assert_allclose(np.asarray(logits), ref[-1], atol=1e-4, rtol=0)
     toks, _ = pipeline.decode_loop(params, logits, pos, caches, cfg, 20, _ids([-1]))
     assert np.asarray(toks).tolist() == hf_generate(model, pix, ids, 20)
@@ -82,10 +82,9 @@ def test_compiles_once_per_shape(tiny_dir):
     _, d = tiny_dir
     cfg, params = load_hf(d)
     args = (_ids(PREFIX), _ids(SUFFIX))
-    pipeline.prefill_jit.clear_cache() if hasattr(pipeline.prefill_jit, "clear_cache") else None
-    out = pipeline.prefill_jit(params, random_pixels(3, 56, 1), *args, cfg, None, 8)
+    out = pipeline.prefill_jit(params, random_pixels(3, 56, 1), *args, cfg, pipeline.FULL, 8)
     before = pipeline.prefill_jit._cache_size()
-    out = pipeline.prefill_jit(params, random_pixels(3, 56, 2), *args, cfg, None, 8)
+    out = pipeline.prefill_jit(params, random_pixels(3, 56, 2), *args, cfg, pipeline.FULL, 8)
     assert pipeline.prefill_jit._cache_size() == before
     logits, caches, pos, _ = out
     step = pipeline.decode_step_jit

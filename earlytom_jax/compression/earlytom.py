@@ -1,0 +1,135 @@
+"""EarlyTom = stage I (frame merging inside SigLIP) + stage II (decoupled spatial selection)
++ stage III (merging inside the LLM), built from segments.py, select.py and llm_merge.py.
+
+Static shapes: frames keep a buffer of capacity T0 with a valid count; after a compression
+layer the following blocks run on the smallest of `buckets` evenly spaced frame counts that
+holds the frames left (so the encoder's cost follows T′, with at most `buckets` compiled
+variants per block range, all inside one program); the visual buffer has the tight static
+capacity of `select.visual_capacity`; stage III compacts the visual span to
+`round(capacity · (1 - r_in))` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from earlytom_jax.compression import llm_merge, segments
+from earlytom_jax.compression import select as sel
+from earlytom_jax.compression.base import NoHooks, frame_buckets
+from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import llava_onevision as lov
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyTom(NoHooks):
+    """EarlyTom settings (defaults: the spec's task-free defaults with stage III on).
+
+    ratio: retention r of visual tokens (of T0·196); tau: segmentation threshold τ;
+    layers: SigLIP blocks P after which frames merge (0-based, sorted on use); alpha: EMA
+    weight; max_window: M; quirks: reproduce the official code where it differs from the
+    paper's prose (the published numbers); llm_layer: k of stage III (None: off);
+    llm_ratio: r_in; llm_noncausal: run layer k-1 without the causal mask during prefill, as
+    the official code does; buckets: frame-count buckets after a merge.
+    """
+
+    ratio: float = 0.25
+    tau: float = 0.6
+    layers: tuple[int, ...] = (6, 21, 23)
+    alpha: float = 0.9
+    max_window: int = 6
+    quirks: bool = True
+    llm_layer: int | None = 18
+    llm_ratio: float = 0.5
+    llm_noncausal: bool = False
+    buckets: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
+        if not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(f"ratio {self.ratio} is outside (0, 1]")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"tau {self.tau} is outside [0, 1]")
+        if not self.layers:
+            raise ConfigError("EarlyTom needs at least one compression layer")
+        if len(set(self.layers)) != len(self.layers) or self.layers[0] < 0:
+            raise ConfigError(f"compression layers {self.layers} must be distinct and >= 0")
+        if not 0.0 <= self.llm_ratio < 1.0:
+            raise ConfigError(f"llm ratio {self.llm_ratio} is outside [0, 1)")
+        if self.max_window < 2 or self.buckets < 1:
+            raise ConfigError("max_window must be >= 2 and buckets >= 1")
+
+    def check(self, cfg: LlavaOVConfig) -> "EarlyTom":
+        """Reject settings the model cannot run (one clear message)."""
+        if self.layers[-1] >= cfg.vision.num_layers:
+            raise ConfigError(
+                f"compression layer {self.layers[-1]} is beyond the encoder's depth "
+                f"({cfg.vision.num_layers} blocks: 0..{cfg.vision.num_layers - 1})"
+            )
+        if self.llm_layer is not None and not 1 <= self.llm_layer < cfg.text.num_layers:
+            raise ConfigError(
+                f"llm merge layer {self.llm_layer} must be in 1..{cfg.text.num_layers - 1}"
+            )
+        return self
+
+    # hook 1 ------------------------------------------------------------------------------
+
+    @property
+    def encoder_layers(self) -> tuple[int, ...]:
+        return self.layers
+
+    def frame_buckets(self, t0: int) -> tuple[int, ...]:
+        return frame_buckets(t0, self.buckets)
+
+    def encoder_init(self, t0: int):
+        return {"frames_after_layer": jnp.zeros((len(self.layers),), jnp.int32), "step": 0}
+
+    def encoder_merge(self, x, n, colmean, state, last):
+        S = segments.frame_similarity(x)
+        W, n_out, _ = segments.mixing_matrix(S, n, self.tau, self.alpha, self.max_window, self.quirks)
+        x = segments.apply_mixing(W, x)
+        i = state["step"]
+        state = dict(state, step=i + 1, frames_after_layer=state["frames_after_layer"].at[i].set(n_out))
+        if last:
+            # importance = W · colmean(A): the merged attention's head-and-query mean
+            state["importance"] = W @ colmean
+            starts, dynamic = segments.final_segments(
+                segments.frame_similarity(x), n_out, self.tau, self.alpha, self.max_window, self.quirks
+            )
+            state["segment_starts"], state["dynamic"] = starts, dynamic
+        return x, n_out, state
+
+    def encoder_stats(self, state) -> dict:
+        return {k: state[k] for k in ("frames_after_layer", "segment_starts", "dynamic")}
+
+    # hook 2 ------------------------------------------------------------------------------
+
+    def capacity(self, t0: int, s: int) -> int:
+        return sel.visual_capacity(t0, self.ratio, s)
+
+    def select(self, tokens, n, state, cfg):
+        t0, s, _ = tokens.shape
+        g, pg = cfg.vision.grid, cfg.pooled_grid
+        imp = lov.pool(state["importance"][..., None], g, pg)[..., 0]  # [Tc, S]
+        k_dyn, n_stat = sel.budget_tables(t0, self.ratio, s)
+        keep = sel.select_tokens(
+            imp, n, state["dynamic"], jnp.asarray(k_dyn)[n], jnp.asarray(n_stat)[n], self.quirks
+        )
+        buf, valid, src, count = sel.compact(keep, tokens, self.capacity(t0, s))
+        return buf, valid, {"count": count, "kept_index": src, "importance": imp}
+
+    # hook 3 ------------------------------------------------------------------------------
+
+    def _keep_table(self, span: int) -> np.ndarray:
+        return llm_merge.keep_count_table(span, self.llm_ratio)
+
+    def llm_capacity(self, span: int) -> int:
+        return int(self._keep_table(span).max())
+
+    def llm_merge(self, h, attn, valid):
+        table = jnp.asarray(self._keep_table(h.shape[0]))
+        n_keep = table[valid.sum()]
+        return llm_merge.merge_visual_span(h, attn, valid, n_keep)
