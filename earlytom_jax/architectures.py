@@ -17,7 +17,7 @@ ARCHITECTURES = {
                             image_size=112, patch_size=14),
         text=Qwen2Config(hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4,
                          num_kv_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
-        video_token_id=511, image_token_id=510,
+        video_token_id=509, image_token_id=508,
     ),
     "llava-ov-0.5b": LlavaOVConfig(
         vision=SiglipConfig(),

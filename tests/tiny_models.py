@@ -12,9 +12,6 @@ import os
 import numpy as np
 
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-
-
 def tiny_config_dict(
     *,
     image_size: int = 56,
@@ -85,27 +82,10 @@ def build_tiny_model(seed: int = 0, **kwargs):
 
 
 def write_tokenizer(directory: str, vocab_size: int = 160) -> None:
-    """A word-level tokenizer.json with the qwen_1_5 special tokens at the top of the vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    """tokenizer.json (character level, qwen_1_5 specials; `<video>` = vocab_size - 3)."""
+    from earlytom_jax.synthetic import char_tokenizer
 
-    words = ["<unk>"] + [chr(c) for c in range(33, 127)]
-    n_plain = vocab_size - 4 - 5
-    extra = [f"w{i}" for i in range(max(0, n_plain - len(words)))]
-    vocab = {w: i for i, w in enumerate((words + extra)[:n_plain])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    # ids: image = vocab-4, video = vocab-3 as in tiny_config_dict
-    specials = {"<|endoftext|>": n_plain, "<|im_start|>": n_plain + 1, "<|im_end|>": n_plain + 2}
-    from tokenizers import AddedToken
-
-    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    # pad so that <image>, <video> land exactly on vocab-4, vocab-3
-    while tok.get_vocab_size() < vocab_size - 4:
-        tok.add_special_tokens([AddedToken(f"<|extra_{tok.get_vocab_size()}|>", special=True)])
-    tok.add_special_tokens([AddedToken("<image>", special=True), AddedToken("<video>", special=True)])
-    assert tok.token_to_id("<video>") == vocab_size - 3, tok.token_to_id("<video>")
-    tok.save(os.path.join(directory, "tokenizer.json"))
+    char_tokenizer(vocab_size - 4).save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
 

@@ -36,8 +36,10 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     scale = f32(in_size) / f32(out_size)
     R = np.zeros((out_size, in_size), np.float32)
     for i in range(out_size):
-        src = f32(scale * (f32(i) + f32(0.5))) - f32(0.5)
-        src = max(f32(src), f32(0.0))
+        # scale * (i + 0.5) - 0.5 with a single rounding (torch's CPU build contracts it to
+        # a fused multiply-add): exact in float64, then rounded once to fp32.
+        src = f32(float(scale) * (i + 0.5) - 0.5)
+        src = max(src, f32(0.0))
         i0 = min(int(math.floor(src)), in_size - 1)
         i1 = i0 + 1 if i0 < in_size - 1 else i0
         lam1 = min(max(f32(src - f32(i0)), f32(0.0)), f32(1.0))
@@ -100,17 +102,6 @@ def _topk_mask(imp: jax.Array, k: jax.Array) -> jax.Array:
     return rank < k
 
 
-def run_ids_1d(S: int, n_runs: jax.Array) -> jax.Array:
-    """[S] int32 run index of each raster position when S tokens are cut into n_runs
-    contiguous runs: S // n long, the first S % n runs one longer (spec 3.5)."""
-    n_runs = jnp.clip(jnp.asarray(n_runs, jnp.int32), 1, S)
-    base = S // n_runs
-    rem = S % n_runs
-    s = jnp.arange(S, dtype=jnp.int32)
-    head = rem * (base + 1)
-    return jnp.where(s < head, s // (base + 1), rem + (s - head) // base)
-
-
 def _argmax_per_group(imp: jax.Array, group: jax.Array) -> jax.Array:
     """[S] bool: per group, the position of the maximum (first index on ties)."""
     S = imp.shape[0]
@@ -149,10 +140,52 @@ def select_tokens(
     return keep & valid[:, None]
 
 
+def _even_split_ids(pos: jax.Array, total, parts) -> jax.Array:
+    """Index of the part holding `pos` when `total` items are cut into `parts` contiguous
+    parts, total // parts long, the first total % parts one longer (parts in 1..total)."""
+    base = total // parts
+    rem = total % parts
+    head = rem * (base + 1)
+    return jnp.where(pos < head, pos // (base + 1), rem + (pos - head) // base)
+
+
+def run_ids_1d(S: int, n_runs: jax.Array) -> jax.Array:
+    """[S] int32 run index of each raster position when S tokens are cut into n_runs
+    contiguous runs: S // n long, the first S % n runs one longer (spec 3.5, quirks=True).
+    n_runs is clipped to 1..S."""
+    n_runs = jnp.clip(jnp.asarray(n_runs, jnp.int32), 1, S)
+    return _even_split_ids(jnp.arange(S, dtype=jnp.int32), S, n_runs)
+
+
+def _isqrt(v: jax.Array) -> jax.Array:
+    """floor(sqrt(v)) for a small non-negative int32 (float guess, then corrected)."""
+    r = jnp.floor(jnp.sqrt(v.astype(jnp.float32))).astype(jnp.int32)
+    r = jnp.where(r * r > v, r - 1, r)
+    return jnp.where((r + 1) * (r + 1) <= v, r + 1, r)
+
+
 def block_ids_2d(S: int, n_blocks: jax.Array) -> jax.Array:
-    """[S] int32 block index for the paper's 2-D blocks (quirks=False). Placeholder until
-    matched with the reference."""
-    raise NotImplementedError
+    """[S] int32 block index of each raster position for the paper's 2-D static blocks
+    (quirks=False), the split the test reference (`_static_blocks_2d`) documents:
+    on the g x g grid (g = sqrt(S), static), rows = max(isqrt(n), ceil(n / g)) horizontal
+    bands, the g grid rows split evenly over them (first g % rows bands one row taller);
+    band b holds n // rows blocks, one more for the first n % rows bands, its g columns split
+    evenly (first blocks one column wider). Blocks are numbered band by band, left to right:
+    exactly n blocks. n_blocks is clipped to 1..S.
+    """
+    g = math.isqrt(S)
+    if g * g != S:
+        raise ValueError(f"2-D static blocks need a square token count, got S={S}")
+    n = jnp.clip(jnp.asarray(n_blocks, jnp.int32), 1, S)
+    rows = jnp.maximum(_isqrt(n), -(-n // g))  # 1 <= rows <= g
+    s = jnp.arange(S, dtype=jnp.int32)
+    y, x = s // g, s % g
+    band = _even_split_ids(y, g, rows)
+    per, extra = n // rows, n % rows
+    cols = per + (band < extra).astype(jnp.int32)  # 1 <= cols <= g
+    col_block = _even_split_ids(x, g, cols)
+    offset = band * per + jnp.minimum(band, extra)
+    return offset + col_block
 
 
 # ----------------------------------------------------------------------------------------

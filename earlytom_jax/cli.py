@@ -1,0 +1,207 @@
+"""The `earlytom` command. Thin: parses flags, calls the library, prints.
+
+Errors the user can fix print one line (`earlytom: error: ...`) and exit 2; `--debug` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from earlytom_jax.errors import ConfigError, EarlyTomError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _compression_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression")
+    g.add_argument("--method", default="earlytom", choices=["earlytom", "full"])
+    g.add_argument("--ratio", type=float, default=None, help="retention ratio r in (0, 1] (default 0.1)")
+    g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6)")
+    g.add_argument("--layers", type=_ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23")
+    g.add_argument("--llm-merge-layer", type=int, default=None, help="stage III layer k (default 18; -1 turns it off)")
+    g.add_argument("--llm-merge-ratio", type=float, default=None, help="stage III drop ratio (default 0.5)")
+    g.add_argument("--llm-noncausal", action="store_true", help="layer k-1 without causal mask in prefill, as the official code")
+    g.add_argument("--paper-prose", action="store_true", help="follow the paper's prose where the official code differs")
+    g.add_argument("--preset", default=None, help="published settings: TASK or TASK@RATIO, e.g. videomme@0.1")
+
+
+def _earlytom_from_args(args, cfg, scale_layers_for_depth: bool = False):
+    """EarlyTom from flags; --preset first, explicit flags override it."""
+    from earlytom_jax.compression.earlytom import EarlyTom
+    from earlytom_jax.compression.presets import preset
+
+    kw = {}
+    if args.preset:
+        kw.update(preset(args.preset, args.ratio))
+    if args.ratio is not None:
+        kw["ratio"] = args.ratio
+    kw.setdefault("ratio", 0.1)
+    if args.tau is not None:
+        kw["tau"] = args.tau
+    if args.layers is not None:
+        kw["layers"] = args.layers
+    elif scale_layers_for_depth and "layers" not in kw:
+        depth = cfg.vision.num_layers
+        kw["layers"] = tuple(sorted({min(depth - 1, round(x * depth / 26)) for x in (6, 21, 23)}))
+    if args.llm_merge_layer is not None:
+        kw["llm_layer"] = None if args.llm_merge_layer < 0 else args.llm_merge_layer
+    elif scale_layers_for_depth:
+        kw["llm_layer"] = max(1, round(18 * cfg.text.num_layers / 24))
+    if args.llm_merge_ratio is not None:
+        kw["llm_ratio"] = args.llm_merge_ratio
+    kw["llm_noncausal"] = args.llm_noncausal
+    kw["quirks"] = not args.paper_prose
+    return EarlyTom(**kw).check(cfg)
+
+
+def _method(args, cfg, scale=False):
+    from earlytom_jax.pipeline import FULL
+
+    return FULL if args.method == "full" else _earlytom_from_args(args, cfg, scale)
+
+
+def _stats_line(ans, n_frames: int) -> str:
+    s = ans.stats
+    frames = s.get("frames", n_frames)
+    vis = s.get("visual_tokens")
+    llm = s.get("llm_kept")
+    extra = f" -> {llm + 0} after the LLM merge" if llm is not None else ""
+    return (
+        f"[frames {n_frames} -> {frames} | visual tokens {vis}{extra} | "
+        f"TTFT {ans.ttft_s * 1000:.0f} ms | {ans.generation.tokens_per_s:.1f} tok/s]"
+    )
+
+
+def cmd_run(args) -> int:
+    from earlytom_jax.api import VideoLLM
+
+    if args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: need at least 1")
+    llm = VideoLLM.load(args.model, args.dtype)
+    method = _method(args, llm.cfg)
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens, on_token=stream)
+    if ans.video is not None and ans.video.repeated:
+        print(f"note: {args.video} has {ans.video.total_frames} frames, fewer than {args.frames}; "
+              "frames repeat (lmms-eval's sampling)", file=sys.stderr)
+    if args.json:
+        out = {
+            "text": ans.text,
+            "tokens": ans.tokens,
+            "settings": {"model": args.model, "video": args.video, "frames": args.frames,
+                         "method": repr(method), "dtype": args.dtype},
+            "ttft_s": ans.ttft_s,
+            "tokens_per_s": ans.generation.tokens_per_s,
+            "stats": ans.stats,
+        }
+        print(json.dumps(out))
+    else:
+        print()
+        print(_stats_line(ans, args.frames), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import jax
+
+    from earlytom_jax.api import VideoLLM
+    from earlytom_jax.architectures import architecture, random_params
+    from earlytom_jax.pipeline import FULL
+    from earlytom_jax.prompt import Tokenizer
+    from earlytom_jax.synthetic import char_tokenizer, make_clip
+    from earlytom_jax.video import Preprocessor, load_video
+
+    cfg = architecture(args.arch)
+    print(f"earlytom demo: {args.arch} architecture with RANDOM weights (no checkpoint, no download);")
+    print("  answers are noise, token counts and timings are real.")
+    params = random_params(cfg, seed=0)
+    tok = Tokenizer(char_tokenizer(cfg.image_token_id))
+    pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    llm = VideoLLM(cfg, params, tok, pre)
+    if args.video:
+        frames = load_video(args.video, args.frames).frames
+        source = args.video
+    else:
+        frames = make_clip(args.frames, 112, seed=0)
+        source = f"generated clip ({args.frames} frames, 112x112: drifting square, scene cut, two flashes)"
+    print(f"  video: {source}")
+    method = _method(args, cfg, scale=args.layers is None and args.preset is None)
+    rows = []
+    for name, m in (("full tokens", FULL), ("EarlyTom", method)):
+        t = time.perf_counter()
+        llm.ask(frames, args.prompt, m, args.frames, args.max_new_tokens)  # compile + warm-up
+        compile_s = time.perf_counter() - t
+        ans = llm.ask(frames, args.prompt, m, args.frames, args.max_new_tokens)
+        rows.append((name, ans, compile_s))
+    print(f"  settings: {method!r}")
+    for name, ans, compile_s in rows:
+        s = ans.stats
+        print(f"  {name:12s} frames {s.get('frames')} visual tokens {s.get('visual_tokens')}"
+              f"{' -> ' + str(s['llm_kept']) + ' after the LLM merge' if 'llm_kept' in s else ''}"
+              f" | TTFT {ans.ttft_s * 1000:.1f} ms (first call with compile {compile_s:.1f} s)")
+    full, et = rows[0][1], rows[1][1]
+    s = et.stats
+    print(f"  frames left after each compression layer: {s['frames_after_layer']}")
+    starts = [i for i, b in enumerate(s["segment_starts"]) if b]
+    print(f"  final segments start at merged frames {starts}; dynamic frames "
+          f"{[i for i, d in enumerate(s['dynamic']) if d]}")
+    print(f"  TTFT ratio full / EarlyTom: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
+    print(f"  EarlyTom answer (random weights): {et.text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="earlytom", description="EarlyTom video-token compression in JAX")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="answer a question about a video")
+    r.add_argument("--model", required=True, help="HF checkpoint directory")
+    r.add_argument("--video", required=True)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--frames", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _compression_flags(r)
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="full tokens vs EarlyTom on a random-weight model (no download)")
+    d.add_argument("--arch", default="tiny", help="tiny | llava-ov-0.5b | llava-ov-7b")
+    d.add_argument("--video", default=None, help="a video file (default: a generated clip)")
+    d.add_argument("--frames", type=int, default=16)
+    d.add_argument("--prompt", default="Describe what's happening in this video.")
+    d.add_argument("--max-new-tokens", type=int, default=8)
+    _compression_flags(d)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except EarlyTomError as e:
+        if args.debug:
+            raise
+        print(f"earlytom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("earlytom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
