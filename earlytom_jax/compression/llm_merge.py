@@ -43,8 +43,7 @@ def _rank_within_group(group: jax.Array, member: jax.Array) -> jax.Array:
     Vc = group.shape[0]
     idx = jnp.arange(Vc, dtype=jnp.int32)
     # members sorted by (group, index); non-members last
-    key = jnp.where(member, group * Vc + idx, Vc * Vc + idx)
-    order = jnp.argsort(key)
+    order = jnp.lexsort((idx, jnp.where(member, group, Vc)))
     g_sorted = jnp.where(member[order], group[order], -1)
     new_group = jnp.concatenate([jnp.array([True]), g_sorted[1:] != g_sorted[:-1]])
     first_pos = lax.cummax(jnp.where(new_group, idx, 0), axis=0)

@@ -16,40 +16,6 @@ import numpy as np
 
 
 # ----------------------------------------------------------------------------------------
-# pooling weights (host, numpy)
-# ----------------------------------------------------------------------------------------
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """1-D weights of torch `F.interpolate(mode="bilinear", align_corners=False)` (no
-    antialias, output size given), so pooling an [h, w] map is `R @ X @ C.T` with
-    `R = bilinear_matrix(h, out_h)`, `C = bilinear_matrix(w, out_w)`.
-
-    Returns float32 [out_size, in_size]; each row has at most two non-zero weights summing
-    to 1. The weights are formed as torch forms them for fp32 inputs (fp32 arithmetic):
-    scale = in/out, src = max(scale * (i + 0.5) - 0.5, 0), i0 = floor(src),
-    i1 = min(i0 + 1, in - 1), weights (1 - frac, frac) with frac = src - i0.
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"sizes must be >= 1, got in={in_size} out={out_size}")
-    f32 = np.float32
-    scale = f32(in_size) / f32(out_size)
-    R = np.zeros((out_size, in_size), np.float32)
-    for i in range(out_size):
-        # scale * (i + 0.5) - 0.5 with a single rounding (torch's CPU build contracts it to
-        # a fused multiply-add): exact in float64, then rounded once to fp32.
-        src = f32(float(scale) * (i + 0.5) - 0.5)
-        src = max(src, f32(0.0))
-        i0 = min(int(math.floor(src)), in_size - 1)
-        i1 = i0 + 1 if i0 < in_size - 1 else i0
-        lam1 = min(max(f32(src - f32(i0)), f32(0.0)), f32(1.0))
-        lam0 = f32(f32(1.0) - lam1)
-        R[i, i0] += lam0
-        R[i, i1] += lam1
-    return R
-
-
-# ----------------------------------------------------------------------------------------
 # budgets (host, Python float64)
 # ----------------------------------------------------------------------------------------
 
@@ -166,7 +132,8 @@ def _isqrt(v: jax.Array) -> jax.Array:
 
 def block_ids_2d(S: int, n_blocks: jax.Array) -> jax.Array:
     """[S] int32 block index of each raster position for the paper's 2-D static blocks
-    (quirks=False), the split the test reference (`_static_blocks_2d`) documents:
+    (quirks=False). The spec leaves the 2-D layout open; this is the split the test
+    reference (`tests/references/earlytom_ref.py::_static_blocks_2d`) documents:
     on the g x g grid (g = sqrt(S), static), rows = max(isqrt(n), ceil(n / g)) horizontal
     bands, the g grid rows split evenly over them (first g % rows bands one row taller);
     band b holds n // rows blocks, one more for the first n % rows bands, its g columns split
