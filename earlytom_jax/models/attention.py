@@ -20,36 +20,44 @@ import jax.numpy as jnp
 NEG = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
 
-def _group(q, hk):
+def _scores(q, k, scale):
+    """Scaled scores fp32 [B, Hk, G, Lq, Lk]; plain multi-head (G = 1) skips the group axis,
+    which XLA:CPU runs markedly faster."""
     b, lq, hq, d = q.shape
-    return q.reshape(b, lq, hk, hq // hk, d)
+    hk = k.shape[2]
+    if hq == hk:
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)[:, :, None]
+    else:
+        qg = q.reshape(b, lq, hk, hq // hk, d)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    return s * scale
+
+
+def _weighted(p, v, hq):
+    """p [B, Hk, G, Lq, Lk] · v [B, Lk, Hk, D] → [B, Lq, Hq, D]."""
+    b, hk, g, lq, _ = p.shape
+    if g == 1:
+        return jnp.einsum("bhqk,bkhd->bqhd", p[:, :, 0], v)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
+    return o.reshape(b, lq, hq, v.shape[-1])
 
 
 def attention(q, k, v, mask=None, scale=None):
     """Dense attention. mask: bool [B, Lq, Lk] (True = may attend) or None. → [B, Lq, Hq, D]."""
-    b, lq, hq, d = q.shape
-    hk = k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    qg = _group(q, hk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = _scores(q, k, scale)
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
-    return o.reshape(b, lq, hq, d)
+    return _weighted(p, v, q.shape[2])
 
 
 def attention_colmean(q, k, v, scale=None):
     """Unmasked attention plus mean over heads and queries of the probabilities: [B, Lk] fp32."""
-    b, lq, hq, d = q.shape
-    hk = k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    qg = _group(q, hk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(s, axis=-1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = jax.nn.softmax(_scores(q, k, scale), axis=-1)
     colmean = p.mean(axis=(1, 2, 3))
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v)
-    return o.reshape(b, lq, hq, d), colmean
+    return _weighted(p.astype(v.dtype), v, q.shape[2]), colmean
 
 
 def causal_attention(q, k, v, key_valid, block: int = 512, scale=None):
