@@ -212,6 +212,17 @@ def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_ne
     return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new)
 
 
+def compile_prefill(params, n_frames: int, prefix_len: int, suffix_len: int, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):
+    """Compile ahead of time the one program that serves every video of `n_frames` frames
+    and prompts of these lengths, whatever frame count the merges reach (all frame buckets
+    are branches inside it). Returns a callable `(params, pixels, prefix_ids, suffix_ids)`."""
+    size = cfg.vision.image_size
+    pix = jax.ShapeDtypeStruct((n_frames, 3, size, size), params["vision"]["patch_w"].dtype)
+    pre = jax.ShapeDtypeStruct((prefix_len,), jnp.int32)
+    suf = jax.ShapeDtypeStruct((suffix_len,), jnp.int32)
+    return prefill_jit.lower(params, pix, pre, suf, cfg, method, max_new).compile()
+
+
 decode_step_jit = jax.jit(decode_step, static_argnames=("cfg",), donate_argnames=("caches",))
 
 

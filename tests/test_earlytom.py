@@ -137,3 +137,20 @@ def test_bad_settings_fail_clearly(loaded):
         EarlyTom(tau=1.5)
     with pytest.raises(ConfigError, match="llm merge layer"):
         EarlyTom(layers=(1,), llm_layer=4).check(cfg)
+
+
+def test_ahead_of_time_compile_serves_every_video(loaded):
+    """One AOT-compiled program handles videos that reach different T′ (no retrace)."""
+    _, cfg, params = loaded
+    method = EarlyTom(ratio=0.25, tau=0.6, layers=(1, 2), llm_layer=2, buckets=3).check(cfg)
+    compiled = pipeline.compile_prefill(params, 12, len(PREFIX), len(SUFFIX), cfg, method, 4)
+    pre, suf = jnp.asarray(PREFIX, jnp.int32), jnp.asarray(SUFFIX, jnp.int32)
+    seen = {}
+    for i, kind in enumerate(["scenes", "noise", "same"]):
+        pix = jnp.asarray(_pixels(_video(kind, 12, cfg.vision.image_size, seed=i)))
+        logits, _, _, stats = compiled(params, pix, pre, suf)
+        ref_logits = pipeline.prefill_jit(params, pix, pre, suf, cfg, method, 4)[0]
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+        seen[kind] = int(stats["frames"])
+        assert int(stats["kept_per_frame"].sum()) == int(stats["count"])
+    assert len(set(seen.values())) >= 2, seen

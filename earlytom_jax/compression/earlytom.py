@@ -119,7 +119,8 @@ class EarlyTom(NoHooks):
             imp, n, state["dynamic"], jnp.asarray(k_dyn)[n], jnp.asarray(n_stat)[n], self.quirks
         )
         buf, valid, src, count = sel.compact(keep, tokens, self.capacity(t0, s))
-        return buf, valid, {"count": count, "kept_index": src, "importance": imp}
+        info = {"count": count, "kept_index": src, "kept_per_frame": keep.sum(1), "importance": imp}
+        return buf, valid, info
 
     # hook 3 ------------------------------------------------------------------------------
 

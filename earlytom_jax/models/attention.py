@@ -60,11 +60,13 @@ def attention_colmean(q, k, v, scale=None):
     return _weighted(p.astype(v.dtype), v, q.shape[2]), colmean
 
 
-def causal_attention(q, k, v, key_valid, block: int = 512, scale=None):
+def causal_attention(q, k, v, key_valid, block: int = 128, scale=None):
     """Causal attention by key blocks with an online softmax.
 
     q [B, L, Hq, D], k/v [B, L, Hk, D], key_valid bool [B, L] (padding keys never attended).
-    Query i attends keys j <= i with key_valid[j]. Exact up to fp32 rounding.
+    Query i attends keys j <= i with key_valid[j]. Exact up to fp32 rounding. Heads-major
+    blocks: the G query heads sharing a key head are stacked into one [G·block, D] operand, so
+    each step is one batched matmul per key head; key blocks above the diagonal are skipped.
     """
     b, L, hq, d = q.shape
     hk = k.shape[2]
@@ -75,47 +77,39 @@ def causal_attention(q, k, v, key_valid, block: int = 512, scale=None):
         mask = (i[:, None] >= i[None, :])[None] & key_valid[:, None, :]
         return attention(q, k, v, mask, scale)
     nb = -(-L // block)
-    pad = nb * block - L
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
-    # [nb, B, block, Hk, G, D] query blocks; [nb, B, block, Hk, D] key/value blocks
-    qb = qp.reshape(b, nb, block, hk, g, d).transpose(1, 0, 2, 3, 4, 5)
-    kb = kp.reshape(b, nb, block, hk, d).transpose(1, 0, 2, 3, 4)
-    vb = vp.reshape(b, nb, block, hk, d).transpose(1, 0, 2, 3, 4)
+    pad = ((0, 0), (0, nb * block - L), (0, 0), (0, 0))
+    qp, kp, vp = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    valid = jnp.pad(key_valid, ((0, 0), (0, nb * block - L)))
+    # q blocks [nb, B, Hk, G*block, D]; k/v blocks [nb, B, Hk, block, D]
+    qb = qp.reshape(b, nb, block, hk, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b, hk, g * block, d)
+    qb = qb * jnp.asarray(scale, q.dtype)
+    kb = kp.reshape(b, nb, block, hk, d).transpose(1, 0, 3, 2, 4)
+    vb = vp.reshape(b, nb, block, hk, d).transpose(1, 0, 3, 2, 4)
     validb = valid.reshape(b, nb, block).transpose(1, 0, 2)
     pos = jnp.arange(block)
+    qpos = jnp.tile(pos, g)  # position inside the block of each stacked query row
 
     def one_query_block(qi, qblk):
         def step(carry, j):
-            m, l, acc = carry
-
             def compute(carry):
                 m, l, acc = carry
-                kj, vj, vmask = kb[j], vb[j], validb[j]
-                s = jnp.einsum("bqhgd,bkhd->bhgqk", qblk, kj, preferred_element_type=jnp.float32) * scale
-                causal = (qi * block + pos)[:, None] >= (j * block + pos)[None, :]
-                ok = causal[None, None, None] & vmask[:, None, None, None, :]
-                s = jnp.where(ok, s, NEG)
+                s = jnp.einsum("bhqd,bhkd->bhqk", qblk, kb[j], preferred_element_type=jnp.float32)
+                causal = (qi * block + qpos)[:, None] >= (j * block + pos)[None, :]
+                s = jnp.where(causal[None, None] & validb[j][:, None, None, :], s, NEG)
                 m_new = jnp.maximum(m, s.max(-1))
                 corr = jnp.exp(m - m_new)
                 p = jnp.exp(s - m_new[..., None])
-                l_new = l * corr + p.sum(-1)
-                acc_new = acc * corr[..., None] + jnp.einsum(
-                    "bhgqk,bkhd->bhgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
-                )
-                return m_new, l_new, acc_new
+                pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
+                return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
             return jax.lax.cond(j <= qi, compute, lambda c: c, carry), None
 
-        m0 = jnp.full((b, hk, g, block), NEG, jnp.float32)
-        l0 = jnp.zeros((b, hk, g, block), jnp.float32)
-        a0 = jnp.zeros((b, hk, g, block, d), jnp.float32)
-        (m, l, acc), _ = jax.lax.scan(step, (m0, l0, a0), jnp.arange(nb))
-        out = acc / l[..., None]
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, block, hq, d)
+        m0 = jnp.full((b, hk, g * block), NEG, jnp.float32)
+        l0 = jnp.zeros((b, hk, g * block), jnp.float32)
+        a0 = jnp.zeros((b, hk, g * block, d), jnp.float32)
+        (_, l, acc), _ = jax.lax.scan(step, (m0, l0, a0), jnp.arange(nb))
+        return acc / l[..., None]
 
     out = jax.lax.map(lambda a: one_query_block(*a), (jnp.arange(nb), qb))
-    out = out.transpose(1, 0, 2, 3, 4).reshape(b, nb * block, hq, d)[:, :L]
-    return out.astype(q.dtype)
+    out = out.reshape(nb, b, hk, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, hq, d)
+    return out[:, :L].astype(q.dtype)

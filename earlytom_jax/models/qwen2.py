@@ -51,7 +51,7 @@ def mlp(p, h):
     return (jax.nn.silu(h @ p["gate_w"]) * (h @ p["up_w"])) @ p["down_w"]
 
 
-def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = True, block: int = 512):
+def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = True, block: int = 128):
     """One decoder layer over a whole sequence. → (h, k, v, q)."""
     x = rms_norm(h, p["ln1"], cfg.rms_norm_eps)
     q, k, v = qkv(p, x, cos, sin)
@@ -68,7 +68,7 @@ def layer_slice(layers, start: int, stop: int):
     return jax.tree.map(lambda a: a[start:stop], layers)
 
 
-def run_layers(layers, h, positions, key_valid, start: int, stop: int, cfg: Qwen2Config, block: int = 512):
+def run_layers(layers, h, positions, key_valid, start: int, stop: int, cfg: Qwen2Config, block: int = 128):
     """Causal prefill of layers [start, stop). h [B,L,C]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 

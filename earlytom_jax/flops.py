@@ -1,0 +1,98 @@
+"""Analytic FLOP counts (multiply and add counted as 2) of every prefill stage, and the
+paper's LLM-only closed form.
+
+Exact counts here count what the model computes for the *valid* tokens: causal attention
+counts the lower triangle (i + 1 keys for query i), vision attention the full square.
+Padding slots of our static buffers are not counted (see `padded=True` figures in the
+benchmark for what the hardware actually executes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from earlytom_jax.config import LlavaOVConfig
+
+
+def siglip_block(cfg: LlavaOVConfig, frames: int) -> int:
+    v = cfg.vision
+    n, c, f = v.num_patches, v.hidden_size, v.intermediate_size
+    return frames * (8 * n * c * c + 4 * n * c * f + 4 * n * n * c)
+
+
+def vision(cfg: LlavaOVConfig, frames_per_block: list[int]) -> int:
+    """Patch embedding on T0 frames plus each block on the frames it ran on."""
+    v = cfg.vision
+    embed = frames_per_block[0] * 2 * v.num_patches * 3 * v.patch_size**2 * v.hidden_size
+    return embed + sum(siglip_block(cfg, t) for t in frames_per_block)
+
+
+def projector_and_pool(cfg: LlavaOVConfig, frames: int) -> int:
+    v, h = cfg.vision, cfg.text.hidden_size
+    n, g, pg = v.num_patches, v.grid, cfg.pooled_grid
+    proj = 2 * n * v.hidden_size * h + 2 * n * h * h
+    pool = 2 * (pg * g * g + pg * pg * g) * h
+    return frames * (proj + pool)
+
+
+def llm_layer(cfg: LlavaOVConfig, n: int) -> int:
+    t = cfg.text
+    d, m = t.hidden_size, t.intermediate_size
+    qo = 2 * 2 * n * d * t.num_heads * t.head_dim
+    kv = 2 * 2 * n * d * t.num_kv_heads * t.head_dim
+    mlp = 3 * 2 * n * d * m
+    attn = 2 * 2 * t.num_heads * t.head_dim * (n * (n + 1) // 2)
+    return qo + kv + mlp + attn
+
+
+def llm_prefill(cfg: LlavaOVConfig, n_full: int, n_after: int | None = None, merge_layer: int | None = None) -> int:
+    """Prefill of all layers: `n_full` tokens before `merge_layer`, `n_after` from it on;
+    plus the head for the last token."""
+    t = cfg.text
+    total = 0
+    for i in range(t.num_layers):
+        n = n_after if merge_layer is not None and i >= merge_layer else n_full
+        total += llm_layer(cfg, n)
+    return total + 2 * t.hidden_size * t.vocab_size
+
+
+def paper_llm(cfg: LlavaOVConfig, n_full: int, n_after: int | None = None, merge_layer: int | None = None) -> int:
+    """The official code's closed form, per layer `4·n·d² + 2·n²·d + 2·n·d·m`."""
+    t = cfg.text
+    d, m = t.hidden_size, t.intermediate_size
+    total = 0
+    for i in range(t.num_layers):
+        n = n_after if merge_layer is not None and i >= merge_layer else n_full
+        total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillFlops:
+    vision: int
+    tokens: int
+    llm: int
+    paper_llm: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.tokens + self.llm
+
+
+def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method) -> PrefillFlops:
+    """Counts for one prefill, from the statistics the pipeline returned (Python values)."""
+    depth = cfg.vision.num_layers
+    frames = [t0] * depth
+    layers = tuple(getattr(method, "encoder_layers", ()))
+    for li, t in zip(layers, stats.get("frames_after_layer", [])):
+        frames[li + 1 :] = [t] * (depth - li - 1)
+    t_final = stats.get("frames", t0)
+    n_full = text_tokens + int(stats["visual_tokens"])
+    k = getattr(method, "llm_layer", None)
+    n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
+    return PrefillFlops(
+        vision=vision(cfg, frames),
+        tokens=projector_and_pool(cfg, t_final),
+        llm=llm_prefill(cfg, n_full, n_after, k),
+        paper_llm=paper_llm(cfg, n_full, n_after, k),
+    )
