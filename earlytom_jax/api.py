@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
-from earlytom_jax import pipeline
+from earlytom_jax import pipeline, sharding
 from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.generate import Generation, generate
@@ -48,19 +49,29 @@ class VideoLLM:
     params: dict
     tokenizer: Tokenizer
     preprocessor: Preprocessor
+    mesh: object = None  # jax.sharding.Mesh or None (one device)
 
     @classmethod
-    def load(cls, directory: str, dtype: str = "float32") -> "VideoLLM":
-        """An HF checkpoint directory (safetensors, any supported layout)."""
+    def load(cls, directory: str, dtype: str = "float32", mesh: str | None = None) -> "VideoLLM":
+        """An HF checkpoint directory (safetensors, any supported layout). `mesh` such as
+        "data=2,model=4" shards the weights over the devices (see earlytom_jax.sharding)."""
         cfg, params = load_hf(directory, dtype)
-        return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory))
+        m = None
+        if mesh:
+            m = sharding.parse_mesh(mesh)
+            params, _ = sharding.shard_params(params, m)
+        return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory), m)
 
     def prompt_ids(self, question: str) -> PromptIds:
         return encode_video_prompt(self.tokenizer, question, self.cfg.video_token_id)
 
-    def pixels(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 frames [T, H, W, 3] → normalised pixels [T, 3, S, S]."""
-        return self.preprocessor(frames)
+    def pixels(self, frames: np.ndarray):
+        """uint8 frames [T, H, W, 3] → normalised pixels [T, 3, S, S] (on the mesh, frames
+        over its data axis, when the model is sharded)."""
+        pix = self.preprocessor(frames)
+        if self.mesh is not None:
+            return jax.device_put(pix, sharding.frames_sharding(self.mesh, pix.shape[0]))
+        return pix
 
     def ask(
         self,

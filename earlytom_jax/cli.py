@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
 
     if args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: need at least 1")
-    llm = VideoLLM.load(args.model, args.dtype)
+    llm = VideoLLM.load(args.model, args.dtype, args.mesh)
     method = _method(args, llm.cfg)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens, on_token=stream)
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    r.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
     _compression_flags(r)
     r.set_defaults(fn=cmd_run)
 

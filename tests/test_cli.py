@@ -1,0 +1,71 @@
+"""The command line as a user drives it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from earlytom_jax.synthetic import make_clip
+from earlytom_jax.video import write_test_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "earlytom_jax.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("clip") / "clip.mp4")
+    write_test_video(path, make_clip(12, 64, seed=1), fps=10)
+    return path
+
+
+def test_run_json(tiny_dir, clip):
+    _, d = tiny_dir
+    p = _cli("run", "--model", d, "--video", clip, "--prompt", "What happens?", "--frames", "8",
+             "--ratio", "0.5", "--layers", "1,2", "--llm-merge-layer", "2", "--max-new-tokens", "5", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 1 <= len(out["tokens"]) <= 5
+    s = out["stats"]
+    assert len(s["frames_after_layer"]) == 2 and s["frames"] <= 8
+    assert s["visual_tokens"] == s["count"] + 1
+    assert sum(s["kept_per_frame"]) == s["count"]
+    assert "ratio=0.5" in out["settings"]["method"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--video", "/nonexistent.mp4"], "/nonexistent.mp4"),
+        (["--ratio", "0"], "ratio 0.0 is outside (0, 1]"),
+        (["--tau", "1.5"], "tau 1.5 is outside [0, 1]"),
+        (["--layers", "1,9"], "beyond the encoder's depth"),
+        (["--frames", "0"], "--frames 0"),
+    ],
+)
+def test_bad_input_one_line(tiny_dir, clip, args, message):
+    _, d = tiny_dir
+    base = {"--model": d, "--video": clip, "--prompt": "hi", "--frames": "4", "--layers": "1,2", "--llm-merge-layer": "2"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    p = _cli("run", *flat)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("earlytom: error:"), p.stderr
+    assert message in lines[0]
+
+
+def test_missing_checkpoint_one_line(tmp_path, clip):
+    p = _cli("run", "--model", str(tmp_path), "--video", clip, "--prompt", "hi")
+    assert p.returncode == 2
+    assert "no config.json" in p.stderr and "Traceback" not in p.stderr
