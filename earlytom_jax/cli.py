@@ -161,6 +161,70 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_bench(args) -> int:
+    import dataclasses as dc
+    import datetime
+    import platform
+
+    import jax
+
+    from earlytom_jax import bench
+    from earlytom_jax.architectures import architecture, random_params
+    from earlytom_jax.checkpoint.load import load_hf
+    from earlytom_jax.pipeline import FULL
+    from earlytom_jax.synthetic import make_clip
+    from earlytom_jax.video import Preprocessor, load_video
+
+    if args.model:
+        cfg, params = load_hf(args.model, args.dtype)
+        pre = Preprocessor.from_dir(args.model)
+        weights = args.model
+    else:
+        cfg = architecture(args.arch)
+        params = random_params(cfg, dtype=jax.numpy.dtype(args.dtype))
+        pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+        weights = f"random ({args.arch})"
+    frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
+    pixels = jax.numpy.asarray(pre(frames), params["vision"]["patch_w"].dtype)
+    # the paper's prompt, as token ids of the right length for the qwen_1_5 template
+    prefix, suffix = list(range(14)), list(range(100, 100 + 25))
+    results = []
+    for name in args.methods:
+        if name == "full":
+            m, ratios = FULL, [None]
+        elif name == "earlytom":
+            m, ratios = None, list(args.ratios)
+        else:
+            raise ConfigError(f"unknown method {name!r}: available here are full, earlytom")
+        for r in ratios:
+            if m is FULL:
+                method = FULL
+            else:
+                args.ratio = r
+                method = _earlytom_from_args(args, cfg, scale_layers_for_depth=args.layers is None and args.preset is None and cfg.vision.num_layers < 24)
+            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs)
+            results.append(res)
+            print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
+    table = bench.markdown(results)
+    print(table)
+    meta = {"date": datetime.date.today().isoformat(), "devices": [str(d) for d in jax.devices()],
+            "platform": platform.platform(), "weights": weights, "video": args.video or "generated clip",
+            "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
+            "command": " ".join(sys.argv)}
+    if args.json:
+        from earlytom_jax.io_utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="earlytom", description="EarlyTom video-token compression in JAX")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -186,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     _compression_flags(d)
     d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF checkpoint directory")
+    src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b, random weights")
+    b.add_argument("--video", default=None, help="video file (default: a generated clip)")
+    b.add_argument("--frames", type=int, default=32)
+    b.add_argument("--methods", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=("full", "earlytom"))
+    b.add_argument("--ratios", type=_floats, default=(0.1,))
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--json", default=None, help="write results as JSON here")
+    _compression_flags(b)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 
