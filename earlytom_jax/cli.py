@@ -158,6 +158,12 @@ def cmd_demo(args) -> int:
           f"{[i for i, d in enumerate(s['dynamic']) if d]}")
     print(f"  TTFT ratio full / EarlyTom: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
     print(f"  EarlyTom answer (random weights): {et.text!r}")
+    if args.out:
+        from earlytom_jax.visualize import render, save_png
+
+        img, highlighted = render(frames, s, cfg.pooled_grid)
+        save_png(img, args.out)
+        print(f"  picture of what was kept ({highlighted} tokens): {args.out}")
     return 0
 
 
@@ -225,6 +231,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_visualize(args) -> int:
+    from earlytom_jax.api import VideoLLM
+    from earlytom_jax.visualize import render, save_png
+
+    llm = VideoLLM.load(args.model, args.dtype)
+    method = _earlytom_from_args(args, llm.cfg)
+    ans = llm.ask(args.video, args.prompt, method, args.frames, max_new_tokens=1)
+    img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid)
+    save_png(img, args.out)
+    print(f"wrote {args.out}: {ans.stats['frames']} frames, {highlighted} kept tokens highlighted")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="earlytom", description="EarlyTom video-token compression in JAX")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -248,8 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frames", type=int, default=16)
     d.add_argument("--prompt", default="Describe what's happening in this video.")
     d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--out", default="earlytom_demo.png", help="where to write the picture ('' for none)")
     _compression_flags(d)
     d.set_defaults(fn=cmd_demo)
+
+    v = sub.add_parser("visualize", help="PNG of the frames and tokens EarlyTom kept")
+    v.add_argument("--model", required=True, help="HF checkpoint directory")
+    v.add_argument("--video", required=True)
+    v.add_argument("--prompt", default="Describe what's happening in this video.")
+    v.add_argument("--frames", type=int, default=32)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v.add_argument("--out", required=True, help="PNG file to write")
+    _compression_flags(v)
+    v.set_defaults(fn=cmd_visualize)
 
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)

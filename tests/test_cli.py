@@ -69,3 +69,18 @@ def test_missing_checkpoint_one_line(tmp_path, clip):
     p = _cli("run", "--model", str(tmp_path), "--video", clip, "--prompt", "hi")
     assert p.returncode == 2
     assert "no config.json" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_visualize_writes_png_with_every_kept_token(tiny_dir, clip, tmp_path):
+    from PIL import Image
+
+    _, d = tiny_dir
+    out = str(tmp_path / "kept.png")
+    flags = ["--model", d, "--video", clip, "--frames", "8", "--ratio", "0.5", "--layers", "1,2", "--llm-merge-layer", "2"]
+    p = _cli("visualize", *flags, "--out", out)
+    assert p.returncode == 0, p.stderr
+    img = Image.open(out)
+    img.verify()
+    highlighted = int(p.stdout.split(",")[1].split()[0])
+    q = _cli("run", *flags, "--prompt", "Describe what's happening in this video.", "--max-new-tokens", "1", "--json")
+    assert highlighted == json.loads(q.stdout.strip().splitlines()[-1])["stats"]["count"]

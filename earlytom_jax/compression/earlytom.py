@@ -85,14 +85,24 @@ class EarlyTom(NoHooks):
         return frame_buckets(t0, self.buckets)
 
     def encoder_init(self, t0: int):
-        return {"frames_after_layer": jnp.zeros((len(self.layers),), jnp.int32), "step": 0}
+        return {
+            "frames_after_layer": jnp.zeros((len(self.layers),), jnp.int32),
+            "step": 0,
+            # product of the layers' mixing matrices: merged frame r = Σ_t M[r, t] · input frame t
+            "frame_mixing": jnp.eye(t0, dtype=jnp.float32),
+        }
 
     def encoder_merge(self, x, n, colmean, state, last):
         S = segments.frame_similarity(x)
         W, n_out, _ = segments.mixing_matrix(S, n, self.tau, self.alpha, self.max_window, self.quirks)
         x = segments.apply_mixing(W, x)
         i = state["step"]
-        state = dict(state, step=i + 1, frames_after_layer=state["frames_after_layer"].at[i].set(n_out))
+        state = dict(
+            state,
+            step=i + 1,
+            frames_after_layer=state["frames_after_layer"].at[i].set(n_out),
+            frame_mixing=W @ state["frame_mixing"],
+        )
         if last:
             # importance = W · colmean(A): the merged attention's head-and-query mean
             state["importance"] = W @ colmean
@@ -103,7 +113,7 @@ class EarlyTom(NoHooks):
         return x, n_out, state
 
     def encoder_stats(self, state) -> dict:
-        return {k: state[k] for k in ("frames_after_layer", "segment_starts", "dynamic")}
+        return {k: state[k] for k in ("frames_after_layer", "segment_starts", "dynamic", "frame_mixing")}
 
     # hook 2 ------------------------------------------------------------------------------
 
