@@ -17,6 +17,7 @@ import numpy as np
 from earlytom_jax import pipeline, sharding
 from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import Generation, generate
 from earlytom_jax.prompt import PromptIds, Tokenizer, encode_video_prompt
 from earlytom_jax.video import Preprocessor, VideoFrames, load_video
@@ -88,6 +89,13 @@ class VideoLLM:
         vf = load_video(video, num_frames) if isinstance(video, str) else None
         frames = vf.frames if vf is not None else np.asarray(video)
         ids = self.prompt_ids(question)
+        length = len(ids.prefix) + len(ids.suffix) + method.capacity(len(frames), self.cfg.tokens_per_frame) + 1
+        limit = self.cfg.text.max_position_embeddings
+        if length + max_new_tokens > limit:
+            raise ConfigError(
+                f"prompt of {length} tokens ({len(frames)} frames) plus {max_new_tokens} new tokens "
+                f"exceeds the model's context of {limit}; use fewer frames or a shorter prompt"
+            )
         gen = generate(
             self.params, self.cfg, self.pixels(frames), ids.prefix, ids.suffix, method,
             max_new_tokens, self.tokenizer.eos_ids,

@@ -50,6 +50,7 @@ def test_run_json(tiny_dir, clip):
         (["--tau", "1.5"], "tau 1.5 is outside [0, 1]"),
         (["--layers", "1,9"], "beyond the encoder's depth"),
         (["--frames", "0"], "--frames 0"),
+        (["--frames", "1100", "--method", "full"], "exceeds the model's context of 4096"),
     ],
 )
 def test_bad_input_one_line(tiny_dir, clip, args, message):

@@ -52,6 +52,10 @@ class NoHooks:
     def encoder_stats(self, state) -> dict:
         return {}
 
+    def capacity(self, t0: int, s: int) -> int:
+        """Static length of the visual-token buffer (before the newline)."""
+        return t0 * s
+
     def select(self, tokens, n, state, cfg):
         t, s, h = tokens.shape
         count = jnp.asarray(t * s, jnp.int32)
