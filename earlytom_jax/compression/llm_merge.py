@@ -21,7 +21,7 @@ def keep_count_table(max_len: int, r_in: float) -> np.ndarray:
     return np.array([round(L * (1.0 - r_in)) for L in range(max_len + 1)], np.int32)
 
 
-def _keep_mask(attn: jax.Array, valid: jax.Array, n_keep: jax.Array) -> jax.Array:
+def keep_mask(attn: jax.Array, valid: jax.Array, n_keep: jax.Array) -> jax.Array:
     """[Vc] bool: the n_keep valid positions of highest attn (ties: lower index first)."""
     Vc = attn.shape[0]
     key = jnp.where(valid, -attn.astype(jnp.float32), jnp.inf)
@@ -70,7 +70,7 @@ def merge_visual_span(h: jax.Array, attn: jax.Array, valid: jax.Array, n_keep: j
     """
     Vc = h.shape[0]
     h32 = h.astype(jnp.float32)
-    keep = _keep_mask(attn, valid, n_keep)
+    keep = keep_mask(attn, valid, n_keep)
     dropped = valid & ~keep
 
     sim = _cosine_matrix(h32)

@@ -403,7 +403,7 @@ def _visual_tokens(model, pixel_values, method_cfg):
     ph, pw = math.ceil(g / 2), math.ceil(g / 2)
     stats = dict(frames_after_layer=[], segments=None, dynamic=None, kept=None)
 
-    if method_cfg is None:
+    if method_cfg is None or method_cfg.get("layers") == []:  # no stage I/II (FastV alone)
         for b in range(fblock + 1):
             h = blocks[b](h, None)
         feats = model.model.multi_modal_projector(h)
@@ -517,3 +517,14 @@ def earlytom_reference(model, pixel_values, prefix_ids, suffix_ids, *, method_cf
         logits = _logits(model, x[-1])
         next_pos += 1
     return dict(first_logits=first_logits, tokens=tokens, stats=stats)
+
+
+def fastv_drop(h: torch.Tensor, attn_row: torch.Tensor, r_drop: float) -> dict:
+    """FastV (a baseline, same interface as stage3_merge): keep the round(L·(1-r)) positions
+    of highest attention (ties: lower index), drop the rest, merge nothing."""
+    L = h.shape[0]
+    n_keep = round(L * (1.0 - r_drop))
+    order = sorted(range(L), key=lambda i: (-float(attn_row[i]), i))
+    keep = sorted(order[:n_keep])
+    drop = [i for i in range(L) if i not in set(keep)]
+    return dict(h=h[keep].clone(), keep=keep, drop=drop)
