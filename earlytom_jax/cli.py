@@ -25,7 +25,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--method", default="earlytom", choices=["earlytom", "full"])
+    g.add_argument("--method", default="earlytom", choices=["earlytom", "full", "fastv"],
+                   help="fastv keeps --ratio of the visual tokens from LLM layer --llm-merge-layer (default 2) on")
     g.add_argument("--ratio", type=float, default=None, help="retention ratio r in (0, 1] (default 0.1)")
     g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6)")
     g.add_argument("--layers", type=_ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23")
@@ -65,10 +66,22 @@ def _earlytom_from_args(args, cfg, scale_layers_for_depth: bool = False):
     return EarlyTom(**kw).check(cfg)
 
 
+def _fastv_from_args(args, cfg, ratio=None):
+    from earlytom_jax.compression.fastv import FastV
+
+    r = ratio if ratio is not None else (args.ratio if args.ratio is not None else 0.5)
+    layer = args.llm_merge_layer if args.llm_merge_layer is not None else 2
+    return FastV(layer=layer, drop=1.0 - r).check(cfg)
+
+
 def _method(args, cfg, scale=False):
     from earlytom_jax.pipeline import FULL
 
-    return FULL if args.method == "full" else _earlytom_from_args(args, cfg, scale)
+    if args.method == "full":
+        return FULL
+    if args.method == "fastv":
+        return _fastv_from_args(args, cfg)
+    return _earlytom_from_args(args, cfg, scale)
 
 
 def _stats_line(ans, n_frames: int) -> str:
@@ -204,14 +217,16 @@ def cmd_bench(args) -> int:
     results = []
     for name in args.methods:
         if name == "full":
-            m, ratios = FULL, [None]
-        elif name == "earlytom":
-            m, ratios = None, list(args.ratios)
+            ratios = [None]
+        elif name in ("earlytom", "fastv"):
+            ratios = list(args.ratios)
         else:
-            raise ConfigError(f"unknown method {name!r}: available here are full, earlytom")
+            raise ConfigError(f"unknown method {name!r}: available here are full, earlytom, fastv")
         for r in ratios:
-            if m is FULL:
+            if name == "full":
                 method = FULL
+            elif name == "fastv":
+                method = _fastv_from_args(args, cfg, r)
             else:
                 args.ratio = r
                 method = _earlytom_from_args(args, cfg, scale_layers_for_depth=args.layers is None and args.preset is None and cfg.vision.num_layers < 24)
