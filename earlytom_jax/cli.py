@@ -230,7 +230,7 @@ def cmd_bench(args) -> int:
             else:
                 args.ratio = r
                 method = _earlytom_from_args(args, cfg, scale_layers_for_depth=args.layers is None and args.preset is None and cfg.vision.num_layers < 24)
-            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs)
+            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs, not args.no_stages)
             results.append(res)
             print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
     table = bench.markdown(results)
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--json", default=None, help="write results as JSON here")
+    b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")
     _compression_flags(b)
     b.set_defaults(fn=cmd_bench)
     return p
