@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from earlytom_jax import pipeline, sharding
-from earlytom_jax.checkpoint.load import load_hf
+from earlytom_jax.architectures import param_shapes
+from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import Generation, generate
@@ -54,13 +55,15 @@ class VideoLLM:
 
     @classmethod
     def load(cls, directory: str, dtype: str = "float32", mesh: str | None = None) -> "VideoLLM":
-        """An HF checkpoint directory (safetensors, any supported layout). `mesh` such as
-        "data=2,model=4" shards the weights over the devices (see earlytom_jax.sharding)."""
-        cfg, params = load_hf(directory, dtype)
-        m = None
-        if mesh:
-            m = sharding.parse_mesh(mesh)
-            params, _ = sharding.shard_params(params, m)
+        """An HF checkpoint directory (safetensors, any supported layout) or a converted one
+        (`earlytom convert`). `mesh` such as "data=2,model=4" places every weight straight
+        into its shard on the devices (see earlytom_jax.sharding)."""
+        m = sharding.parse_mesh(mesh) if mesh else None
+        shardings = None
+        if m is not None:
+            shapes = param_shapes(load_any_config(directory))
+            shardings, _ = sharding.plan_shardings(shapes, m)
+        cfg, params = load_any(directory, dtype, shardings)
         return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory), m)
 
     def prompt_ids(self, question: str) -> PromptIds:

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from earlytom_jax.checkpoint.hf import _specs, set_path
+from earlytom_jax.checkpoint.hf import set_path
+from earlytom_jax.checkpoint.load import param_paths_and_shapes
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
 
@@ -39,12 +40,10 @@ def architecture(name: str) -> LlavaOVConfig:
 
 
 def param_shapes(cfg: LlavaOVConfig) -> dict:
-    """The parameter tree of `cfg` as ShapeDtypeStructs (fp32), derived from the loader's specs."""
+    """The parameter tree of `cfg` as fp32 ShapeDtypeStructs (the loader's layout)."""
     tree: dict = {}
-    for s in _specs(cfg):
-        one = jax.eval_shape(s.fn, jax.ShapeDtypeStruct(s.shape, jnp.float32))
-        shape = ((s.layers,) if s.layers else ()) + one.shape
-        set_path(tree, s.path, jax.ShapeDtypeStruct(shape, jnp.float32))
+    for path, shape in param_paths_and_shapes(cfg).items():
+        set_path(tree, path, jax.ShapeDtypeStruct(shape, jnp.float32))
     return tree
 
 

@@ -259,6 +259,16 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from earlytom_jax.checkpoint.orbax_io import convert_checkpoint
+
+    summary = convert_checkpoint(args.src, args.dst, args.dtype, progress=not args.quiet)
+    gb = summary["bytes"] / 1e9
+    print(f"converted {summary['tensors']} tensors ({gb:.2f} GB, {args.dtype}) to {args.dst} "
+          f"in {summary['seconds']:.1f} s; validated")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="earlytom", description="EarlyTom video-token compression in JAX")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -285,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="earlytom_demo.png", help="where to write the picture ('' for none)")
     _compression_flags(d)
     d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("convert", help="HF checkpoint directory -> orbax checkpoint (streamed, validated, atomic)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_convert)
 
     v = sub.add_parser("visualize", help="PNG of the frames and tokens EarlyTom kept")
     v.add_argument("--model", required=True, help="HF checkpoint directory")

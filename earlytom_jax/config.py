@@ -127,6 +127,13 @@ def _siglip_from_dict(v: dict, depth: int) -> SiglipConfig:
 
 def config_from_dict(d: dict) -> LlavaOVConfig:
     """Build the config from a parsed config.json (any of the supported layouts)."""
+    try:
+        return _config_from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"incomplete config ({e.__class__.__name__}: {e} missing or invalid)") from None
+
+
+def _config_from_dict(d: dict) -> LlavaOVConfig:
     if "vision_config" in d and "text_config" in d:
         strategy = d.get("vision_feature_select_strategy", "full")
         if strategy != "full":
@@ -175,4 +182,7 @@ def load_config(directory: str) -> LlavaOVConfig:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
-    return config_from_dict(d)
+    try:
+        return config_from_dict(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None

@@ -85,3 +85,17 @@ def test_visualize_writes_png_with_every_kept_token(tiny_dir, clip, tmp_path):
     highlighted = int(p.stdout.split(",")[1].split()[0])
     q = _cli("run", *flags, "--prompt", "Describe what's happening in this video.", "--max-new-tokens", "1", "--json")
     assert highlighted == json.loads(q.stdout.strip().splitlines()[-1])["stats"]["count"]
+
+
+def test_convert_then_run(tiny_dir, clip, tmp_path):
+    _, d = tiny_dir
+    dst = str(tmp_path / "converted")
+    p = _cli("convert", d, dst, "--dtype", "float32", "--quiet")
+    assert p.returncode == 0, p.stderr
+    again = _cli("convert", d, dst, "--quiet")
+    assert again.returncode == 2 and "exists" in again.stderr
+    flags = ["--video", clip, "--prompt", "Describe.", "--frames", "6", "--layers", "1,2",
+             "--llm-merge-layer", "2", "--max-new-tokens", "4", "--json"]
+    a = json.loads(_cli("run", "--model", dst, *flags).stdout.strip().splitlines()[-1])
+    b = json.loads(_cli("run", "--model", d, *flags).stdout.strip().splitlines()[-1])
+    assert a["tokens"] == b["tokens"] and a["stats"]["kept_index"] == b["stats"]["kept_index"]

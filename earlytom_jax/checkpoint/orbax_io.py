@@ -1,0 +1,541 @@
+"""HF safetensors checkpoint → converted directory (orbax parameter tree + our config), and back.
+
+A converted directory holds:
+
+    earlytom_config.json       our LlavaOVConfig (dataclasses.asdict), stored dtype, format version
+    params/                    an orbax checkpoint of our parameter tree (orbax v1 layout)
+    hf_config.json             the source config.json, verbatim
+    tokenizer.json, preprocessor_config.json, tokenizer_config.json (when the source has one)
+
+Streaming. `iter_params` yields one tensor (or one layer stack) at a time from memory-mapped
+safetensors. Leaves are gathered into small groups (at most `_GROUP_BYTES`, or one tensor when
+it is larger) and each group is written with one orbax *partial save*
+(`orbax.checkpoint.experimental.v1.partial.save`, which adds new leaves to a pending checkpoint);
+`partial.finalize` then merges the pending writes into one ordinary orbax checkpoint of the
+whole tree. So at most one group is in memory, never the whole model, and the result loads with
+a single `ocp.load` straight into (sharded) jax arrays. Host arrays are not deep-copied by orbax
+(`deepcopy_host_arrays=False`; nothing mutates them), arrays are stored uncompressed (restore
+speed is the point of converting; zstd saves ~20% of disk on bf16 weights but restores 3x
+slower) and chunked at `_CHUNK_BYTES`, so a sharded restore reads only its own chunks and a
+restore never holds more than one chunk beyond the result.
+
+Everything is written into `DST.tmp-<random>` next to DST and renamed to DST only after the
+result has been validated (every leaf's shape and dtype from the orbax metadata, plus the first
+and last layer of a few tensors compared bit for bit with the source). Any failure removes the
+temporary directory: DST either appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+
+from earlytom_jax.checkpoint.hf import iter_params, map_tensors, set_path
+from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
+from earlytom_jax.checkpoint.safetensors_io import SafetensorsFile, open_checkpoint_files
+from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig, load_config
+from earlytom_jax.errors import CheckpointError
+
+FORMAT = "earlytom-jax-orbax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "earlytom_config.json"
+PARAMS_DIR = "params"
+# (source name, name in the converted directory, required)
+_COPIES = (
+    ("config.json", "hf_config.json", True),
+    ("tokenizer.json", "tokenizer.json", True),
+    ("preprocessor_config.json", "preprocessor_config.json", True),
+    ("tokenizer_config.json", "tokenizer_config.json", False),
+)
+_GROUP_BYTES = 256 << 20  # leaves per orbax partial save: flush once this much is gathered
+_CHUNK_BYTES = 64 << 20  # zarr chunk size of stored arrays
+# Leaves compared with the source after writing (first and last layer of the stacked ones).
+_SPOT = (
+    ("vision", "patch_w"),
+    ("newline",),
+    ("text", "norm"),
+    ("vision", "blocks", "q_w"),
+    ("text", "layers", "k_w"),
+    ("text", "layers", "v_b"),
+)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return f"{n:.2f} TB"
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> int | None:
+    """Peak resident set size of this process so far (bytes), when the OS tells."""
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def _disk_bytes(directory: str) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
+    """Nested dicts → {path tuple: leaf}."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (str(k),)))
+        return out
+    return {prefix: tree}
+
+
+def _bit_equal(a, b) -> bool:
+    a, b = np.ascontiguousarray(np.asarray(a)), np.ascontiguousarray(np.asarray(b))
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+class _Progress:
+    """`\\r`-redrawn one-line progress on stderr: bytes done / total, rate, ETA."""
+
+    def __init__(self, total: int, enabled: bool, label: str = "converting"):
+        self.total, self.enabled, self.label = max(int(total), 1), enabled, label
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.drawn = False
+
+    def update(self, done: int, note: str = "", force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < 0.1 and done < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        frac = min(done / self.total, 1.0)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 and done < self.total else 0.0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        line = (
+            f"\r{self.label} [{bar}] {_human(done)}/{_human(self.total)} {frac * 100:5.1f}% "
+            f"{_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d} {note}"
+        )
+        sys.stderr.write(line.ljust(100))
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.enabled and self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _FreshMap:
+    """A SafetensorsFile whose `get` maps the file anew for every tensor.
+
+    A long-lived memory map keeps every page it has touched resident (and counted in the RSS)
+    until it is unmapped, so converting through one would end with the whole source in memory.
+    Here each tensor's map is released as soon as its view is dropped: the resident set holds
+    the tensor in flight, not the source. (Re-reading the header costs well under 1 ms.)"""
+
+    def __init__(self, f: SafetensorsFile):
+        self._f = f
+        self.path = f.path
+
+    def keys(self):
+        return self._f.keys()
+
+    def shape(self, key):
+        return self._f.shape(key)
+
+    def dtype(self, key):
+        return self._f.dtype(key)
+
+    def nbytes(self, key):
+        return self._f.nbytes(key)
+
+    def get(self, key):
+        return SafetensorsFile(self.path).get(key)
+
+
+def _fresh_maps(files: dict) -> dict:
+    wrapped: dict[int, _FreshMap] = {}
+    return {name: wrapped.setdefault(id(f), _FreshMap(f)) for name, f in files.items()}
+
+
+# ----------------------------------------------------------------------------- config file
+
+
+def _config_dict(cfg: LlavaOVConfig, dtype: np.dtype) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def _read_config_file(path: str) -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found; this is not a converted checkpoint directory")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} config (format={d.get('format') if isinstance(d, dict) else None!r})")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
+            "convert the HF checkpoint again"
+        )
+    return d
+
+
+def config_from_json(path: str) -> LlavaOVConfig:
+    """Our config from `earlytom_config.json` (the file, or the converted directory holding it)."""
+    d = _read_config_file(path)
+    try:
+        c = dict(d["config"])
+        return LlavaOVConfig(
+            vision=SiglipConfig(**c.pop("vision")),
+            text=Qwen2Config(**c.pop("text")),
+            **c,
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: config does not match this version's fields ({_one_line(e)})") from None
+
+
+def _stored_dtype(d: dict, path: str) -> np.dtype:
+    try:
+        return resolve_dtype(d["dtype"])
+    except (KeyError, CheckpointError):
+        raise CheckpointError(f"{path}: unknown stored dtype {d.get('dtype')!r}") from None
+
+
+def is_converted(directory: str) -> bool:
+    """True when `directory` looks like the output of `convert_checkpoint`."""
+    return os.path.isfile(os.path.join(directory, CONFIG_FILE)) and os.path.isdir(
+        os.path.join(directory, PARAMS_DIR)
+    )
+
+
+# ----------------------------------------------------------------------------- orbax glue
+
+
+def _ocp():
+    import orbax.checkpoint.experimental.v1 as ocp  # heavy import: only when used
+
+    return ocp
+
+
+def _save_context():
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.use_compression = False
+    ctx.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES
+    return ctx
+
+
+def _write_group(params_dir: str, group: dict) -> None:
+    """Add the leaves of `group` (nested dicts of numpy arrays) to the pending orbax checkpoint."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    response = partial.save_async(params_dir, group)
+    try:
+        response.result()
+    except BaseException:
+        # Interrupted (Ctrl-C) or failed while orbax's background thread may still be writing:
+        # let it stop before the caller removes the temporary directory under it.
+        try:
+            response.result()
+        except BaseException:
+            pass
+        raise
+
+
+def _finalize(params_dir: str) -> None:
+    from orbax.checkpoint.experimental.v1 import partial
+
+    partial.finalize(params_dir)
+
+
+def _stored_metadata(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """{path: (shape, dtype)} of every leaf, read from the orbax metadata (no array data)."""
+    try:
+        meta = _ocp().metadata(params_dir).metadata
+    except Exception as e:  # orbax raises several types for a missing or broken checkpoint
+        raise CheckpointError(f"{params_dir}: cannot read the orbax checkpoint metadata ({_one_line(e)})") from None
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
+
+
+def _check_stored(params_dir: str, expected: dict, dtype: np.dtype) -> None:
+    stored = _stored_metadata(params_dir)
+    missing = [p for p in expected if p not in stored]
+    extra = [p for p in stored if p not in expected]
+    wrong = [
+        f"{'/'.join(p)} {stored[p][0]} {stored[p][1].name} != {expected[p]} {dtype.name}"
+        for p in expected
+        if p in stored and (stored[p][0] != expected[p] or stored[p][1] != dtype)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: " + ", ".join("/".join(p) for p in missing[:6]))
+    if extra:
+        problems.append(f"unexpected {len(extra)}: " + ", ".join("/".join(p) for p in extra[:6]))
+    if wrong:
+        problems.append(f"mis-shaped {len(wrong)}: " + ", ".join(wrong[:3]))
+    if problems:
+        raise CheckpointError(f"{params_dir}: stored tensors do not match the config: " + "; ".join(problems))
+
+
+def _restore(params_dir: str, abstract: dict, partial_load: bool = False) -> dict:
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = partial_load
+    # Bound the bytes in flight (read buffers not yet turned into arrays) to two of the largest
+    # leaf instead of the whole model: reads go on as soon as earlier arrays are placed.
+    largest = max(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in _flatten(abstract).values())
+    ctx.memory.read_concurrent_bytes = max(2 * largest, 512 << 20)
+    try:
+        with ctx:
+            return ocp.load(params_dir, abstract)
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({_one_line(e)})") from None
+
+
+def _spot_check(params_dir: str, cfg: LlavaOVConfig, files: dict, dtype: np.dtype) -> int:
+    """Compare the first and last layer of a few stored tensors with the source, bit for bit."""
+    from earlytom_jax.checkpoint.hf import _specs
+
+    canon, _ = map_tensors(files, cfg)
+    specs = {s.path: s for s in _specs(cfg) if s.path in _SPOT}
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    abstract: dict = {}
+    for path, s in specs.items():
+        one = jax.eval_shape(s.fn, jax.ShapeDtypeStruct(s.shape, np.float32)).shape
+        shape = ((s.layers,) if s.layers else ()) + tuple(one)
+        set_path(abstract, path, jax.ShapeDtypeStruct(shape, dtype, sharding=dev))
+    got = _flatten(_restore(params_dir, abstract, partial_load=True))
+    checked = 0
+    for path, s in specs.items():
+        stored = np.asarray(got[path])
+        if s.layers:
+            for i in sorted({0, s.layers - 1}):
+                f, n = canon[s.source.format(i=i)]
+                want = s.fn(f.get(n)).astype(dtype)
+                if not _bit_equal(stored[i], want):
+                    raise CheckpointError(f"{params_dir}: {'/'.join(path)}[{i}] differs from the source after writing")
+                checked += 1
+        else:
+            f, n = canon[s.source]
+            if not _bit_equal(stored, s.fn(f.get(n)).astype(dtype)):
+                raise CheckpointError(f"{params_dir}: {'/'.join(path)} differs from the source after writing")
+            checked += 1
+    return checked
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _no_space(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bool = True) -> dict:
+    """Convert the HF checkpoint directory `src` (any supported layout, single file or sharded)
+    into a converted directory `dst` (see the module docstring). Returns a summary dict:
+    tensors, bytes (parameter bytes written), disk_bytes, seconds, largest_tensor_bytes,
+    rss_start_bytes and peak_rss_bytes (this process's peak so far; None when unknown).
+
+    Raises CheckpointError (one line) when DST exists, SRC is not a usable checkpoint, the
+    tensors do not match the config, the disk fills up, or the written result fails validation;
+    in every failure case no DST and no temporary directory is left behind.
+    """
+    t0 = time.perf_counter()
+    rss_start = _proc_status_kb("VmRSS")
+    src = os.fspath(src)
+    dst = os.path.abspath(os.fspath(dst)).rstrip(os.sep)
+    if os.path.lexists(dst):
+        raise CheckpointError(f"{dst} already exists; choose another path or remove it")
+    dt = resolve_dtype(dtype)
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: not a directory; point SRC at a HuggingFace checkpoint directory")
+    if os.path.abspath(src) == dst:
+        raise CheckpointError(f"{dst}: SRC and DST are the same directory")
+    # Everything about SRC is checked before anything is written.
+    cfg = load_config(src)
+    files = _fresh_maps(open_checkpoint_files(src))
+    map_tensors(files, cfg)  # names and shapes against the config
+    for name, _, required in _COPIES:
+        if required and not os.path.isfile(os.path.join(src, name)):
+            raise CheckpointError(
+                f"{os.path.join(src, name)}: not found; the converted checkpoint needs it to be usable "
+                "(add it to SRC and convert again)"
+            )
+    expected = param_paths_and_shapes(cfg)
+    total = sum(int(np.prod(s)) * dt.itemsize for s in expected.values())
+    largest = max(int(np.prod(s)) * dt.itemsize for s in expected.values())
+    parent = os.path.dirname(dst)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+    except OSError as e:
+        raise CheckpointError(f"{parent}: cannot create or inspect the destination's parent ({_one_line(e)})") from None
+    if free < total + (64 << 20):
+        raise CheckpointError(
+            f"{parent}: {_human(free)} free but the converted checkpoint needs {_human(total)}; free some space "
+            "or choose another DST"
+        )
+
+    tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
+    bar = _Progress(total, progress)
+    done = 0
+    try:
+        os.mkdir(tmp)
+        params_dir = os.path.join(tmp, PARAMS_DIR)
+        count = 0
+        with _save_context():
+            group: dict = {}
+            gbytes = 0
+
+            def flush():
+                nonlocal group, gbytes, done
+                _write_group(params_dir, group)
+                done += gbytes
+                group, gbytes = {}, 0
+                bar.update(done)
+
+            for path, arr in iter_params(files, cfg, dt):
+                if group and gbytes + arr.nbytes > _GROUP_BYTES:
+                    flush()  # keep a big tensor out of a group of small ones
+                set_path(group, path, arr)
+                gbytes += arr.nbytes
+                count += 1
+                del arr
+                if gbytes >= _GROUP_BYTES:
+                    flush()
+            if group:
+                flush()
+            bar.update(done, "finalizing", force=True)
+            _finalize(params_dir)
+        bar.update(done, "validating", force=True)
+        _check_stored(params_dir, expected, dt)
+        spot = _spot_check(params_dir, cfg, files, dt)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(_config_dict(cfg, dt), f, indent=1)
+        for name, out, _ in _COPIES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, out))
+        if os.path.lexists(dst):
+            raise CheckpointError(f"{dst} already exists (created during the conversion); choose another path or remove it")
+        os.rename(tmp, dst)
+    except BaseException as e:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError):
+            raise
+        if _no_space(e):
+            raise CheckpointError(
+                f"{dst}: no space left on device after {_human(done)} of {_human(total)}; nothing was kept, "
+                f"free at least {_human(total)} on {parent} and convert again"
+            ) from None
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{dst}: writing failed, nothing was kept ({_one_line(e)})") from None
+        raise
+    bar.close()
+    return {
+        "src": os.path.abspath(src),
+        "dst": dst,
+        "dtype": dt.name,
+        "tensors": count,
+        "bytes": total,
+        "disk_bytes": _disk_bytes(dst),
+        "largest_tensor_bytes": largest,
+        "spot_checked": spot,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rss_start_bytes": rss_start,
+        "peak_rss_bytes": _peak_rss(),
+    }
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_converted(directory: str, dtype=None, shardings=None) -> tuple[LlavaOVConfig, dict]:
+    """A converted directory → (config, params), restored by orbax straight into jax arrays.
+
+    dtype: None keeps the stored dtype; "float32"/"bfloat16" (or a numpy dtype) casts on read.
+    shardings: None puts every array on the first local device; otherwise a pytree of
+    `jax.sharding.Sharding` matching the parameter tree, or a callable `path -> Sharding`
+    (path: tuple of keys such as ("text", "layers", "q_w")). Each array is read directly into
+    its sharding (every device reads only its own chunks; no full host copy first).
+    """
+    path = os.path.join(directory, CONFIG_FILE)
+    d = _read_config_file(path)
+    cfg = config_from_json(path)
+    stored = _stored_dtype(d, path)
+    target = stored if dtype is None else resolve_dtype(dtype)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing; convert the HF checkpoint again")
+    expected = param_paths_and_shapes(cfg)
+    _check_stored(params_dir, expected, stored)
+    lookup = sharding_lookup(shardings, expected)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract: dict = {}
+    for p, shape in expected.items():
+        sh = lookup(p) if lookup is not None else default
+        set_path(abstract, p, jax.ShapeDtypeStruct(shape, target, sharding=sh))
+    return cfg, _restore(params_dir, abstract)
