@@ -8,10 +8,10 @@ whose config is a flat Qwen2 config plus `mm_*` keys and whose SigLIP is the so4
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from earlytom_jax.errors import CheckpointError
+from earlytom_jax.io_utils import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +177,7 @@ def load_config(directory: str) -> LlavaOVConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no config.json; point --model at a checkpoint directory")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
+    d = read_json(path)
     try:
         return config_from_dict(d)
     except CheckpointError as e:

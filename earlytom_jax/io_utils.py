@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -24,3 +25,14 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def read_json(path: str):
+    """Parse a JSON file; an unreadable or malformed one is a one-line CheckpointError."""
+    from earlytom_jax.errors import CheckpointError
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({e.__class__.__name__}: {e})") from None

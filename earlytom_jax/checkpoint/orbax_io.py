@@ -44,6 +44,7 @@ from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, 
 from earlytom_jax.checkpoint.safetensors_io import SafetensorsFile, open_checkpoint_files
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig, load_config
 from earlytom_jax.errors import CheckpointError
+from earlytom_jax.io_utils import read_json
 
 FORMAT = "earlytom-jax-orbax"
 FORMAT_VERSION = 1
@@ -221,11 +222,7 @@ def _read_config_file(path: str) -> dict:
         path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: not found; this is not a converted checkpoint directory")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({_one_line(e)})") from None
+    d = read_json(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an {FORMAT} config (format={d.get('format') if isinstance(d, dict) else None!r})")
     if d.get("format_version") != FORMAT_VERSION:
