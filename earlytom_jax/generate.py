@@ -72,7 +72,7 @@ def generate(
         on_token(first)
         tok = jnp.asarray([first], jnp.int32)
         for i in range(max_new - 1):
-            if first in eos_ids or tokens[-1] in eos_ids:
+            if tokens[-1] in eos_ids:
                 break
             step_logits, caches = pipeline.decode_step_jit(params, tok, pos + i, caches, jnp.asarray(i, jnp.int32), cfg)
             nxt = int(jnp.argmax(step_logits))

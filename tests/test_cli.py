@@ -99,3 +99,15 @@ def test_convert_then_run(tiny_dir, clip, tmp_path):
     a = json.loads(_cli("run", "--model", dst, *flags).stdout.strip().splitlines()[-1])
     b = json.loads(_cli("run", "--model", d, *flags).stdout.strip().splitlines()[-1])
     assert a["tokens"] == b["tokens"] and a["stats"]["kept_index"] == b["stats"]["kept_index"]
+
+
+def test_run_streams_the_same_tokens_as_json(tiny_dir, clip):
+    """Streaming (one jitted step per token) and the on-device loop give the same answer."""
+    _, d = tiny_dir
+    flags = ["--model", d, "--video", clip, "--prompt", "Describe.", "--frames", "6", "--layers", "1,2",
+             "--llm-merge-layer", "2", "--max-new-tokens", "6"]
+    streamed = _cli("run", *flags)
+    assert streamed.returncode == 0, streamed.stderr
+    assert "visual tokens" in streamed.stderr and "TTFT" in streamed.stderr
+    j = json.loads(_cli("run", *flags, "--json").stdout.strip().splitlines()[-1])
+    assert streamed.stdout.strip() == j["text"]
