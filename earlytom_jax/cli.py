@@ -89,7 +89,7 @@ def _stats_line(ans, n_frames: int) -> str:
     frames = s.get("frames", n_frames)
     vis = s.get("visual_tokens")
     llm = s.get("llm_kept")
-    extra = f" -> {llm + 0} after the LLM merge" if llm is not None else ""
+    extra = f" -> {llm} after the LLM merge" if llm is not None else ""
     return (
         f"[frames {n_frames} -> {frames} | visual tokens {vis}{extra} | "
         f"TTFT {ans.ttft_s * 1000:.0f} ms | {ans.generation.tokens_per_s:.1f} tok/s]"
