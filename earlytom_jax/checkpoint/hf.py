@@ -153,6 +153,18 @@ def _fmt(names, limit=6) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def mismatch(missing, unexpected, wrong, wrong_label: str = "mis-shaped") -> list[str]:
+    """The parts of a one-line "does not match" message, each list of names cut to a few."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)}: {_fmt(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {_fmt(unexpected)}")
+    if wrong:
+        parts.append(f"{wrong_label} {len(wrong)}: {_fmt(wrong, 3)}")
+    return parts
+
+
 def map_tensors(files: dict, cfg: LlavaOVConfig):
     """Check every tensor against the config. Returns ({canonical: (file, source name)}, specs).
 
@@ -179,13 +191,7 @@ def map_tensors(files: dict, cfg: LlavaOVConfig):
         for n, shape in needed.items()
         if n in canon and tuple(canon[n][0].shape(canon[n][1])) != shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {_fmt(unexpected)}")
-    if wrong:
-        problems.append(f"mis-shaped {len(wrong)}: {_fmt(wrong, 3)}")
+    problems = mismatch(missing, unexpected, wrong)
     if problems:
         raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems))
     return canon, specs

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from earlytom_jax.checkpoint.hf import _specs, iter_params, set_path
+from earlytom_jax.checkpoint.hf import _specs, iter_params, mismatch, set_path
 from earlytom_jax.checkpoint.safetensors_io import open_checkpoint_files
 from earlytom_jax.config import LlavaOVConfig, load_config
 from earlytom_jax.errors import CheckpointError
@@ -56,17 +56,11 @@ def sharding_lookup(shardings, expected) -> Callable[[tuple[str, ...]], object] 
         return call
     leaves = jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     table = {tuple(_key(k) for k in p): s for p, s in leaves}
-    bad = [("/".join(p), type(s).__name__) for p, s in table.items() if not isinstance(s, jax.sharding.Sharding)]
-    missing = [p for p in expected if p not in table]
-    extra = [p for p in table if p not in expected]
-    if bad or missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: " + ", ".join("/".join(p) for p in missing[:4]))
-        if extra:
-            parts.append(f"unexpected {len(extra)}: " + ", ".join("/".join(p) for p in extra[:4]))
-        if bad:
-            parts.append("not a Sharding: " + ", ".join(f"{p} ({t})" for p, t in bad[:4]))
+    bad = [f"{'/'.join(p)} ({type(s).__name__})" for p, s in table.items() if not isinstance(s, jax.sharding.Sharding)]
+    missing = ["/".join(p) for p in expected if p not in table]
+    extra = ["/".join(p) for p in table if p not in expected]
+    parts = mismatch(missing, extra, bad, wrong_label="not a Sharding")
+    if parts:
         raise CheckpointError("shardings do not match the parameter tree: " + "; ".join(parts))
     return table.__getitem__
 

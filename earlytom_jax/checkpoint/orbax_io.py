@@ -39,7 +39,7 @@ import time
 import jax
 import numpy as np
 
-from earlytom_jax.checkpoint.hf import iter_params, map_tensors, set_path
+from earlytom_jax.checkpoint.hf import iter_params, map_tensors, mismatch, set_path
 from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
 from earlytom_jax.checkpoint.safetensors_io import SafetensorsFile, open_checkpoint_files
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig, load_config
@@ -313,20 +313,14 @@ def _stored_metadata(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, 
 
 def _check_stored(params_dir: str, expected: dict, dtype: np.dtype) -> None:
     stored = _stored_metadata(params_dir)
-    missing = [p for p in expected if p not in stored]
-    extra = [p for p in stored if p not in expected]
+    missing = ["/".join(p) for p in expected if p not in stored]
+    extra = ["/".join(p) for p in stored if p not in expected]
     wrong = [
         f"{'/'.join(p)} {stored[p][0]} {stored[p][1].name} != {expected[p]} {dtype.name}"
         for p in expected
         if p in stored and (stored[p][0] != expected[p] or stored[p][1] != dtype)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: " + ", ".join("/".join(p) for p in missing[:6]))
-    if extra:
-        problems.append(f"unexpected {len(extra)}: " + ", ".join("/".join(p) for p in extra[:6]))
-    if wrong:
-        problems.append(f"mis-shaped {len(wrong)}: " + ", ".join(wrong[:3]))
+    problems = mismatch(missing, extra, wrong)
     if problems:
         raise CheckpointError(f"{params_dir}: stored tensors do not match the config: " + "; ".join(problems))
 
