@@ -48,12 +48,14 @@ def generate(
     max_new_tokens: int = 32,
     eos_ids=(),
     on_token: Callable[[int], None] | None = None,
+    suffix_valid=None,
 ) -> Generation:
     """Prefill, then greedy decoding until an EOS id or `max_new_tokens`.
 
     With `on_token`, tokens are decoded one jitted step at a time and passed to the callback as
     they come (streaming); without it, all steps run in one device loop with no host sync per
-    token, and tokens after the first EOS are cut on the host.
+    token, and tokens after the first EOS are cut on the host. `suffix_valid` marks padding in
+    `suffix_ids` (see `pipeline.pad_suffix`).
     """
     pixels = jnp.asarray(pixels, params["vision"]["patch_w"].dtype)
     prefix = jnp.asarray(prefix_ids, jnp.int32)
@@ -62,7 +64,7 @@ def generate(
     max_new = max(1, int(max_new_tokens))
 
     t0 = time.perf_counter()
-    logits, caches, pos, stats = pipeline.prefill_jit(params, pixels, prefix, suffix, cfg, method, max_new)
+    logits, caches, pos, stats = pipeline.prefill_jit(params, pixels, prefix, suffix, cfg, method, max_new, suffix_valid)
     first = int(jnp.argmax(logits))
     ttft = time.perf_counter() - t0
 

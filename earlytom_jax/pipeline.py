@@ -195,14 +195,15 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
 # ----------------------------------------------------------------------------- whole
 
 
-def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):
+def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=FULL, max_new: int = 32, suffix_valid=None):
     """Video + prompt → (first-token logits [V], caches, next position [1], stats dict).
 
-    prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder.
+    prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder; suffix_valid
+    (optional bool [Q]) marks padding at the front of the suffix (see `pad_suffix`).
     """
     feats, n, state = encode_video(params, pixels, cfg, method)
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
-    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
+    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids, suffix_valid)
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
     logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
@@ -211,8 +212,19 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=F
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new"))
-def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32):
-    return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new)
+def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32, suffix_valid=None):
+    return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new, suffix_valid)
+
+
+def pad_suffix(suffix_ids, multiple: int = 32, pad_id: int = 0):
+    """Left-pad prompt ids to a multiple of `multiple` so that prompts of similar length share
+    one compiled program. → (ids int32 [Q'], valid bool [Q']); padding slots are invalid,
+    take no RoPE position and are never attended."""
+    q = len(suffix_ids)
+    total = max(multiple, -(-q // multiple) * multiple)
+    ids = [pad_id] * (total - q) + [int(i) for i in suffix_ids]
+    valid = [False] * (total - q) + [True] * q
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
 
 
 def compile_prefill(params, n_frames: int, prefix_len: int, suffix_len: int, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):

@@ -67,16 +67,18 @@ def video_tokens(params, feats, cfg: LlavaOVConfig):
     return pool(project(params["projector"], feats), cfg.vision.grid, cfg.pooled_grid)
 
 
-def splice(embed, prefix_ids, visual, visual_valid, suffix_ids):
+def splice(embed, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=None):
     """Build the prefill sequence for one video.
 
     embed [V, Ht]; prefix_ids [P], suffix_ids [Q] int32; visual [Vc, Ht] with visual_valid
-    bool [Vc] (padding slots anywhere). → h [1, P+Vc+Q, Ht], valid [1, L], positions [1, L]
-    where positions count valid slots only (0..n_valid-1; padding gets the previous id).
+    bool [Vc] (padding slots anywhere); suffix_valid bool [Q] (None: all valid) lets prompts
+    of different lengths share one program (pad at the front of the suffix, so the last slot
+    stays a real token). → h [1, P+Vc+Q, Ht], valid [1, L], positions [1, L] where positions
+    count valid slots only (0..n_valid-1; padding gets the previous id).
     """
     h = jnp.concatenate([embed[prefix_ids], visual.astype(embed.dtype), embed[suffix_ids]], axis=0)
-    valid = jnp.concatenate(
-        [jnp.ones(prefix_ids.shape, bool), visual_valid, jnp.ones(suffix_ids.shape, bool)]
-    )
+    if suffix_valid is None:
+        suffix_valid = jnp.ones(suffix_ids.shape, bool)
+    valid = jnp.concatenate([jnp.ones(prefix_ids.shape, bool), visual_valid, suffix_valid])
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
     return h[None], valid[None], positions[None]
