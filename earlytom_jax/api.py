@@ -54,11 +54,11 @@ class VideoLLM:
     mesh: object = None  # jax.sharding.Mesh or None (one device)
 
     @classmethod
-    def load(cls, directory: str, dtype: str = "float32", mesh: str | None = None) -> "VideoLLM":
+    def load(cls, directory: str, dtype: str = "float32", mesh=None) -> "VideoLLM":
         """An HF checkpoint directory (safetensors, any supported layout) or a converted one
-        (`earlytom convert`). `mesh` such as "data=2,model=4" places every weight straight
-        into its shard on the devices (see earlytom_jax.sharding)."""
-        m = sharding.parse_mesh(mesh) if mesh else None
+        (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
+        every weight straight into its shard on the devices (see earlytom_jax.sharding)."""
+        m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
         if m is not None:
             shapes = param_shapes(load_any_config(directory))
@@ -66,16 +66,13 @@ class VideoLLM:
         cfg, params = load_any(directory, dtype, shardings)
         return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory), m)
 
+    def placed(self, mesh) -> "VideoLLM":
+        """The same model with its weights copied onto another mesh (device to device)."""
+        shardings, _ = sharding.plan_shardings(self.params, mesh)
+        return dataclasses.replace(self, params=jax.tree.map(jax.device_put, self.params, shardings), mesh=mesh)
+
     def prompt_ids(self, question: str) -> PromptIds:
         return encode_video_prompt(self.tokenizer, question, self.cfg.video_token_id)
-
-    def pixels(self, frames: np.ndarray):
-        """uint8 frames [T, H, W, 3] → normalised pixels [T, 3, S, S] (on the mesh, frames
-        over its data axis, when the model is sharded)."""
-        pix = self.preprocessor(frames)
-        if self.mesh is not None:
-            return jax.device_put(pix, sharding.frames_sharding(self.mesh, pix.shape[0]))
-        return pix
 
     def ask(
         self,
@@ -87,21 +84,38 @@ class VideoLLM:
         on_token=None,
     ) -> Answer:
         """Answer `question` about `video` (a file path or uint8 frames [T, H, W, 3])."""
-        if hasattr(method, "check"):
-            method = method.check(self.cfg)
         vf = load_video(video, num_frames) if isinstance(video, str) else None
         frames = vf.frames if vf is not None else np.asarray(video)
+        ans = self.answer(self.preprocessor(frames), question, method, max_new_tokens, on_token)
+        return dataclasses.replace(ans, video=vf)
+
+    def answer(self, pixels: np.ndarray, question: str, method=pipeline.FULL, max_new_tokens: int = 32,
+               on_token=None, pad_multiple: int | None = None) -> Answer:
+        """Answer about preprocessed pixels [T, 3, S, S] (see `self.preprocessor`).
+
+        pad_multiple: left-pad the prompt after the video to a multiple of this many tokens,
+        so that questions of nearby lengths reuse one compiled program (evaluation loops).
+        """
+        if hasattr(method, "check"):
+            method = method.check(self.cfg)
         ids = self.prompt_ids(question)
-        length = len(ids.prefix) + len(ids.suffix) + method.capacity(len(frames), self.cfg.tokens_per_frame) + 1
+        suffix, suffix_valid = ids.suffix, None
+        if pad_multiple:
+            suffix, suffix_valid = pipeline.pad_suffix(ids.suffix, pad_multiple)
+        t0 = pixels.shape[0]
+        length = len(ids.prefix) + len(suffix) + method.capacity(t0, self.cfg.tokens_per_frame) + 1
         limit = self.cfg.text.max_position_embeddings
         if length + max_new_tokens > limit:
             raise ConfigError(
-                f"prompt of {length} tokens ({len(frames)} frames) plus {max_new_tokens} new tokens "
+                f"prompt of {length} tokens ({t0} frames) plus {max_new_tokens} new tokens "
                 f"exceeds the model's context of {limit}; use fewer frames or a shorter prompt"
             )
+        if self.mesh is not None:
+            pixels = jax.device_put(pixels, sharding.frames_sharding(self.mesh, t0))
         gen = generate(
-            self.params, self.cfg, self.pixels(frames), ids.prefix, ids.suffix, method,
+            self.params, self.cfg, pixels, ids.prefix, suffix, method,
             max_new_tokens, self.tokenizer.eos_ids,
             on_token=None if on_token is None else (lambda t: on_token(self.tokenizer.decode([t]))),
+            suffix_valid=suffix_valid,
         )
-        return Answer(self.tokenizer.decode(gen.tokens).strip(), gen, vf)
+        return Answer(self.tokenizer.decode(gen.tokens).strip(), gen, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -246,6 +247,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from earlytom_jax.checkpoint.load import load_any_config
+    from earlytom_jax.compression.presets import PUBLISHED, RATIOS
+    from earlytom_jax.evals import compare, runner
+
+    s = runner.EvalSettings(
+        model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
+        limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
+        prefetch=args.prefetch, progress=not args.quiet,
+    )
+    cfg = load_any_config(args.model)
+    preset_task = "egoschema" if args.task == "egoschema_subset" else args.task
+
+    def build(name, ratio):
+        a = argparse.Namespace(**vars(args))
+        a.method, a.ratio = name, ratio
+        published = ratio is not None and any(abs(ratio - x) < 1e-9 for x in RATIOS)
+        if name == "earlytom" and not a.preset and a.tau is None and a.layers is None and preset_task in PUBLISHED and published:
+            a.preset = f"{preset_task}@{ratio:g}"
+            print(f"note: EarlyTom with the published {a.preset} settings (--tau/--layers override)", file=sys.stderr)
+        return _method(a, cfg)
+
+    if args.compare:
+        runs = []
+        for name in args.compare:
+            for r in ([None] if name == "full" else list(args.ratios or (0.1,))):
+                runs.append((name, r, build(name, r)))
+        rows = compare.compare(s, runs)
+        print(compare.markdown(args.task, rows))
+        return 0
+    ratio = args.ratio if args.ratio is not None else (None if args.method == "full" else 0.1)
+    results = runner.run_eval(s, build(args.method, ratio))
+    if results:
+        print("\n".join(runner.summary_lines(results)))
+        print(f"wrote {os.path.join(args.out, 'results.json')} and samples.jsonl")
+    return 0 if not results or results["complete"] else 1
+
+
 def cmd_visualize(args) -> int:
     from earlytom_jax.api import VideoLLM
     from earlytom_jax.visualize import render, save_png
@@ -312,6 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="PNG file to write")
     _compression_flags(v)
     v.set_defaults(fn=cmd_visualize)
+
+    e = sub.add_parser("eval", help="accuracy on MVBench, VideoMME, EgoSchema, LongVideoBench (resumable)")
+    e.add_argument("--model", required=True, help="HF checkpoint directory or a converted one")
+    e.add_argument("--task", required=True, help="mvbench | videomme | egoschema | egoschema_subset | longvideobench")
+    e.add_argument("--data", required=True, help="the task's local copy (layout: see earlytom_jax/evals/tasks)")
+    e.add_argument("--out", required=True, help="run directory: samples.jsonl, results.json; re-run to resume")
+    e.add_argument("--frames", type=int, default=32)
+    e.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (lmms-eval) limit, at most 64")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--mesh", default=None, help="data-parallel groups (and tensor parallel inside), e.g. data=4 or data=2,model=2")
+    e.add_argument("--prefetch", type=int, default=4, help="videos decoded ahead in background threads")
+    e.add_argument("--compare", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=None,
+                   help="run several methods (e.g. full,earlytom,fastv) at --ratios and print one table")
+    e.add_argument("--ratios", type=_floats, default=None, help="ratios for --compare (default 0.1)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _compression_flags(e)
+    e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)

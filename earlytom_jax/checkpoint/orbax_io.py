@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 
 import jax
@@ -45,6 +44,7 @@ from earlytom_jax.checkpoint.safetensors_io import SafetensorsFile, open_checkpo
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig, load_config
 from earlytom_jax.errors import CheckpointError
 from earlytom_jax.io_utils import read_json
+from earlytom_jax.progress import Progress, human_bytes as _human
 
 FORMAT = "earlytom-jax-orbax"
 FORMAT_VERSION = 1
@@ -76,14 +76,6 @@ _SPOT = (
 def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return f"{n:.2f} TB"
 
 
 def _proc_status_kb(key: str) -> int | None:
@@ -134,42 +126,6 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
 def _bit_equal(a, b) -> bool:
     a, b = np.ascontiguousarray(np.asarray(a)), np.ascontiguousarray(np.asarray(b))
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
-class _Progress:
-    """`\\r`-redrawn one-line progress on stderr: bytes done / total, rate, ETA."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "converting"):
-        self.total, self.enabled, self.label = max(int(total), 1), enabled, label
-        self.start = time.perf_counter()
-        self.last = 0.0
-        self.drawn = False
-
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < 0.1 and done < self.total:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        frac = min(done / self.total, 1.0)
-        rate = done / elapsed
-        eta = (self.total - done) / rate if rate > 0 and done < self.total else 0.0
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        line = (
-            f"\r{self.label} [{bar}] {_human(done)}/{_human(self.total)} {frac * 100:5.1f}% "
-            f"{_human(rate)}/s ETA {int(eta) // 60}:{int(eta) % 60:02d} {note}"
-        )
-        sys.stderr.write(line.ljust(100))
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.enabled and self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 class _FreshMap:
@@ -431,7 +387,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
         )
 
     tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
-    bar = _Progress(total, progress)
+    bar = Progress(total, progress, "converting", _human)
     done = 0
     try:
         os.mkdir(tmp)

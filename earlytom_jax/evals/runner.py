@@ -1,0 +1,341 @@
+"""The evaluation loop behind `earlytom eval`: one task, one method, resumable, data-parallel.
+
+    samples (task.load) ─► background workers: decode 32 frames + preprocess (look-ahead)
+        ─► one worker thread per device group: prefill + on-device greedy decode (jitted;
+           prompts left-padded to a multiple of `pad_multiple` tokens, so one program serves
+           every question of a task) ─► parse + score ─► OUT/samples.jsonl (fsynced per line)
+    at the end: OUT/samples.jsonl rewritten in task order, OUT/results.json (metrics + the
+    whole configuration), OUT/submission.json for tasks scored by a server (EgoSchema).
+
+Durability: OUT/config.json pins what the results mean (model, task, data, method, frames,
+token limit, dtype); re-running the same command on the same OUT skips the samples already
+recorded and runs the rest, and a different configuration is refused. A sample whose video
+cannot be read goes to OUT/errors.jsonl (not scored; retried on the next run).
+
+Scale: `mesh="data=N,model=M"` splits the devices into N groups of M; each group holds the
+weights (tensor-parallel over its M devices) and answers every N-th sample. Across hosts
+(after `jax.distributed.initialize()`), each process runs the groups of its local devices and
+writes OUT/samples.host<i>.jsonl; process 0 merges. The samples a group answers depend only
+on the sample's index, and each answer only on its own inputs, so any mesh gives the same
+records as one device.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+
+import jax
+
+from earlytom_jax import flops, sharding
+from earlytom_jax.errors import ConfigError, EarlyTomError
+from earlytom_jax.evals import records as rec
+from earlytom_jax.io_utils import atomic_write_text, read_json
+from earlytom_jax.progress import Progress
+from earlytom_jax.video import load_video
+
+# lmms-eval let EgoSchema generate up to 1024 tokens (no generation_kwargs in its yaml); the
+# answer is one letter, so by default we stop far earlier and record that we did.
+TOKEN_CAP = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate and where. `max_new_tokens` None: the task's limit, capped at
+    TOKEN_CAP; `limit`: the first N samples of the task (in its order)."""
+
+    model: str
+    task: str
+    data: str
+    out: str
+    frames: int = 32
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    dtype: str = "float32"
+    mesh: str | None = None
+    prefetch: int = 4
+    pad_multiple: int = 32
+    progress: bool = True
+
+
+def method_description(method) -> dict:
+    """Name and every field of a method (JSON-friendly)."""
+    d = {"name": getattr(method, "name", type(method).__name__), "repr": repr(method)}
+    if dataclasses.is_dataclass(method):
+        for f in dataclasses.fields(method):
+            v = getattr(method, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("earlytom-jax", "jax", "jaxlib", "flax", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _token_limit(task, requested: int | None) -> tuple[int, str | None]:
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--max-new-tokens {requested}: need at least 1")
+        return requested, None
+    if task.max_new_tokens > TOKEN_CAP:
+        return TOKEN_CAP, (f"{task.name}: lmms-eval allows {task.max_new_tokens} new tokens; capped at "
+                           f"{TOKEN_CAP} (the answer is a letter; --max-new-tokens sets another limit)")
+    return task.max_new_tokens, None
+
+
+def _identity(s: EvalSettings, method, max_new: int) -> dict:
+    return {
+        "model": os.path.abspath(s.model), "task": s.task, "data": os.path.abspath(s.data),
+        "method": repr(method), "frames": s.frames, "max_new_tokens": max_new, "dtype": s.dtype,
+    }
+
+
+def _check_identity(out: str, ident: dict) -> None:
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        old = read_json(path)
+        diff = [k for k in ident if old.get(k) != ident[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"{out} holds results for {k}={old.get(k)!r}, not {ident[k]!r}; "
+                "use another --out, or the same settings to resume"
+            )
+    else:
+        atomic_write_text(path, json.dumps(ident, indent=1))
+
+
+def device_groups(mesh_spec: str | None) -> tuple[list, list[int]]:
+    """→ (meshes of this process's device groups, their global group indices). Without a
+    mesh: one group on the default device ([None], [0])."""
+    if not mesh_spec:
+        return [None], [0]
+    mesh = sharding.parse_mesh(mesh_spec)
+    me = jax.process_index()
+    groups, index = [], []
+    for i in range(mesh.devices.shape[0]):
+        row = mesh.devices[i : i + 1]
+        if all(d.process_index == me for d in row.flat):
+            groups.append(jax.sharding.Mesh(row, ("data", "model")))
+            index.append(i)
+    return groups, index
+
+
+def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int) -> dict:
+    parsed, drawn = task.parse(ans.text, sample, random.Random(f"{task.name}:{sample.id}"))
+    correct = task.correct(parsed, sample)
+    stats = ans.stats
+    pf = flops.prefill_flops(cfg, frames, n_prompt_tokens, stats, method)
+    return {
+        "id": sample.id, "prompt": sample.context, "answer": ans.text, "parsed": parsed,
+        "random": bool(drawn), "gold": sample.gold, "correct": correct,
+        "visual_tokens": int(stats["visual_tokens"]), "frames_after_merge": int(stats.get("frames", frames)),
+        "llm_kept": stats.get("llm_kept"), "ttft_s": round(ans.ttft_s, 6), "new_tokens": len(ans.tokens),
+        "flops": pf.total, "flops_paper_llm": pf.paper_llm, "meta": sample.meta,
+    }
+
+
+class _Writer:
+    """Thread-safe: append a record (or an error), advance the progress bar."""
+
+    def __init__(self, path: str, err_path: str, bar: Progress, done: int):
+        self.log = rec.RecordLog(path)
+        self.err_path = err_path
+        self.bar, self.done = bar, done
+        self.errors = 0
+        self.lock = threading.Lock()
+
+    def put(self, record: dict) -> None:
+        with self.lock:
+            self.log.append(record)
+            self.done += 1
+            self.bar.update(self.done)
+
+    def error(self, sample, exc: Exception) -> None:
+        with self.lock:
+            with rec.RecordLog(self.err_path) as log:
+                log.append({"id": sample.id, "video": sample.video, "error": str(exc)})
+            self.errors += 1
+            self.done += 1
+            self.bar.update(self.done, note=f"{self.errors} unreadable")
+
+    def close(self):
+        self.log.close()
+        self.bar.close()
+
+
+def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, writer, stop: threading.Event):
+    """Answer `items` in order on one device group, decoding videos `s.prefetch` ahead."""
+    pre = llm.preprocessor
+
+    def load(sample):
+        vf = load_video(sample.video, s.frames)
+        return pre(vf.frames)
+
+    pending: collections.deque = collections.deque()
+    it = iter(items)
+
+    def fill():
+        while len(pending) < max(1, s.prefetch):
+            sample = next(it, None)
+            if sample is None:
+                return
+            pending.append((sample, pool.submit(load, sample)))
+
+    fill()
+    while pending and not stop.is_set():
+        sample, fut = pending.popleft()
+        fill()
+        try:
+            pixels = fut.result()
+        except EarlyTomError as e:
+            writer.error(sample, e)
+            continue
+        ans = llm.answer(pixels, sample.context, method, max_new, pad_multiple=s.pad_multiple)
+        ids = llm.prompt_ids(sample.context)
+        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), s.frames))
+
+
+def run_eval(s: EvalSettings, method, llm=None) -> dict:
+    """Run (or resume) one evaluation; returns the results dict also written to
+    OUT/results.json. `llm`: an already loaded VideoLLM (else loaded from s.model)."""
+    from earlytom_jax.api import VideoLLM
+    from earlytom_jax.evals.tasks import get_task
+
+    if s.frames < 1:
+        raise ConfigError(f"--frames {s.frames}: need at least 1")
+    task = get_task(s.task)
+    max_new, note = _token_limit(task, s.max_new_tokens)
+    samples = task.load(s.data)
+    if s.limit is not None:
+        samples = samples[: max(0, s.limit)]
+    if not samples:
+        raise ConfigError(f"{s.data}: no samples to evaluate for {s.task}")
+    groups, index = device_groups(s.mesh)
+    n_groups = sharding.parse_mesh(s.mesh).devices.shape[0] if s.mesh else 1
+
+    os.makedirs(s.out, exist_ok=True)
+    if llm is None:
+        llm = VideoLLM.load(s.model, s.dtype, groups[0])
+    elif groups[0] is not None:
+        llm = llm.placed(groups[0])
+    if hasattr(method, "check"):
+        method = method.check(llm.cfg)
+    _check_identity(s.out, _identity(s, method, max_new))
+    if note:
+        print(f"note: {note}", flush=True)
+
+    multi = jax.process_count() > 1
+    own = os.path.join(s.out, f"samples.host{jax.process_index()}.jsonl" if multi else "samples.jsonl")
+    done = rec.collect(rec.shard_files(s.out))
+    wanted = {x.id for x in samples}
+    n_done = len(wanted & done.keys())
+    per_group = {g: [] for g in index}
+    for i, x in enumerate(samples):
+        if i % n_groups in per_group and x.id not in done:
+            per_group[i % n_groups].append(x)
+    models = [llm] + [llm.placed(m) for m in groups[1:]]
+
+    todo = sum(len(v) for v in per_group.values())
+    if n_done:
+        print(f"resuming {s.out}: {n_done} of {len(samples)} samples done, {todo} to run here", flush=True)
+    bar = Progress(len(samples), s.progress, s.task, start=n_done, unit=" samples")
+    writer = _Writer(own, os.path.join(s.out, "errors.jsonl"), bar, n_done)
+    stop = threading.Event()
+    t_start = time.perf_counter()
+    try:
+        with cf.ThreadPoolExecutor(max(1, s.prefetch), thread_name_prefix="video") as pool, \
+                cf.ThreadPoolExecutor(len(models), thread_name_prefix="device") as workers:
+            futs = [workers.submit(_worker, m, task, method, per_group[g], s, max_new, pool, writer, stop)
+                    for m, g in zip(models, index)]
+            try:
+                for f in cf.as_completed(futs):
+                    f.result()
+            except BaseException:
+                stop.set()
+                raise
+    finally:
+        writer.close()
+    wall = time.perf_counter() - t_start
+
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("earlytom-eval-done")
+        if jax.process_index() != 0:
+            return {}
+    merged = rec.collect(rec.shard_files(s.out))
+    rows = rec.write_merged(os.path.join(s.out, "samples.jsonl"), merged, [x.id for x in samples])
+    errors = {r["id"] for r in rec.read_records(os.path.join(s.out, "errors.jsonl"))} - merged.keys()
+    results = _results(s, task, method, max_new, note, rows, len(samples), errors, llm, wall)
+    sub = task.submission(rows)
+    if sub is not None:
+        atomic_write_text(os.path.join(s.out, "submission.json"), json.dumps(sub, indent=1))
+    atomic_write_text(os.path.join(s.out, "results.json"), json.dumps(results, indent=1))
+    return results
+
+
+def _results(s, task, method, max_new, note, rows, n_samples, errors, llm, wall) -> dict:
+    ttft = [r["ttft_s"] for r in rows]
+    mean = (lambda xs: statistics.fmean(xs) if xs else None)
+    return {
+        "task": task.name,
+        "complete": len(rows) == n_samples,
+        "metrics": task.metrics(rows),
+        "counts": {"samples": n_samples, "recorded": len(rows), "unreadable": len(errors),
+                   "random_draws": sum(bool(r["random"]) for r in rows)},
+        "speed": {"ttft_mean_s": mean(ttft), "ttft_median_s": statistics.median(ttft) if ttft else None,
+                  "wall_s_this_run": round(wall, 3),
+                  "visual_tokens_mean": mean([r["visual_tokens"] for r in rows]),
+                  "flops_mean": mean([r["flops"] for r in rows]),
+                  "flops_paper_llm_mean": mean([r["flops_paper_llm"] for r in rows])},
+        "config": {
+            "model": os.path.abspath(s.model), "task": s.task, "data": os.path.abspath(s.data),
+            "method": method_description(method), "frames": s.frames, "max_new_tokens": max_new,
+            "token_limit_note": note, "dtype": s.dtype, "mesh": s.mesh, "limit": s.limit,
+            "pad_multiple": s.pad_multiple, "model_config": dataclasses.asdict(llm.cfg),
+            "versions": _versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "devices": [str(d) for d in jax.devices()], "platform": platform.platform(),
+        },
+    }
+
+
+def summary_lines(results: dict) -> list[str]:
+    """A small table of the metrics (nested dicts flattened as a/b), for the terminal."""
+    flat = []
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat.append((prefix, v))
+
+    walk("", results.get("metrics", {}))
+    width = max([len(k) for k, _ in flat] + [6])
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    lines += [f"{k.ljust(width)}  {v:.4g}" if isinstance(v, float) else f"{k.ljust(width)}  {v}" for k, v in flat]
+    c, sp = results["counts"], results["speed"]
+    lines.append(f"{c['recorded']}/{c['samples']} samples, {c['random_draws']} random fallbacks, "
+                 f"{c['unreadable']} unreadable; TTFT mean {sp['ttft_mean_s']:.3f} s, "
+                 f"visual tokens {sp['visual_tokens_mean']:.0f}")
+    return lines
+
+
