@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -112,10 +113,11 @@ class VideoLLM:
             )
         if self.mesh is not None:
             pixels = jax.device_put(pixels, sharding.frames_sharding(self.mesh, t0))
-        gen = generate(
-            self.params, self.cfg, pixels, ids.prefix, suffix, method,
-            max_new_tokens, self.tokenizer.eos_ids,
-            on_token=None if on_token is None else (lambda t: on_token(self.tokenizer.decode([t]))),
-            suffix_valid=suffix_valid,
-        )
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            gen = generate(
+                self.params, self.cfg, pixels, ids.prefix, suffix, method,
+                max_new_tokens, self.tokenizer.eos_ids,
+                on_token=None if on_token is None else (lambda t: on_token(self.tokenizer.decode([t]))),
+                suffix_valid=suffix_valid,
+            )
         return Answer(self.tokenizer.decode(gen.tokens).strip(), gen, None)

@@ -5,6 +5,9 @@ loops) and `model` (tensor parallelism over attention heads and MLP width, in Si
 Qwen2 alike). Each parameter gets logical axis names; `LOGICAL_RULES` maps them to mesh axes.
 A dimension that the mesh axis does not divide is replicated instead (reported by
 `plan_shardings`), so every mesh runs, and results equal the single-device ones.
+Activations carry logical names too (`constrain`, called inside the models): frames of the
+encoder over `data`, attention heads and MLP width over `model`; they take effect under
+`jax.set_mesh(mesh)` (VideoLLM does this when it has a mesh).
 
 Multi-host: call `jax.distributed.initialize()` on every host first (see README), then build
 the mesh over `jax.devices()` as here; params placed with these shardings span hosts.
@@ -103,6 +106,25 @@ def shard_params(params, mesh: Mesh):
     """Place an in-memory parameter tree on the mesh. → (params, fallbacks)."""
     shardings, fallbacks = plan_shardings(params, mesh)
     return jax.tree.map(jax.device_put, params, shardings), fallbacks
+
+
+def constrain(x, *names):
+    """Pin activation x to the mesh by logical axis names (one per dimension; None = no
+    axis), inside a `jax.set_mesh(mesh)` context; a no-op without a mesh. A dimension that
+    its mesh axis does not divide (e.g. a frame bucket of 3 over data=2) stays replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes = []
+    for dim, name in zip(x.shape, names):
+        axis = LOGICAL_RULES.get(name) if name else None
+        if axis not in sizes or sizes[axis] == 1 or dim % sizes[axis]:
+            axis = None
+        axes.append(axis)
+    if all(a is None for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*axes))
 
 
 def frames_sharding(mesh: Mesh, n_frames: int) -> NamedSharding:

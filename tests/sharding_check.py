@@ -34,7 +34,8 @@ def main(directory: str, meshes: list[str]) -> None:
         spix = jax.device_put(pix, sharding.frames_sharding(mesh, pix.shape[0]))
         diffs, same_tokens = {}, {}
         for k, m in methods.items():
-            logits, toks = run(sp, spix, m)
+            with jax.set_mesh(mesh):  # activations pinned by their logical axes too
+                logits, toks = run(sp, spix, m)
             diffs[k] = float(np.abs(logits - base[k][0]).max())
             same_tokens[k] = toks == base[k][1]
         sharded = sum(1 for x in jax.tree.leaves(sp) if not x.sharding.is_fully_replicated)

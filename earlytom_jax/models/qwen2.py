@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from earlytom_jax.config import Qwen2Config
 from earlytom_jax.models.attention import attention, causal_attention
+from earlytom_jax.sharding import constrain
 
 
 def rms_norm(x, w, eps):
@@ -41,14 +42,15 @@ def apply_rope(x, cos, sin):
 
 def qkv(p, h, cos, sin):
     """h [B, L, C] (already normed) → q [B,L,Hq,D], k [B,L,Hk,D] (both rotated), v."""
-    q = jnp.einsum("blc,chd->blhd", h, p["q_w"]) + p["q_b"]
-    k = jnp.einsum("blc,chd->blhd", h, p["k_w"]) + p["k_b"]
-    v = jnp.einsum("blc,chd->blhd", h, p["v_w"]) + p["v_b"]
+    q = constrain(jnp.einsum("blc,chd->blhd", h, p["q_w"]) + p["q_b"], None, None, "heads", None)
+    k = constrain(jnp.einsum("blc,chd->blhd", h, p["k_w"]) + p["k_b"], None, None, "kv_heads", None)
+    v = constrain(jnp.einsum("blc,chd->blhd", h, p["v_w"]) + p["v_b"], None, None, "kv_heads", None)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp(p, h):
-    return (jax.nn.silu(h @ p["gate_w"]) * (h @ p["up_w"])) @ p["down_w"]
+    g = constrain(jax.nn.silu(h @ p["gate_w"]) * (h @ p["up_w"]), None, None, "mlp")
+    return g @ p["down_w"]
 
 
 def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = True, block: int = 128):

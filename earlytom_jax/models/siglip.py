@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from earlytom_jax.config import SiglipConfig
 from earlytom_jax.models.attention import attention, attention_colmean
+from earlytom_jax.sharding import constrain
 
 
 def layer_norm(x, scale, bias, eps):
@@ -34,17 +35,19 @@ def embed(params, pixels, cfg: SiglipConfig):
 
 def block(p, x, cfg: SiglipConfig, with_attention: bool = False):
     """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None)."""
+    x = constrain(x, "frames", None, None)
     h = layer_norm(x, p["ln1_s"], p["ln1_b"], cfg.layer_norm_eps)
-    q = jnp.einsum("bnc,chd->bnhd", h, p["q_w"]) + p["q_b"]
-    k = jnp.einsum("bnc,chd->bnhd", h, p["k_w"]) + p["k_b"]
-    v = jnp.einsum("bnc,chd->bnhd", h, p["v_w"]) + p["v_b"]
+    q, k, v = (
+        constrain(jnp.einsum("bnc,chd->bnhd", h, p[f"{n}_w"]) + p[f"{n}_b"], "frames", None, "heads", None)
+        for n in "qkv"
+    )
     if with_attention:
         o, colmean = attention_colmean(q, k, v)
     else:
         o, colmean = attention(q, k, v), None
     x = x + jnp.einsum("bnhd,hdc->bnc", o, p["o_w"]) + p["o_b"]
     h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
-    h = jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True)
+    h = constrain(jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True), "frames", None, "mlp")
     x = x + h @ p["fc2_w"] + p["fc2_b"]
     return x, colmean
 
