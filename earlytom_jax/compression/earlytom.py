@@ -3,7 +3,8 @@
 
 Static shapes: frames keep a buffer of capacity T0 with a valid count; after a compression
 layer the following blocks run on the smallest of `buckets` evenly spaced frame counts that
-holds the frames left (so the encoder's cost follows T′, with at most `buckets` compiled
+holds the frames left (default max(4, T0 // 4), a step of at most 4 frames from 16 frames
+up; so the encoder's cost follows T′, with at most `buckets` compiled
 variants per block range, all inside one program); the visual buffer has the tight static
 capacity of `select.visual_capacity`; stage III compacts the visual span to
 `round(capacity · (1 - r_in))` slots.
@@ -33,7 +34,7 @@ class EarlyTom(NoHooks):
     weight; max_window: M; quirks: reproduce the official code where it differs from the
     paper's prose (the published numbers); llm_layer: k of stage III (None: off);
     llm_ratio: r_in; llm_noncausal: run layer k-1 without the causal mask during prefill, as
-    the official code does; buckets: frame-count buckets after a merge.
+    the official code does; buckets: frame-count buckets after a merge (None: max(4, T0 // 4)).
     """
 
     ratio: float = 0.25
@@ -45,7 +46,7 @@ class EarlyTom(NoHooks):
     llm_layer: int | None = 18
     llm_ratio: float = 0.5
     llm_noncausal: bool = False
-    buckets: int = 4
+    buckets: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
@@ -59,7 +60,7 @@ class EarlyTom(NoHooks):
             raise ConfigError(f"compression layers {self.layers} must be distinct and >= 0")
         if not 0.0 <= self.llm_ratio < 1.0:
             raise ConfigError(f"llm ratio {self.llm_ratio} is outside [0, 1)")
-        if self.max_window < 2 or self.buckets < 1:
+        if self.max_window < 2 or (self.buckets is not None and self.buckets < 1):
             raise ConfigError("max_window must be >= 2 and buckets >= 1")
 
     def check(self, cfg: LlavaOVConfig) -> "EarlyTom":
@@ -82,7 +83,7 @@ class EarlyTom(NoHooks):
         return self.layers
 
     def frame_buckets(self, t0: int) -> tuple[int, ...]:
-        return frame_buckets(t0, self.buckets)
+        return frame_buckets(t0, self.buckets or max(4, t0 // 4))
 
     def encoder_init(self, t0: int):
         return {
