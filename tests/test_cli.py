@@ -66,6 +66,16 @@ def test_bad_input_one_line(tiny_dir, clip, args, message):
     assert message in lines[0]
 
 
+def test_unsupported_codec_one_line(tiny_dir, clip, tmp_path):
+    from tests.test_video import unsupported_codec_copy
+
+    bad = unsupported_codec_copy(clip, str(tmp_path / "odd.mp4"))
+    p = _cli("run", "--model", tiny_dir[1], "--video", bad, "--prompt", "hi", "--frames", "4", "--method", "full")
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "odd.mp4: video codec is not supported" in lines[0], p.stderr
+
+
 def test_missing_checkpoint_one_line(tmp_path, clip):
     p = _cli("run", "--model", str(tmp_path), "--video", clip, "--prompt", "hi")
     assert p.returncode == 2

@@ -108,6 +108,22 @@ def test_truncated_mp4(clip, tmp_path):
         load_video(p, 4)
 
 
+def unsupported_codec_copy(src, dst):
+    """Copy of an mp4 whose sample entry names a codec no decoder knows ('zzzz')."""
+    data = open(src, "rb").read()
+    tags = [t for t in (b"avc1", b"mp4v") if t in data]
+    assert tags, "the test encoder wrote neither H.264 nor MPEG-4"
+    with open(dst, "wb") as f:
+        f.write(data.replace(tags[0], b"zzzz"))
+    return dst
+
+
+def test_unsupported_codec(clip, tmp_path):
+    p = unsupported_codec_copy(clip[0], tmp_path / "odd.mp4")
+    with pytest.raises(VideoError, match="odd.mp4: video codec is not supported"):
+        load_video(p, 4)
+
+
 def test_zero_frames(tmp_path):
     p = tmp_path / "empty.avi"  # the mp4 muxer drops an empty track; avi keeps it
     write_test_video(p, np.zeros((0, 16, 16, 3), np.uint8))
