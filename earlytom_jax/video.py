@@ -162,6 +162,27 @@ def load_video(path: str, num_frames: int) -> VideoFrames:
     return VideoFrames(frames=frames, indices=indices, total_frames=n, fps=fps, repeated=n < num_frames)
 
 
+def load_frame_dir(path: str, num_frames: int) -> VideoFrames:
+    """A directory of still frames (.jpg/.jpeg/.png) read as a video (MVBench frame folders):
+    files sorted by name, `num_frames` sampled like a video's frames, RGB; fps is 0.0."""
+    path = str(path)
+    if not os.path.isdir(path):
+        raise VideoError(f"frame directory not found: {path} (check the data directory)")
+    names = sorted(f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not names:
+        raise VideoError(f"{path} holds no .jpg/.png frames; extract the frames or drop this video")
+    indices = sample_indices(len(names), num_frames)
+    frames = []
+    for i in indices:
+        try:
+            with Image.open(os.path.join(path, names[int(i)])) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise VideoError(f"cannot read frame {os.path.join(path, names[int(i)])} ({e}); re-extract it") from None
+    return VideoFrames(frames=_stack(frames, path), indices=indices, total_frames=len(names), fps=0.0,
+                       repeated=len(names) < num_frames)
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing
 

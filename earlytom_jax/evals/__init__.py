@@ -1,0 +1,1 @@
+"""Benchmark evaluation: task data layers (`tasks`), the loop (`runner`), records, fixtures."""
