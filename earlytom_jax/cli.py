@@ -247,10 +247,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _init_distributed(args) -> None:
+    """Multi-host: join the other processes before any device is touched."""
+    if not (args.distributed or args.coordinator):
+        return
+    import jax
+
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise ConfigError("--coordinator needs --num-processes and --process-id")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    else:
+        jax.distributed.initialize()  # cluster environments (TPU pods, Slurm, ...) detect the rest
+
+
 def cmd_eval(args) -> int:
     from earlytom_jax.checkpoint.load import load_any_config
     from earlytom_jax.compression.presets import PUBLISHED, RATIOS
     from earlytom_jax.evals import compare, runner
+
+    _init_distributed(args)
 
     s = runner.EvalSettings(
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
@@ -367,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run several methods (e.g. full,earlytom,fastv) at --ratios and print one table")
     e.add_argument("--ratios", type=_floats, default=None, help="ratios for --compare (default 0.1)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    m = e.add_argument_group("multi-host (every host runs the same command; --out on a shared file system)")
+    m.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
+    m.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with --num-processes, --process-id)")
+    m.add_argument("--num-processes", type=int, default=None)
+    m.add_argument("--process-id", type=int, default=None)
     _compression_flags(e)
     e.set_defaults(fn=cmd_eval)
 

@@ -41,7 +41,7 @@ from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
 from earlytom_jax.io_utils import atomic_write_text, read_json
 from earlytom_jax.progress import Progress
-from earlytom_jax.video import load_video
+from earlytom_jax.video import load_frame_dir, load_video
 
 # lmms-eval let EgoSchema generate up to 1024 tokens (no generation_kwargs in its yaml); the
 # answer is one letter, so by default we stop far earlier and record that we did.
@@ -186,7 +186,8 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
     pre = llm.preprocessor
 
     def load(sample):
-        vf = load_video(sample.video, s.frames)
+        reader = load_frame_dir if os.path.isdir(sample.video) else load_video
+        vf = reader(sample.video, s.frames)
         return pre(vf.frames)
 
     pending: collections.deque = collections.deque()
