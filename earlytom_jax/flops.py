@@ -80,19 +80,25 @@ class PrefillFlops:
 
 
 def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method) -> PrefillFlops:
-    """Counts for one prefill, from the statistics the pipeline returned (Python values)."""
+    """Counts for one prefill, from the statistics the pipeline returned (Python values).
+
+    A method that encodes only some input frames (`input_frames`) is counted on those; its
+    hook-2 work beyond projector and pooling (`select_flops`) goes into `tokens`."""
     depth = cfg.vision.num_layers
-    frames = [t0] * depth
+    picked = method.input_frames(t0) if hasattr(method, "input_frames") else None
+    t_in = t0 if picked is None else len(picked)
+    frames = [t_in] * depth
     layers = tuple(getattr(method, "encoder_layers", ()))
     for li, t in zip(layers, stats.get("frames_after_layer", [])):
         frames[li + 1 :] = [t] * (depth - li - 1)
-    t_final = stats.get("frames", t0)
+    t_final = stats.get("frames", t_in)
+    extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
     n_full = text_tokens + int(stats["visual_tokens"])
     k = getattr(method, "llm_layer", None)
     n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
     return PrefillFlops(
         vision=vision(cfg, frames),
-        tokens=projector_and_pool(cfg, t_final),
+        tokens=projector_and_pool(cfg, t_final) + extra,
         llm=llm_prefill(cfg, n_full, n_after, k),
         paper_llm=paper_llm(cfg, n_full, n_after, k),
     )

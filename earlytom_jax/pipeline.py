@@ -57,13 +57,18 @@ def _bucketed(fn, x, n, buckets):
 
 
 def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
-    """pixels [T0,3,S,S] → (features [T0, N, C] with the first `n` frames valid, n, state)."""
+    """pixels [T0,3,S,S] → (features [T, N, C] with the first `n` frames valid, n, state);
+    T = T0, or the number of frames the method's `input_frames` picks."""
     vcfg = cfg.vision
     blocks = params["vision"]["blocks"]
+    picked = method.input_frames(pixels.shape[0])
+    if picked is not None:  # static indices: only these frames are ever encoded
+        pixels = pixels[jnp.asarray(picked, jnp.int32)]
     t0 = pixels.shape[0]
     x = siglip.embed(params["vision"], pixels, vcfg)
     n = jnp.asarray(t0, jnp.int32)
-    layers = method.encoder_layers
+    layers = tuple(sorted(i + vcfg.num_layers if i < 0 else i for i in method.encoder_layers))
+    keys = method.encoder_keys
     buckets = method.frame_buckets(t0)
     state = method.encoder_init(t0)
     start, merged = 0, False
@@ -71,10 +76,11 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
 
         def run(x, start=start, layer=layer):
             x = siglip.run_blocks(blocks, x, start, layer, vcfg)
-            return siglip.run_block_with_attention(blocks, x, layer, vcfg)
+            return siglip.run_block_with_attention(blocks, x, layer, vcfg, with_keys=keys)
 
-        x, colmean = _bucketed(run, x, n, buckets if merged else (t0,))
-        x, n, state = method.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1)
+        x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,))
+        extra = {"keys": k[0]} if keys else {}
+        x, n, state = method.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1, **extra)
         start, merged = layer + 1, True
 
     def rest(x):

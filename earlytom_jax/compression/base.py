@@ -1,13 +1,18 @@
 """What the pipeline asks of a compression method, and helpers shared by methods.
 
 A method is a frozen (hashable) dataclass, passed to the jitted pipeline as a static
-argument, with any of these three hooks (see pipeline.py for where each one acts):
+argument, with any of these hooks (see pipeline.py for where each one acts):
 
+hook 0, before the vision encoder
+    input_frames(t0) -> tuple[int] | None   the input frames to encode (None: all T0)
 hook 1, inside the vision encoder
-    encoder_layers: tuple[int, ...]   blocks after which `encoder_merge` runs (sorted)
+    encoder_layers: tuple[int, ...]   blocks after which `encoder_merge` runs (sorted;
+                                      negative counts from the end, -1 = the last block)
+    encoder_keys: bool                also pass `keys` [Tc,N,D] (that block's keys, mean
+                                      over heads) to `encoder_merge` as a keyword
     frame_buckets(t0) -> tuple[int]   frame counts the later blocks may run on
     encoder_init(t0) -> state
-    encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last) -> (x, n, state)
+    encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last[, keys]) -> (x, n, state)
     encoder_stats(state) -> dict
 hook 2, after projector and pooling
     select(tokens [Tc,S,H], n, state, cfg) -> (buffer [Vc,H], valid [Vc], info with "count")
@@ -16,7 +21,9 @@ hook 3, inside the LLM (prefill only)
     llm_capacity(span) -> int         static length of the visual span after the hook
     llm_merge(h [span,H], attn [span], valid [span]) -> (h, keep [span])
 
-A method that leaves a hook out inherits the no-op below.
+A method that leaves a hook out inherits the no-op below. For the FLOP counter a method may
+also say how many frames it encodes (`input_frames`) and what its hook 2 computes beyond
+projector and pooling (`select_flops(cfg, t0)`).
 """
 
 from __future__ import annotations
@@ -24,11 +31,29 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
+
+from earlytom_jax.errors import ConfigError
 
 
 def frame_buckets(capacity: int, count: int) -> tuple[int, ...]:
     """`count` evenly spaced frame counts up to `capacity` (e.g. 32, 4 → 8, 16, 24, 32)."""
     return tuple(sorted({max(1, -(-capacity * j // count)) for j in range(1, count + 1)}))
+
+
+def token_budget(t0: int, ratio: float, s: int = 196) -> int:
+    """The shared budget convention: round(r · T0 · S) visual tokens (Python's round)."""
+    return round(ratio * t0 * s)
+
+
+def frame_budgets(t0: int, ratio: float, s: int = 196) -> np.ndarray:
+    """`token_budget` spread over the T0 frames as evenly as possible: frame t gets
+    floor((t+1)·B/T0) - floor(t·B/T0) tokens (B/T0 rounded down or up). int32 [T0]."""
+    b = token_budget(t0, ratio, s)
+    if b < 1:
+        raise ConfigError(f"ratio {ratio} keeps no token of {t0} frames x {s}")
+    edges = (np.arange(t0 + 1) * b) // t0
+    return np.diff(edges).astype(np.int32)
 
 
 class NoHooks:
@@ -37,8 +62,12 @@ class NoHooks:
     name = "full"
 
     encoder_layers: tuple[int, ...] = ()
+    encoder_keys = False
     llm_layer = None
     llm_noncausal = False
+
+    def input_frames(self, t0: int) -> tuple[int, ...] | None:
+        return None
 
     def frame_buckets(self, t0: int) -> tuple[int, ...]:
         return (t0,)
@@ -51,6 +80,9 @@ class NoHooks:
 
     def encoder_stats(self, state) -> dict:
         return {}
+
+    def select_flops(self, cfg, t0: int) -> int:
+        return 0
 
     def capacity(self, t0: int, s: int) -> int:
         """Static length of the visual-token buffer (before the newline)."""

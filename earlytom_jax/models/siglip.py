@@ -33,8 +33,9 @@ def embed(params, pixels, cfg: SiglipConfig):
     return x + params["pos"][None]
 
 
-def block(p, x, cfg: SiglipConfig, with_attention: bool = False):
-    """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None)."""
+def block(p, x, cfg: SiglipConfig, with_attention: bool = False, with_keys: bool = False):
+    """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None), and with_keys
+    also the keys averaged over heads [B, N, D] fp32 (VisionZip's similarity metric)."""
     x = constrain(x, "frames", None, None)
     h = layer_norm(x, p["ln1_s"], p["ln1_b"], cfg.layer_norm_eps)
     q, k, v = (
@@ -49,6 +50,8 @@ def block(p, x, cfg: SiglipConfig, with_attention: bool = False):
     h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
     h = constrain(jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True), "frames", None, "mlp")
     x = x + h @ p["fc2_w"] + p["fc2_b"]
+    if with_keys:
+        return x, colmean, k.astype(jnp.float32).mean(axis=2)
     return x, colmean
 
 
@@ -68,10 +71,11 @@ def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):
     return x
 
 
-def run_block_with_attention(blocks, x, index: int, cfg: SiglipConfig):
-    """Block `index` returning (x, colmean [B, N]): attention each token receives."""
+def run_block_with_attention(blocks, x, index: int, cfg: SiglipConfig, with_keys: bool = False):
+    """Block `index` returning (x, colmean [B, N]): attention each token receives; with_keys
+    also (…, keys [B, N, D]) averaged over heads."""
     p = jax.tree.map(lambda a: a[index], blocks)
-    return block(p, x, cfg, with_attention=True)
+    return block(p, x, cfg, with_attention=True, with_keys=with_keys)
 
 
 def encode(params, pixels, cfg: SiglipConfig):
