@@ -1,17 +1,39 @@
 """TTFT measured the paper's way (spec: frame preprocessing excluded; vision encoding, token
 selection, LLM prefill and the first token included; warm-ups, then mean and median), with
-compile time apart, a per-stage breakdown and FLOP counts."""
+compile time apart, a per-stage breakdown, decode throughput, peak memory and FLOP counts.
+
+FLOPs come three ways (multiply and add counted as 2):
+
+- `flops`: analytic, what the model needs for its *valid* tokens (flops.prefill_flops), and
+  the paper's LLM-only closed form (`paper_llm`);
+- `flops_executed`: analytic, what the compiled program executes with its static shapes
+  (padding slots, masked attention squares, diagonal key blocks, frame buckets);
+- `flops_xla`: XLA's cost analysis of the compiled stages. XLA charges a `while` loop (every
+  `lax.scan`: the layer stacks, the blockwise attention) its body *once*, whatever the trip
+  count, and a `lax.cond`/`lax.switch` its largest branch. `xla_stage_flops` makes the loops
+  count: it walks the stage's jaxpr and adds (trips - 1) x XLA's count of each scan body
+  (compiled on its own), nested loops multiplied through; conditionals keep XLA's largest
+  branch. So this figure counts every key block of the blockwise causal attention (the
+  program skips those above the diagonal) and the largest frame bucket; compare it with
+  `flops_executed` computed with conditionals="largest" (`flops_xla["analytic"]`). What is
+  left is elementwise work (norms, softmax, GELU, RoPE), which XLA counts and the analytic
+  form does not: < 1% of a stage at the real widths, 2-17% at the `tiny` arch's 64/128.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
 from earlytom_jax import flops, pipeline
+from earlytom_jax.models import llava_onevision as lov
 
 
 @dataclasses.dataclass
@@ -25,6 +47,16 @@ class BenchResult:
     visual_tokens: int
     llm_tokens_after_merge: int | None
     flops: dict
+    flops_executed: dict | None = None
+    flops_xla: dict | None = None
+    decode: dict | None = None
+    peak_memory: dict | None = None
+    ttft_over_reference: float | None = None
+    first_token: int | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return None if not self.decode else self.decode["tokens_per_s"]
 
     @property
     def ttft_mean(self) -> float:
@@ -36,53 +68,257 @@ class BenchResult:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(ttft_mean_s=self.ttft_mean, ttft_median_s=self.ttft_median)
+        d.update(ttft_mean_s=self.ttft_mean, ttft_median_s=self.ttft_median,
+                 decode_tokens_per_s=self.decode_tokens_per_s,
+                 peak_memory_bytes=None if not self.peak_memory else self.peak_memory["bytes"])
         return d
 
 
+# ----------------------------------------------------------------------------- peak memory
+
+
+def peak_memory_start() -> dict:
+    """Start a peak-memory window. On accelerators: the devices' `peak_bytes_in_use` (not
+    resettable: peak since the process started). On CPU: the process's peak resident set
+    (VmHWM), reset through /proc/self/clear_refs where the kernel allows it, else
+    getrusage's ru_maxrss (peak since the process started)."""
+    dev = jax.local_devices()
+    if dev[0].platform != "cpu":
+        stats = [d.memory_stats() or {} for d in dev]
+        if all("peak_bytes_in_use" in st for st in stats):
+            return {"kind": "device_peak_bytes_in_use", "scope": "max over local devices, since process start"}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _vmhwm()
+        return {"kind": "host_vmhwm", "scope": "peak resident set of the process during the timed runs (reset before them)"}
+    except (OSError, ValueError):
+        return {"kind": "host_ru_maxrss", "scope": "peak resident set of the process since it started"}
+
+
+def _vmhwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("no VmHWM")
+
+
+def peak_memory_read(window: dict) -> dict:
+    kind = window["kind"]
+    if kind == "device_peak_bytes_in_use":
+        b = max(int((d.memory_stats() or {}).get("peak_bytes_in_use", 0)) for d in jax.local_devices())
+    elif kind == "host_vmhwm":
+        b = _vmhwm()
+    else:
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        b = ru if sys.platform == "darwin" else ru * 1024
+    return dict(window, bytes=int(b))
+
+
+# ----------------------------------------------------------------------------- XLA's count
+
+
+def _cost_flops(stage) -> float:
+    ca = stage.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float((ca or {}).get("flops", 0.0))
+
+
+class _LoopAwareCount:
+    """XLA's count of a function made loop-aware (see the module docstring)."""
+
+    def __init__(self, compile_parts: bool = False):
+        self.compile_parts = compile_parts
+        self._cache: dict = {}
+        self.while_loops = 0  # loops of unknown trip count, charged once as XLA does
+
+    def part_flops(self, closed) -> float:
+        key = id(closed)
+        if key not in self._cache:
+            from jax._src import core
+
+            avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.in_avals]
+            lowered = jax.jit(core.jaxpr_as_fun(closed)).lower(*avals)
+            self._cache[key] = (closed, _cost_flops(lowered.compile() if self.compile_parts else lowered))
+        return self._cache[key][1]
+
+    def _has_loop(self, jaxpr) -> bool:
+        from jax._src import core
+
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        return any(
+            e.primitive.name in ("scan", "while") or any(self._has_loop(j) for j in core.jaxprs_in_params(e.params))
+            for e in jaxpr.eqns
+        )
+
+    def extra(self, jaxpr) -> float:
+        """FLOPs XLA's single count of `jaxpr` leaves out of its loops' other iterations."""
+        from jax._src import core
+
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        total = 0.0
+        for e in jaxpr.eqns:
+            name = e.primitive.name
+            if name == "scan":
+                body, trips = e.params["jaxpr"], int(e.params["length"])
+                total += (trips - 1) * self.part_flops(body) + trips * self.extra(body)
+            elif name == "cond":
+                branches = e.params["branches"]
+                if any(self._has_loop(b) for b in branches):
+                    own = [self.part_flops(b) for b in branches]
+                    total += max(c + self.extra(b) for c, b in zip(own, branches)) - max(own)
+            else:
+                if name == "while":
+                    self.while_loops += 1
+                for sub in core.jaxprs_in_params(e.params):
+                    total += self.extra(sub)
+        return total
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def xla_stage_flops(params, cfg, t0: int, prefix_len: int, suffix_len: int, method, max_new: int = 16,
+                    compile_parts: bool = False) -> dict:
+    """XLA's cost analysis of the three compiled prefill stages of `method` (the very jitted
+    functions `pipeline.staged_prefill` times; for one device, from abstract shapes, so after
+    a staged run without a mesh the compiled programs come from JAX's cache), made loop-aware.
+    Loop bodies and branches are costed from their lowered HLO (`compile_parts=True`: compiled
+    too; slower, same figures within 0.5%). Call it outside any `jax.set_mesh`: the count is
+    of the model, not of one partition.
+    → {"vision", "tokens", "llm", "total", "as_reported": {...}, "while_loops_counted_once"}."""
+    count = _LoopAwareCount(compile_parts)
+    size = cfg.vision.image_size
+    P = _abstract(params)
+    pix = jax.ShapeDtypeStruct((t0, 3, size, size), params["vision"]["patch_w"].dtype)
+    pre = jax.ShapeDtypeStruct((prefix_len,), jnp.int32)
+    suf = jax.ShapeDtypeStruct((suffix_len,), jnp.int32)
+    feats, n, state = jax.eval_shape(pipeline._stage_vision, P, pix, cfg, method)
+    h, valid, positions, _, _ = jax.eval_shape(pipeline._stage_tokens, P, feats, n, state, pre, suf, cfg, method)
+    span = (prefix_len, h.shape[1] - suffix_len)
+    stages = (
+        ("vision", pipeline._stage_vision, (P, pix), (cfg, method)),
+        ("tokens", pipeline._stage_tokens, (P, feats, n, state, pre, suf), (cfg, method)),
+        ("llm", pipeline._stage_llm, (P, h, valid, positions), (span, cfg, method, max_new)),
+    )
+    out, raw = {}, {}
+    for name, stage, args, static in stages:
+        raw[name] = _cost_flops(stage.lower(*args, *static).compile())
+        jaxpr = jax.make_jaxpr(lambda *a, stage=stage, static=static: stage(*a, *static))(*args)
+        out[name] = raw[name] + count.extra(jaxpr)
+    out["total"] = out["vision"] + out["tokens"] + out["llm"]
+    raw["total"] = raw["vision"] + raw["tokens"] + raw["llm"]
+    out["as_reported"] = raw
+    out["while_loops_counted_once"] = count.while_loops
+    return out
+
+
 def measure(params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, ratio=None,
-            warmup: int = 2, runs: int = 5, staged: bool = True) -> BenchResult:
+            warmup: int = 2, runs: int = 5, staged: bool = True, decode_tokens: int = 32,
+            xla: bool = True, mesh=None) -> BenchResult:
     """Compile (timed apart), `warmup` untimed calls, then `runs` timed TTFT calls of the one
-    fused prefill program (first token fetched to the host); then one staged run for the
-    breakdown."""
+    fused prefill program (first token fetched to the host); then `runs` timed greedy decodes
+    of `decode_tokens` tokens in one on-device loop (EOS ignored, so the count is fixed),
+    compiled and warmed up apart; peak memory over the timed prefill and decode runs; then
+    one staged run for the breakdown; then the FLOP counts (see the module docstring).
+
+    mesh: run under `jax.set_mesh(mesh)` (params and pixels already placed on it)."""
+    import contextlib
+
     pre = jnp.asarray(prefix_ids, jnp.int32)
     suf = jnp.asarray(suffix_ids, jnp.int32)
-    t = time.perf_counter()
-    compiled = pipeline.compile_prefill(params, pixels.shape[0], pre.shape[0], suf.shape[0], cfg, method, 16)
-    compile_s = time.perf_counter() - t
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(params, pixels, pre, suf))
-    times = []
-    for _ in range(runs):
+    max_new = max(16, decode_tokens)
+    ctx = (lambda: contextlib.nullcontext()) if mesh is None else (lambda: jax.set_mesh(mesh))
+    with ctx():
         t = time.perf_counter()
-        logits, _, _, stats = compiled(params, pixels, pre, suf)
-        int(jnp.argmax(logits))
-        times.append(time.perf_counter() - t)
-    stats = {k: jax.device_get(v).tolist() for k, v in stats.items() if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
-    stages = {}
-    if staged:
-        pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)  # compile the stages
-        _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)
-    f = flops.prefill_flops(cfg, pixels.shape[0], pre.shape[0] + suf.shape[0], stats, method)
+        compiled = pipeline.prefill_jit.lower(params, pixels, pre, suf, cfg, method, max_new).compile()
+        compile_s = time.perf_counter() - t
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(params, pixels, pre, suf))
+        decode = None
+        if decode_tokens > 1:
+            logits, caches, pos, _ = compiled(params, pixels, pre, suf)
+            never = jnp.asarray([-1], jnp.int32)  # no token id is -1: EOS never stops the loop
+            t = time.perf_counter()
+            dec = pipeline.decode_loop.lower(params, logits, pos, caches, cfg, decode_tokens, never).compile()
+            decode_compile_s = time.perf_counter() - t
+            for _ in range(max(1, warmup)):
+                jax.block_until_ready(dec(params, logits, pos, caches, never))
+        window = peak_memory_start()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            logits, caches, pos, stats = compiled(params, pixels, pre, suf)
+            first = int(jnp.argmax(logits))
+            times.append(time.perf_counter() - t)
+        if decode_tokens > 1:
+            dec_times = []
+            for _ in range(max(1, runs)):
+                t = time.perf_counter()
+                toks, count = dec(params, logits, pos, caches, never)
+                count = int(count)
+                dec_times.append(time.perf_counter() - t)
+            steps = count - 1  # the first token came from the prefill
+            decode = {"new_tokens": count, "decode_steps": steps, "compile_s": decode_compile_s,
+                      "seconds": dec_times, "tokens_per_s": steps / statistics.mean(dec_times),
+                      "tokens_per_s_median": steps / statistics.median(dec_times),
+                      "note": "greedy, one on-device loop, EOS ignored; tokens/s = decode steps / wall time"}
+        peak = peak_memory_read(window)
+        stats = {k: jax.device_get(v).tolist() for k, v in stats.items() if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
+        stages = {}
+        if staged:
+            pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)  # compile the stages
+            _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)
+    text = pre.shape[0] + suf.shape[0]
+    f = flops.prefill_flops(cfg, pixels.shape[0], text, stats, method)
+    executed = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method)
+    fx = None
+    if xla:
+        fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16)
+        same = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method, conditionals="largest")
+        fx["analytic"] = same
+        fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in ("vision", "tokens", "llm", "total") if same[k]}
     return BenchResult(
         method=name, ratio=ratio, compile_s=compile_s, ttft_s=times, stages_s=stages,
         frames=int(stats["frames"]), visual_tokens=int(stats["visual_tokens"]),
         llm_tokens_after_merge=stats.get("llm_kept"),
         flops=dict(vision=f.vision, tokens=f.tokens, llm=f.llm, total=f.total, paper_llm=f.paper_llm),
+        flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
+        first_token=first,
     )
 
 
-def markdown(results: list[BenchResult]) -> str:
+def _n(x: float) -> str:
+    """3 significant digits, thousands separated (65.6, 0.00791, 6,418)."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
+def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
+    """The paper-style table; `reference` (bench_torch.measure's dict) adds its line."""
     full = next((r for r in results if r.method == "full"), None)
-    rows = ["| method | ratio | frames left | visual tokens | GFLOPs (exact) | LLM GFLOPs (paper form) | TTFT mean s | median s | vs full | compile s | vision / tokens / LLM s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | ratio | frames left | visual tokens | GFLOPs (exact) | GFLOPs (XLA) | LLM GFLOPs (paper form) | TTFT mean s | median s | vs full | compile s | vision / tokens / LLM s | decode tok/s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         vs = f"{full.ttft_mean / r.ttft_mean:.2f}x" if full else "-"
-        st = " / ".join(f"{r.stages_s.get(k, float('nan')):.2f}" for k in ("vision", "tokens", "llm"))
+        st = " / ".join(_n(r.stages_s[k]) for k in ("vision", "tokens", "llm")) if r.stages_s else "-"
         vis = f"{r.visual_tokens}" + (f" → {r.llm_tokens_after_merge}" if r.llm_tokens_after_merge is not None else "")
+        xla = _n(r.flops_xla["total"] / 1e9) if r.flops_xla else "-"
+        dec = _n(r.decode_tokens_per_s) if r.decode else "-"
+        mem = f"{r.peak_memory['bytes'] / 2**20:,.0f}" if r.peak_memory else "-"
         rows.append(
             f"| {r.method} | {r.ratio if r.ratio is not None else '-'} | {r.frames} | {vis} | "
-            f"{r.flops['total'] / 1e9:,.1f} | {r.flops['paper_llm'] / 1e9:,.1f} | {r.ttft_mean:.2f} | "
-            f"{r.ttft_median:.2f} | {vs} | {r.compile_s:.1f} | {st} |"
+            f"{_n(r.flops['total'] / 1e9)} | {xla} | {_n(r.flops['paper_llm'] / 1e9)} | {_n(r.ttft_mean)} | "
+            f"{_n(r.ttft_median)} | {vs} | {r.compile_s:.1f} | {st} | {dec} | {mem} |"
         )
+    if reference:
+        vs = f"{full.ttft_mean / reference['ttft_mean_s']:.2f}x" if full else "-"
+        rows.append(
+            f"| {reference['label']} | - | {reference['frames']} | {reference['visual_tokens']} | - | - | - | "
+            f"{_n(reference['ttft_mean_s'])} | {_n(reference['ttft_median_s'])} | {vs} | - | - | - | - |"
+        )
+        if full:
+            rows.append("")
+            rows.append(f"JAX full / PyTorch full TTFT (mean): {full.ttft_mean / reference['ttft_mean_s']:.2f}")
     return "\n".join(rows)

@@ -202,17 +202,45 @@ def cmd_bench(args) -> int:
     from earlytom_jax.synthetic import make_clip
     from earlytom_jax.video import Preprocessor, load_video
 
+    from earlytom_jax import sharding as shd
+    from earlytom_jax.architectures import param_shapes
+
+    if args.frames < 1 or args.runs < 1 or args.warmup < 0 or args.decode_tokens < 0:
+        raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
+    mesh = shd.parse_mesh(args.mesh) if args.mesh else None
+    torch_model = None
+    if args.reference == "torch":
+        from earlytom_jax import bench_torch
+
+        bench_torch._require()  # fail before any work when torch is missing
     if args.model:
-        cfg, params = load_hf(args.model, args.dtype)
+        from earlytom_jax.checkpoint.load import load_config
+
+        shardings = None if mesh is None else shd.plan_shardings(param_shapes(load_config(args.model)), mesh)[0]
+        cfg, params = load_hf(args.model, args.dtype, shardings)
         pre = Preprocessor.from_dir(args.model)
         weights = args.model
+        if args.reference == "torch":
+            torch_model = bench_torch.load_pretrained(args.model, args.dtype)
     else:
         cfg = architecture(args.arch)
-        params = random_params(cfg, dtype=jax.numpy.dtype(args.dtype))
         pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
-        weights = f"random ({args.arch})"
+        if args.reference == "torch":
+            # the random transformers model first; our tree gets its very weights
+            torch_model = bench_torch.build_random(cfg, args.dtype)
+            shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
+            params = bench_torch.params_from_torch(torch_model, cfg, args.dtype, shardings)
+            weights = f"random ({args.arch}), the same in JAX and in the PyTorch reference"
+        else:
+            params = random_params(cfg, dtype=jax.numpy.dtype(args.dtype))
+            if mesh is not None:
+                params, _ = shd.shard_params(params, mesh)
+            weights = f"random ({args.arch})"
     frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
-    pixels = jax.numpy.asarray(pre(frames), params["vision"]["patch_w"].dtype)
+    pix_np = pre(frames)
+    pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
+    if mesh is not None:
+        pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
     # the paper's prompt, as token ids of the right length for the qwen_1_5 template
     prefix, suffix = list(range(14)), list(range(100, 100 + 25))
     results = []
@@ -231,19 +259,39 @@ def cmd_bench(args) -> int:
             else:
                 args.ratio = r
                 method = _earlytom_from_args(args, cfg, scale_layers_for_depth=args.layers is None and args.preset is None and cfg.vision.num_layers < 24)
-            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs, not args.no_stages)
+            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs,
+                                not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops, mesh=mesh)
             results.append(res)
             print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
-    table = bench.markdown(results)
+    reference = None
+    if torch_model is not None:
+        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
+        full = next((r for r in results if r.method == "full"), None)
+        for r in results:
+            r.ttft_over_reference = r.ttft_mean / reference["ttft_mean_s"]
+        if full is not None:
+            reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
+            reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
+            reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
+        print(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s", file=sys.stderr, flush=True)
+    table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), "devices": [str(d) for d in jax.devices()],
             "platform": platform.platform(), "weights": weights, "video": args.video or "generated clip",
             "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
-            "command": " ".join(sys.argv)}
+            "decode_tokens": args.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
+            "reference": args.reference, "command": " ".join(sys.argv)}
     if args.json:
         from earlytom_jax.io_utils import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1))
+        out = {"meta": meta, "results": [r.to_json() for r in results], "reference": reference}
+        atomic_write_text(args.json, json.dumps(out, indent=1))
+    if args.chart:
+        from earlytom_jax.chart import save_chart
+
+        source = args.arch or os.path.basename(os.path.normpath(args.model))
+        save_chart(args.chart, results, reference,
+                   title=f"TTFT breakdown: {source}, {args.frames} frames, {args.dtype}, {jax.devices()[0].platform}")
     return 0
 
 
@@ -404,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--json", default=None, help="write results as JSON here")
     b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")
+    b.add_argument("--decode-tokens", type=int, default=32,
+                   help="new tokens of the timed greedy generation for decode tok/s (EOS ignored; 0 skips it)")
+    b.add_argument("--no-xla-flops", action="store_true", help="skip XLA's cost analysis of the stages")
+    b.add_argument("--reference", default=None, choices=["torch"],
+                   help="also time transformers' full-token model (PyTorch, CPU) on the same weights and inputs")
+    b.add_argument("--chart", default=None, help="write a PNG stacked-bar chart of the TTFT breakdown here")
+    b.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
     _compression_flags(b)
     b.set_defaults(fn=cmd_bench)
     return p

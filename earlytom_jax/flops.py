@@ -102,3 +102,82 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
         llm=llm_prefill(cfg, n_full, n_after, k),
         paper_llm=paper_llm(cfg, n_full, n_after, k),
     )
+
+
+# ----------------------------------------------------------------------------- as executed
+
+
+def attention_block() -> int:
+    """Key-block size of the causal prefill kernel (qwen2.run_layers' default)."""
+    import inspect
+
+    from earlytom_jax.models import qwen2
+
+    return inspect.signature(qwen2.run_layers).parameters["block"].default
+
+
+def attention_entries(L: int, causal: bool = True, conditionals: str = "executed") -> int:
+    """Query-key score entries per query head that the attention kernel computes over `L`
+    slots: the dense square up to one block (masked entries included), else the key blocks on
+    and below the diagonal of the padded length ("executed"), or all of them ("largest": what
+    XLA's cost analysis counts, as it charges a `lax.cond` its largest branch)."""
+    block = attention_block()
+    if not causal or L <= block:
+        return L * L
+    nb = -(-L // block)
+    pairs = nb * (nb + 1) // 2 if conditionals == "executed" else nb * nb
+    return pairs * block * block
+
+
+def llm_layer_executed(cfg: LlavaOVConfig, L: int, entries: int) -> int:
+    """One decoder layer over L static slots (padding included) with `entries` scores per head."""
+    t = cfg.text
+    d, m = t.hidden_size, t.intermediate_size
+    proj = 2 * 2 * L * d * (t.num_heads + t.num_kv_heads) * t.head_dim + 3 * 2 * L * d * m
+    return proj + 2 * 2 * t.num_heads * t.head_dim * entries
+
+
+def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
+                           conditionals: str = "executed") -> dict:
+    """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks
+    on the frame bucket they ran on, projector and pooling over the whole frame buffer, LLM
+    layers over every slot of the static sequence (padding included), attention as the kernels
+    compute it (masked squares, diagonal blocks; see `attention_entries`). conditionals
+    "largest" counts each `lax.switch`/`lax.cond` at its largest branch (the largest frame
+    bucket, every key block), as XLA's cost analysis does. Elementwise work (norms, softmax,
+    activations, RoPE) is not counted here; XLA counts it (see bench.xla_stage_flops).
+
+    → {"vision", "tokens", "llm", "total"} (Python ints)."""
+    v, t = cfg.vision, cfg.text
+    depth = v.num_layers
+    picked = method.input_frames(t0) if hasattr(method, "input_frames") else None
+    t_in = t0 if picked is None else len(picked)
+    buckets = tuple(method.frame_buckets(t_in)) if hasattr(method, "frame_buckets") else (t_in,)
+
+    def bucket(n: int) -> int:
+        if conditionals == "largest":
+            return max(buckets)
+        return min([b for b in buckets if b >= n] or [t_in])
+
+    frames = [t_in] * depth
+    layers = sorted(i + depth if i < 0 else i for i in getattr(method, "encoder_layers", ()))
+    for li, n in zip(layers, stats.get("frames_after_layer", [])):
+        frames[li + 1 :] = [bucket(int(n))] * (depth - li - 1)
+    vis = vision(cfg, frames)  # patch embedding on t_in frames, then every block
+    extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
+    tok = projector_and_pool(cfg, t_in) + extra
+
+    span = method.capacity(t0, cfg.tokens_per_frame) + 1 if hasattr(method, "capacity") else t0 * cfg.tokens_per_frame + 1
+    L = text_tokens + span
+    k = getattr(method, "llm_layer", None)
+    full = llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
+    if k is None:
+        llm = t.num_layers * full
+    else:
+        causal = not getattr(method, "llm_noncausal", False)
+        L2 = L - span + method.llm_capacity(span)
+        llm = (k - 1) * full + llm_layer_executed(cfg, L, attention_entries(L, causal, conditionals))
+        llm += 2 * t.num_heads * t.head_dim * L  # the last query's attention over the span
+        llm += (t.num_layers - k) * llm_layer_executed(cfg, L2, attention_entries(L2, True, conditionals))
+    llm += 2 * t.hidden_size * t.vocab_size
+    return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

@@ -1,0 +1,157 @@
+"""The PyTorch original on the same footing (`earlytom bench --reference torch`): transformers'
+full-token `LlavaOnevisionForConditionalGeneration` on CPU, with the same weights, pixels,
+prompt ids and dtype as the JAX run, timed with the paper's protocol (warm-ups, then mean and
+median of timed `generate` calls producing one token, under `torch.no_grad`).
+
+Same weights: for a named architecture the random transformers model is built first (from a
+config written from ours) and our parameter tree is read from its state dict in memory with
+the checkpoint loader's own mapping (`checkpoint.hf.iter_params`); for a checkpoint directory
+both sides load the same files. torch and transformers are imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.errors import ConfigError
+
+
+def _require():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ConfigError(
+            f"--reference torch needs torch and transformers ({e.name} is not installed): pip install '.[test]'"
+        ) from None
+    return torch, transformers
+
+
+def _torch_dtype(dtype: str):
+    torch, _ = _require()
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype {dtype!r}: choose float32 or bfloat16")
+    return getattr(torch, dtype)
+
+
+def hf_config_dict(cfg: LlavaOVConfig) -> dict:
+    """`LlavaOnevisionConfig` kwargs of our config, laid out as the llava-hf checkpoints are
+    (SigLIP truncated at the feature depth, `vision_feature_layer` -1, full select strategy)."""
+    v, t = cfg.vision, cfg.text
+    return dict(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+            patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=v.layer_norm_eps,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+            head_dim=t.head_dim, vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
+            rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
+            hidden_act="silu",
+        ),
+        image_token_index=cfg.image_token_id,
+        video_token_index=cfg.video_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+
+
+def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0):
+    """A random transformers model of our architecture, in eval mode and `dtype`."""
+    torch, transformers = _require()
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlavaOnevisionConfig(**hf_config_dict(cfg))
+    model = transformers.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
+    return model.to(_torch_dtype(dtype))
+
+
+def load_pretrained(directory: str, dtype: str = "float32"):
+    """transformers' own loading of a checkpoint directory (llava-hf layout)."""
+    torch, transformers = _require()
+    try:
+        model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(directory, dtype=_torch_dtype(dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--reference torch: transformers cannot load {directory} ({e.__class__.__name__}: {e})") from None
+    return model.eval()
+
+
+class _StateDict:
+    """The loader's file interface (`shape`, `get`) over a torch state dict."""
+
+    def __init__(self, sd):
+        self._sd = sd
+
+    def shape(self, name):
+        return tuple(self._sd[name].shape)
+
+    def get(self, name):
+        import torch
+
+        t = self._sd[name].detach()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+
+
+def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardings=None) -> dict:
+    """Our parameter tree with the weights of a transformers model (in memory, one tensor at a
+    time, with the checkpoint loader's name mapping and checks); `shardings` as `load_hf`'s."""
+    import jax
+
+    from earlytom_jax.checkpoint.hf import iter_params, set_path
+    from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
+
+    sd = model.state_dict()
+    files = {name: _StateDict(sd) for name in sd}
+    lookup = sharding_lookup(shardings, param_paths_and_shapes(cfg)) if shardings is not None else None
+    params: dict = {}
+    for path, arr in iter_params(files, cfg, resolve_dtype(dtype)):
+        set_path(params, path, jax.device_put(arr) if lookup is None else jax.device_put(arr, lookup(path)))
+    return params
+
+
+def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfig, warmup: int = 2, runs: int = 5) -> dict:
+    """TTFT of transformers' full-token model: `generate` of one new token (greedy) on
+    pixels [T, 3, S, S] and prefix + <video> x (T·S' + 1) + suffix, in the model's dtype.
+    → {"ttft_s": [...], "ttft_mean_s", "ttft_median_s", "first_token", ...}."""
+    torch, transformers = _require()
+    dtype = next(model.parameters()).dtype
+    t0 = pixels.shape[0]
+    visual = t0 * cfg.tokens_per_frame + 1
+    ids = list(prefix_ids) + [cfg.video_token_id] * visual + list(suffix_ids)
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    pix = torch.from_numpy(np.asarray(pixels, np.float32)).to(dtype)[None]
+    # an explicit mask: without one, generate masks every id equal to pad_token_id
+    kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values_videos=pix,
+              max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+
+    def one():
+        with torch.no_grad():
+            return int(model.generate(**kw)[0, -1])
+
+    for _ in range(warmup):
+        one()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        tok = one()
+        times.append(time.perf_counter() - t)
+    return {
+        "label": "transformers full (PyTorch)",
+        "library": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "protocol": f"{warmup} warm-ups, then {runs} timed generate(max_new_tokens=1) calls under torch.no_grad",
+        "frames": t0,
+        "visual_tokens": visual,
+        "ttft_s": times,
+        "ttft_mean_s": statistics.mean(times),
+        "ttft_median_s": statistics.median(times),
+        "first_token": tok,
+    }
