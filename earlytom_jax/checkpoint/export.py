@@ -1,0 +1,109 @@
+"""Our parameter tree → a HuggingFace `llava_onevision` checkpoint (transformers 5 names), so
+that a model trained here loads in transformers as well as in this project.
+
+The inverse of `hf._specs`: every tensor goes back to its torch layout ([out, in] linears,
+flat head dimensions, [C, 3, p, p] patch kernel) and per-layer stacks are split again.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from earlytom_jax.checkpoint import hf
+from earlytom_jax.config import LlavaOVConfig
+
+# canonical prefix → transformers 5 `save_pretrained` prefix
+_HF_PREFIX = (
+    ("vision.", "model.vision_tower.vision_model."),
+    ("projector.1.", "model.multi_modal_projector.linear_1."),
+    ("projector.2.", "model.multi_modal_projector.linear_2."),
+    ("newline", "model.image_newline"),
+    ("text.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def _hf_name(canonical: str) -> str:
+    for ours, theirs in _HF_PREFIX:
+        if canonical.startswith(ours):
+            return theirs + canonical[len(ours):]
+    raise KeyError(canonical)
+
+
+def _inverse(fn, source_shape: tuple[int, ...]):
+    """The inverse of a spec transform (a pure re-indexing: transpose, reshape), found by
+    pushing element indices through it: our layout → the source layout."""
+    where = np.asarray(fn(np.arange(int(np.prod(source_shape))).reshape(source_shape)))
+
+    def inverse(x: np.ndarray) -> np.ndarray:
+        out = np.empty(where.size, x.dtype)
+        out[where.ravel()] = np.asarray(x).ravel()
+        return out.reshape(source_shape)
+
+    return inverse
+
+
+def hf_tensors(params: dict, cfg: LlavaOVConfig) -> dict[str, np.ndarray]:
+    """name → fp32 numpy tensor in the HF layout (SigLIP post-layernorm as identity, unused by
+    the video path's features but expected by transformers)."""
+    out = {}
+    for spec in hf._specs(cfg):
+        value = params
+        for k in spec.path:
+            value = value[k]
+        value = np.asarray(value, np.float32)
+        inverse = _inverse(spec.fn, spec.shape)
+        if spec.layers:
+            for i in range(spec.layers):
+                out[_hf_name(spec.source.format(i=i))] = inverse(value[i])
+        else:
+            out[_hf_name(spec.source)] = inverse(value)
+    c = cfg.vision.hidden_size
+    out[_hf_name("vision.post_layernorm.weight")] = np.ones((c,), np.float32)
+    out[_hf_name("vision.post_layernorm.bias")] = np.zeros((c,), np.float32)
+    return out
+
+
+def hf_config(cfg: LlavaOVConfig) -> dict:
+    """config.json of a transformers `LlavaOnevisionForConditionalGeneration` for `cfg`."""
+    v, t = cfg.vision, cfg.text
+    return {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision",
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": v.layer_norm_eps, "vision_use_head": False,
+        },
+        "text_config": {
+            "model_type": "qwen2", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_position_embeddings, "rope_theta": t.rope_theta,
+            "rms_norm_eps": t.rms_norm_eps, "tie_word_embeddings": t.tie_word_embeddings,
+            "hidden_act": "silu",
+        },
+        "image_token_index": cfg.image_token_id,
+        "video_token_index": cfg.video_token_id,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "tie_word_embeddings": t.tie_word_embeddings,
+    }
+
+
+def save_hf(params: dict, cfg: LlavaOVConfig, directory: str) -> None:
+    """Write `config.json` and `model.safetensors` into `directory` (atomically each)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from earlytom_jax.io_utils import atomic_write_text
+
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, ".tmp-model.safetensors")
+    save_file(hf_tensors(params, cfg), tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(directory, "model.safetensors"))
+    atomic_write_text(os.path.join(directory, "config.json"), json.dumps(hf_config(cfg), indent=2) + "\n")

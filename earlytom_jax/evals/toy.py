@@ -1,0 +1,140 @@
+"""The toy benchmark: accuracy per question type of the model trained here (earlytom_jax/toy),
+for full tokens and every compression method at matched visual-token budgets, on held-out
+procedural clips. Offline, minutes on a CPU.
+
+    python -m earlytom_jax.evals.toy [--model DIR] [--per-type 200] [--json OUT.json] [--md OUT.md]
+
+Each method runs through the same public path as `earlytom run` (VideoLLM.answer: the jitted
+prefill with the method's hooks, then greedy decoding); the answer is the first letter A-D of
+the generated text (no letter: wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from earlytom_jax.toy import data
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
+
+
+BASELINES = ("visionzip", "fastv", "uniform_frames", "uniform_tokens")
+LABELS = {"visionzip": "VisionZip", "fastv": "FastV", "uniform_frames": "uniform frames",
+          "uniform_tokens": "uniform tokens"}
+
+
+def build(name: str, ratio: float | None, cfg, stage3: bool = True):
+    """A method with the toy model's layer choices (EarlyTom's P and k and FastV's K at the
+    official defaults' relative depth)."""
+    from earlytom_jax.compression import registry
+    from earlytom_jax.toy.model import TOY_FASTV_LAYER, TOY_LAYERS, TOY_LLM_LAYER
+
+    if name == "earlytom":
+        return registry.build(name, ratio, cfg, layers=TOY_LAYERS, llm_layer=TOY_LLM_LAYER if stage3 else None)
+    if name == "fastv":
+        return registry.build(name, ratio, cfg, layer=TOY_FASTV_LAYER)
+    return registry.build(name, ratio, cfg)
+
+
+def parse_letter(text: str) -> str | None:
+    t = text.strip()
+    return t[0] if t and t[0] in data.LETTERS else None
+
+
+def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=print) -> dict:
+    """Full tokens; then per ratio r: EarlyTom (with and without stage III), and each baseline
+    at exactly EarlyTom's budget *per clip*: EarlyTom's stage II hands the LLM a data-dependent
+    number c of tokens, so a baseline answers that clip at ratio c / (T0·S) (uniform frames
+    at the nearest whole number of frames; FastV keeps c tokens from its layer on).
+
+    → {"rows": [{label, name, ratio, accuracy: {kind: acc}, mean, visual_tokens, llm_tokens,
+    seconds}], "per_type": n, "model": dir}."""
+    from earlytom_jax.api import VideoLLM
+
+    llm = VideoLLM.load(model_dir)
+    cfg = llm.cfg
+    full_tokens = 16 * cfg.tokens_per_frame
+    samples = [s for k in data.KINDS for s in data.held_out(k, per_type)]
+    pixels = [llm.preprocessor(s.frames) for s in samples]
+    cache: dict = {}
+
+    def method(name, ratio, stage3=True):
+        key = (name, None if ratio is None else round(ratio * full_tokens), stage3)
+        if key not in cache:
+            cache[key] = build(name, ratio, cfg, stage3)
+        return cache[key]
+
+    def evaluate(label, name, ratio, pick):
+        t = time.time()
+        right = {k: 0 for k in data.KINDS}
+        vis, kept = [], []
+        for i, (s, px) in enumerate(zip(samples, pixels)):
+            ans = llm.answer(px, s.prompt, pick(i), max_new_tokens=2, pad_multiple=64)
+            right[s.kind] += parse_letter(ans.text) == s.answer
+            vis.append(int(ans.stats["visual_tokens"]) - 1)  # without the newline
+            kept.append(int(ans.stats.get("llm_kept", ans.stats["visual_tokens"])) - 1)
+        acc = {k: v / per_type for k, v in right.items()}
+        row = {"label": label, "name": name, "ratio": ratio, "accuracy": acc,
+               "mean": float(np.mean(list(acc.values()))), "visual_tokens": float(np.mean(vis)),
+               "llm_tokens": float(np.mean(kept)), "seconds": round(time.time() - t, 1), "_counts": vis}
+        log(f"{label:30s} " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
+            + f"  tokens {row['visual_tokens']:.1f}  ({row['seconds']:.0f} s)", flush=True)
+        return row
+
+    rows = [evaluate("full tokens", "full", None, lambda i: method("full", None))]
+    for r in ratios:
+        et = evaluate(f"EarlyTom {r:.0%}", "earlytom", r, lambda i: method("earlytom", r))
+        rows.append(et)
+        rows.append(evaluate(f"EarlyTom {r:.0%}, no stage III", "earlytom", r,
+                             lambda i: method("earlytom", r, stage3=False)))
+        counts = et["_counts"]
+        for name in BASELINES:
+            rows.append(evaluate(f"{LABELS[name]} at EarlyTom {r:.0%}'s budget", name, r,
+                                 lambda i, n=name: method(n, counts[i] / full_tokens)))
+    for row in rows:
+        del row["_counts"]
+    return {"model": os.path.abspath(model_dir), "per_type": per_type, "frames": 16,
+            "tokens_full": full_tokens, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    kinds = list(data.KINDS)
+    head = "| method | visual tokens → LLM | " + " | ".join(kinds) + " | mean |"
+    lines = [head, "|" + "---|" * (len(kinds) + 3)]
+    for r in result["rows"]:
+        tok = f"{r['visual_tokens']:.1f}"
+        if r["llm_tokens"] != r["visual_tokens"]:
+            tok += f" → {r['llm_tokens']:.1f}"
+        lines.append(f"| {r['label']} | {tok} | " + " | ".join(f"{100 * r['accuracy'][k]:.1f}" for k in kinds)
+                     + f" | {100 * r['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from earlytom_jax.io_utils import atomic_write_text
+
+    ap = argparse.ArgumentParser(description="accuracy of the toy model per question type and method")
+    ap.add_argument("--model", default=TOY_DIR)
+    ap.add_argument("--per-type", type=int, default=200)
+    ap.add_argument("--ratios", default="0.25,0.1")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    a = ap.parse_args(argv)
+    res = run(a.model, a.per_type, tuple(float(x) for x in a.ratios.split(",")))
+    md = markdown(res)
+    print(md)
+    if a.json:
+        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n")
+    if a.md:
+        atomic_write_text(a.md, md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Train the toy LLaVA-OneVision on procedural video-QA (data.py), with compression as
+augmentation, in JAX with optax.
+
+    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --steps 3000 --seed 0
+
+Loss: cross-entropy on the answer letter and the `<|im_end|>` after it. Augmentation, drawn per
+clip on the host so that every step runs the one compiled program:
+
+- frame merging inside the encoder: contiguous runs of frames averaged after a random block
+  and only the first frame of each run kept (what EarlyTom's stage I hands the LLM);
+- frame dropping (fewer frames, as uniform frame subsampling gives);
+- token subsets: a random share of each frame's pooled tokens kept (stage II, VisionZip,
+  uniform pooling, FastV all hand the LLM a subset).
+
+A quarter of the clips go through unaugmented. Dropped slots are padding: invalid, no RoPE
+position, never attended, exactly how the inference pipeline holds its static buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from earlytom_jax.architectures import random_params
+from earlytom_jax.models import llava_onevision as lov
+from earlytom_jax.models import qwen2, siglip
+from earlytom_jax.prompt import chat_prompt
+from earlytom_jax.toy import data
+from earlytom_jax.toy.model import NUM_FRAMES, TOY_CONFIG, save_checkpoint, tokenizer
+
+SUFFIX_LEN = 48  # question + options + instruction + chat tail, left-padded
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    seed: int = 0
+    augment: bool = True
+    eval_every: int = 250
+    eval_per_kind: int = 40
+
+
+class Encoder:
+    """Prompt → (prefix ids, left-padded suffix ids + answer slot) with the toy tokenizer."""
+
+    def __init__(self):
+        self.tok = tokenizer()
+        text = chat_prompt("{Q}")
+        pre, post = text.split("<video>")
+        self.prefix = np.asarray(self._ids(pre), np.int32)
+        self.post = post
+        self.letter_ids = {l: self.tok.token_to_id(l) for l in data.LETTERS}
+        self.eos = self.tok.token_to_id("<|im_end|>")
+
+    def _ids(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def suffix(self, prompt: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+        """ids int32 [SUFFIX_LEN + 1] (left padding, then the prompt tail, then the answer
+        letter) and valid bool [SUFFIX_LEN + 1]."""
+        ids = self._ids(self.post.replace("{Q}", prompt))
+        if len(ids) > SUFFIX_LEN:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds SUFFIX_LEN={SUFFIX_LEN}")
+        pad = SUFFIX_LEN - len(ids)
+        out = np.zeros(SUFFIX_LEN + 1, np.int32)
+        out[pad:SUFFIX_LEN] = ids
+        out[SUFFIX_LEN] = self.letter_ids[answer]
+        valid = np.zeros(SUFFIX_LEN + 1, bool)
+        valid[pad:] = True
+        return out, valid
+
+
+def pixels_of(frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, S, S, 3] → float32 [T, 3, S, S], the toy preprocessor (mean = std = 0.5)."""
+    x = frames.astype(np.float32) / 255.0
+    return ((x - 0.5) / 0.5).transpose(0, 3, 1, 2)
+
+
+def draw_augmentation(rng: np.random.Generator, t: int, s: int, layers: int, augment: bool):
+    """(seg_start bool [T], merge_at int, frame_keep bool [T], token_keep bool [T, s])."""
+    seg_start = np.ones(t, bool)
+    frame_keep = np.ones(t, bool)
+    token_keep = np.ones((t, s), bool)
+    merge_at = layers  # past the last block: no merge
+    if augment and rng.random() > 0.25:
+        if rng.random() < 0.6:
+            p = rng.uniform(0.1, 0.8)  # chance that a frame joins the run before it
+            seg_start[1:] = rng.random(t - 1) > p
+            merge_at = int(rng.integers(0, layers))
+        if rng.random() < 0.4:
+            frame_keep = rng.random(t) > rng.uniform(0.1, 0.7)
+        if rng.random() < 0.6:
+            token_keep = rng.random((t, s)) < rng.uniform(0.1, 0.9)
+        kept = seg_start & frame_keep
+        if not kept.any():
+            frame_keep[0] = seg_start[0] = True
+        for i in np.flatnonzero(seg_start & frame_keep):
+            if not token_keep[i].any():
+                token_keep[i, rng.integers(s)] = True
+    return seg_start, merge_at, frame_keep, token_keep
+
+
+def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
+    cfg = TOY_CONFIG
+    s = cfg.tokens_per_frame
+    out = {k: [] for k in ("pixels", "suffix", "suffix_valid", "seg_start", "merge_at", "frame_keep", "token_keep")}
+    for smp in samples:
+        ids, valid = enc.suffix(smp.prompt, smp.answer)
+        seg, m, fk, tk = draw_augmentation(rng, smp.frames.shape[0], s, cfg.vision.num_layers, augment)
+        for k, v in zip(out, (pixels_of(smp.frames), ids, valid, seg, m, fk, tk)):
+            out[k].append(v)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def _segment_mean(x, seg_start):
+    """x [B, T, N, C]; frames replaced by the mean of their run (runs start at seg_start)."""
+    seg = jnp.cumsum(seg_start.astype(jnp.int32), axis=1)
+    same = (seg[:, :, None] == seg[:, None, :]).astype(x.dtype)
+    return jnp.einsum("bts,bsnc->btnc", same / same.sum(-1, keepdims=True), x)
+
+
+def forward(params, batch, prefix):
+    """→ logits [B, 2, V] at the last prompt slot (predicts the letter) and at the letter
+    (predicts `<|im_end|>`)."""
+    cfg = TOY_CONFIG
+    vcfg = cfg.vision
+    b, t = batch["pixels"].shape[:2]
+    x = siglip.embed(params["vision"], batch["pixels"].reshape((b * t,) + batch["pixels"].shape[2:]), vcfg)
+    for layer in range(vcfg.num_layers):
+        p = jax.tree.map(lambda a, i=layer: a[i], params["vision"]["blocks"])
+        x = siglip.block(p, x, vcfg)[0]
+        x4 = x.reshape((b, t) + x.shape[1:])
+        merged = _segment_mean(x4, batch["seg_start"])
+        x = jnp.where((batch["merge_at"] == layer)[:, None, None, None], merged, x4).reshape(x.shape)
+    tokens = lov.video_tokens(params, x, cfg)  # [B*T, S, H]
+    s, h = tokens.shape[1:]
+    visual = tokens.reshape(b, t * s, h)
+    vis_valid = ((batch["seg_start"] & batch["frame_keep"])[:, :, None] & batch["token_keep"]).reshape(b, t * s)
+    embed = params["text"]["embed"]
+    seq = jnp.concatenate([
+        jnp.broadcast_to(embed[prefix], (b, prefix.shape[0], h)),
+        visual,
+        jnp.broadcast_to(params["newline"], (b, 1, h)),
+        embed[batch["suffix"]],
+    ], axis=1)
+    valid = jnp.concatenate([
+        jnp.ones((b, prefix.shape[0]), bool), vis_valid, jnp.ones((b, 1), bool), batch["suffix_valid"]
+    ], axis=1)
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    # unrolled layers and dense causal attention: XLA:CPU differentiates a scan over layers
+    # and the blockwise attention kernel several times slower than this
+    cos, sin = qwen2.rope_tables(positions, cfg.text.head_dim, cfg.text.rope_theta)
+    for layer in range(cfg.text.num_layers):
+        p = jax.tree.map(lambda a, i=layer: a[i], params["text"]["layers"])
+        seq = qwen2.layer_prefill(p, seq, cos, sin, valid, cfg.text, block=seq.shape[1])[0]
+    return qwen2.logits(params["text"], seq[:, -2:], cfg.text)
+
+
+def loss_fn(params, batch, prefix, eos: int):
+    logits = forward(params, batch, prefix)
+    targets = jnp.stack([batch["suffix"][:, -1], jnp.full_like(batch["suffix"][:, -1], eos)], 1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    acc = (jnp.argmax(logits[:, 0], -1) == targets[:, 0]).mean()
+    return ce.mean(), acc
+
+
+def make_optimizer(st: TrainSettings):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, st.lr, min(st.warmup, st.steps // 4), st.steps, st.lr * 0.01)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=st.weight_decay))
+
+
+def _batches(st: TrainSettings, enc: Encoder, out_q: queue.Queue, stop: threading.Event):
+    """Producer thread: batch i holds training seeds i*B .. i*B+B-1, kinds in turn."""
+    rng = np.random.default_rng([st.seed, 1])
+    for step in range(st.steps):
+        if stop.is_set():
+            return
+        samples = [
+            data.make_sample(data.KINDS[(step * st.batch + i) % len(data.KINDS)], st.seed * 10_000_000 + step * st.batch + i)
+            for i in range(st.batch)
+        ]
+        out_q.put(make_batch(samples, enc, rng, st.augment))
+
+
+def evaluate(params, enc: Encoder, per_kind: int, predict) -> dict[str, float]:
+    """Held-out accuracy per question type with all tokens (no augmentation)."""
+    acc = {}
+    rng = np.random.default_rng(0)
+    for kind in data.KINDS:
+        samples = data.held_out(kind, per_kind)
+        correct = 0
+        for i in range(0, per_kind, 20):
+            chunk = samples[i:i + 20]
+            batch = make_batch(chunk, enc, rng, augment=False)
+            letters = np.asarray(predict(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+            correct += int((letters == batch["suffix"][:, -1]).sum())
+        acc[kind] = correct / per_kind
+    return acc
+
+
+def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dict, dict]:
+    """→ (params, record). Saves the checkpoint to `out_dir` at each evaluation and at the end."""
+    enc = Encoder()
+    prefix = jnp.asarray(enc.prefix)
+    params = random_params(TOY_CONFIG, seed=st.seed)
+    opt = make_optimizer(st)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step_fn(params, opt_state, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, prefix, enc.eos)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    @jax.jit
+    def predict(params, batch):
+        return jnp.argmax(forward(params, batch, prefix)[:, 0], -1)
+
+    q: queue.Queue = queue.Queue(maxsize=6)
+    stop = threading.Event()
+    producer = threading.Thread(target=_batches, args=(st, enc, q, stop), daemon=True)
+    producer.start()
+    t0 = time.time()
+    history = []
+    losses, accs = [], []
+    try:
+        for step in range(st.steps):
+            batch = q.get()
+            params, opt_state, loss, acc = step_fn(params, opt_state, batch)
+            losses.append(loss)
+            accs.append(acc)
+            if (step + 1) % 50 == 0:
+                log(f"  step {step + 1}  {(time.time() - t0) / 60:.1f} min  loss {float(np.mean(jax.device_get(losses[-50:]))):.3f}  "
+                    f"acc {float(np.mean(jax.device_get(accs[-50:]))):.2f}", flush=True)
+            if (step + 1) % st.eval_every == 0 or step + 1 == st.steps:
+                l, a = float(np.mean(jax.device_get(losses))), float(np.mean(jax.device_get(accs)))
+                losses, accs = [], []
+                held = evaluate(params, enc, st.eval_per_kind, predict)
+                elapsed = time.time() - t0
+                history.append({"step": step + 1, "minutes": elapsed / 60, "loss": l, "train_acc": a, "held_out": held})
+                log(f"step {step + 1}/{st.steps}  {elapsed / 60:.1f} min  loss {l:.3f}  train acc {a:.2f}  "
+                    + "  ".join(f"{k} {v:.2f}" for k, v in held.items()), flush=True)
+                if out_dir:
+                    save_checkpoint(params, out_dir, _record(st, history, time.time() - t0, done=step + 1 == st.steps))
+    finally:
+        stop.set()
+    return params, _record(st, history, time.time() - t0, done=True)
+
+
+def _record(st: TrainSettings, history, seconds: float, done: bool) -> dict:
+    import platform
+
+    return {
+        "settings": dataclasses.asdict(st),
+        "config": "earlytom_jax.toy.model.TOY_CONFIG",
+        "frames": NUM_FRAMES,
+        "complete": done,
+        "train_seconds": round(seconds, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()})",
+        "history": history,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory (HF layout)")
+    for f in dataclasses.fields(TrainSettings):
+        kw = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": type(f.default)}
+        ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    args = ap.parse_args(argv)
+    st = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    train(st, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The toy video-QA generator, the toy model's checkpoint files and its training step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from earlytom_jax.toy import data
+
+N = 12
+
+
+@pytest.mark.parametrize("kind", data.KINDS)
+def test_samples_are_deterministic_and_well_formed(kind):
+    for seed in range(N):
+        a, b = data.make_sample(kind, seed), data.make_sample(kind, seed)
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert a.frames.shape == (16, 48, 48, 3) and a.frames.dtype == np.uint8
+        assert len(set(a.options)) == 4 and a.answer in data.LETTERS
+        assert a.prompt.splitlines()[1:5] == [f"{l}. {o}" for l, o in zip(data.LETTERS, a.options)]
+    assert len({data.make_sample(kind, s).answer for s in range(40)}) == 4  # every letter used
+
+
+def _answer(s):
+    return s.options[data.LETTERS.index(s.answer)]
+
+
+def test_count_answer_is_the_number_of_flash_frames():
+    for seed in range(N):
+        s = data.make_sample("count", seed)
+        bright = np.flatnonzero(s.frames.mean(axis=(1, 2, 3)) > 200)
+        assert bright.tolist() == s.meta["flash_frames"]
+        assert _answer(s) == data.COUNTS[len(bright) - 1]
+
+
+def test_motion_answer_follows_the_square():
+    for seed in range(N):
+        s = data.make_sample("motion", seed)
+        bg = np.median(s.frames[0].reshape(-1, 3), axis=0)
+        centres = []
+        for f in (s.frames[0], s.frames[-1]):
+            ys, xs = np.nonzero(np.abs(f.astype(int) - bg).sum(-1) > 60)
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = centres[1][0] - centres[0][0], centres[1][1] - centres[0][1]
+        want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert _answer(s) == want
+
+
+def test_scene_answer_is_the_quarter_of_the_background_change():
+    for seed in range(N):
+        s = data.make_sample("scene", seed)
+        background = np.median(s.frames.reshape(16, -1, 3), axis=1)  # the square covers < 10%
+        k = int(np.flatnonzero(np.abs(np.diff(background, axis=0)).sum(-1) > 15)[0]) + 1
+        assert k == s.meta["change_frame"]
+        assert _answer(s) == data.QUARTERS[min(3, k * 4 // 16)]
+
+
+def test_order_answer_is_the_earlier_colour():
+    for seed in range(N):
+        s = data.make_sample("order", seed)
+        a0, a1, b0, b1 = s.meta["windows"]
+        assert a1 <= b0 and _answer(s) == s.meta["first"] and s.meta["second"] in s.options
+
+
+def test_held_out_seeds_never_meet_training_seeds():
+    from earlytom_jax.toy.train import TrainSettings
+
+    st = TrainSettings()
+    assert (st.seed + 1) * 10_000_000 < data.HELD_OUT_START
+
+
+def test_tokenizer_knows_every_prompt_word():
+    from earlytom_jax.prompt import chat_prompt
+    from earlytom_jax.toy.model import tokenizer
+
+    tok = tokenizer()
+    for kind in data.KINDS:
+        for seed in range(5):
+            ids = tok.encode(chat_prompt(data.make_sample(kind, seed).prompt)).ids
+            assert tok.token_to_id("<unk>") not in ids
+
+
+def test_checkpoint_round_trip_and_transformers_agree(tmp_path):
+    """Random toy weights → HF directory → our loader (bit-equal) and transformers (same
+    logits and greedy answer on toy questions)."""
+    import jax
+
+    from earlytom_jax.api import VideoLLM
+    from earlytom_jax.architectures import random_params
+    from earlytom_jax.pipeline import FULL
+    from earlytom_jax.toy.model import TOY_CONFIG, save_checkpoint
+    from tests.helpers import hf_logits
+
+    params = random_params(TOY_CONFIG, seed=3)
+    save_checkpoint(params, str(tmp_path))
+    llm = VideoLLM.load(str(tmp_path))
+    assert llm.cfg == TOY_CONFIG
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(llm.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_transformers_answers_like_us(str(tmp_path), llm, FULL, per_kind=1, hf_logits=hf_logits)
+
+
+def _assert_transformers_answers_like_us(directory, llm, method, per_kind, hf_logits):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory).eval()
+    for kind in data.KINDS:
+        for s in data.held_out(kind, per_kind):
+            pixels = llm.preprocessor(s.frames)
+            ids = llm.prompt_ids(s.prompt)
+            theirs, _ = hf_logits(model, pixels, ids.prefix, ids.suffix)
+            ours = llm.answer(pixels, s.prompt, method, max_new_tokens=1)
+            assert ours.tokens[0] == int(np.argmax(theirs[-1]))
+
+
+def test_train_step_learns_a_fixed_batch():
+    """A few AdamW steps on one batch lower its loss (the step, the loss and the gradients
+    are wired together); augmentation masks never leave a clip without visual tokens."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from earlytom_jax.architectures import random_params
+    from earlytom_jax.toy import train
+    from earlytom_jax.toy.model import TOY_CONFIG
+
+    enc = train.Encoder()
+    rng = np.random.default_rng(0)
+    samples = [data.make_sample(k, i) for i, k in enumerate(data.KINDS)]
+    batch = {k: jnp.asarray(v) for k, v in train.make_batch(samples, enc, rng, augment=True).items()}
+    vis = (batch["seg_start"] & batch["frame_keep"])[:, :, None] & batch["token_keep"]
+    assert bool(vis.any(axis=(1, 2)).all())
+    prefix = jnp.asarray(enc.prefix)
+    params = random_params(TOY_CONFIG, seed=1)
+    opt = optax.adamw(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        (loss, _), g = jax.value_and_grad(train.loss_fn, has_aux=True)(params, batch, prefix, enc.eos)
+        u, state = opt.update(g, state, params)
+        return optax.apply_updates(params, u), state, loss
+
+    losses = []
+    for _ in range(12):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
