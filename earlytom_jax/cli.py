@@ -24,10 +24,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+_METHODS = ("earlytom", "full", "fastv", "visionzip", "uniform_tokens", "uniform_frames")
+
+
 def _compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--method", default="earlytom", choices=["earlytom", "full", "fastv"],
-                   help="fastv keeps --ratio of the visual tokens from LLM layer --llm-merge-layer (default 2) on")
+    g.add_argument("--method", default="earlytom", choices=list(_METHODS),
+                   help="compression method; every one keeps --ratio of the T0·196 visual tokens "
+                        "(fastv: from LLM layer --llm-merge-layer, default 2, on)")
     g.add_argument("--ratio", type=float, default=None, help="retention ratio r in (0, 1] (default 0.1)")
     g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6)")
     g.add_argument("--layers", type=_ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23")
@@ -38,51 +42,55 @@ def _compression_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="published settings: TASK or TASK@RATIO, e.g. videomme@0.1")
 
 
-def _earlytom_from_args(args, cfg, scale_layers_for_depth: bool = False):
-    """EarlyTom from flags; --preset first, explicit flags override it."""
-    from earlytom_jax.compression.earlytom import EarlyTom
-    from earlytom_jax.compression.presets import preset
-
-    kw = {}
-    if args.preset:
-        kw.update(preset(args.preset, args.ratio))
+def _ratio_from_args(args, name: str):
+    """--ratio, else the ratio of --preset TASK@R (EarlyTom), else the method's default
+    (0.5 for FastV, as its paper runs it; 0.1 for the others)."""
     if args.ratio is not None:
-        kw["ratio"] = args.ratio
-    kw.setdefault("ratio", 0.1)
-    if args.tau is not None:
-        kw["tau"] = args.tau
-    if args.layers is not None:
-        kw["layers"] = args.layers
-    elif scale_layers_for_depth and "layers" not in kw:
-        depth = cfg.vision.num_layers
-        kw["layers"] = tuple(sorted({min(depth - 1, round(x * depth / 26)) for x in (6, 21, 23)}))
-    if args.llm_merge_layer is not None:
-        kw["llm_layer"] = None if args.llm_merge_layer < 0 else args.llm_merge_layer
-    elif scale_layers_for_depth:
-        kw["llm_layer"] = max(1, round(18 * cfg.text.num_layers / 24))
-    if args.llm_merge_ratio is not None:
-        kw["llm_ratio"] = args.llm_merge_ratio
-    kw["llm_noncausal"] = args.llm_noncausal
-    kw["quirks"] = not args.paper_prose
-    return EarlyTom(**kw).check(cfg)
+        return args.ratio
+    if name == "earlytom" and args.preset and "@" in args.preset:
+        from earlytom_jax.compression.presets import preset
+
+        return preset(args.preset)["ratio"]
+    return 0.5 if name == "fastv" else 0.1
+
+
+def _method_from_args(args, cfg, name: str | None = None, ratio: float | None = None, scale: bool = False):
+    """The method `name` (default --method) at `ratio` (default from the flags), built by the
+    registry with the compression flags that apply to it. scale: map EarlyTom's default
+    layers onto a shallower model (tiny and toy architectures)."""
+    from earlytom_jax.compression import registry
+
+    name = (name or args.method).strip().lower().replace("-", "_")
+    if name == "full":
+        return registry.build("full", None, cfg)
+    r = ratio if ratio is not None else _ratio_from_args(args, name)
+    kw: dict = {}
+    if name == "earlytom":
+        kw = dict(scale_layers_for_depth=scale and args.layers is None and args.preset is None,
+                  llm_noncausal=args.llm_noncausal, quirks=not args.paper_prose)
+        if args.preset:
+            kw["preset"] = args.preset
+        for flag, key in (("tau", "tau"), ("layers", "layers"), ("llm_merge_layer", "llm_layer"),
+                          ("llm_merge_ratio", "llm_ratio")):
+            if getattr(args, flag) is not None:
+                kw[key] = getattr(args, flag)
+    elif name == "fastv" and args.llm_merge_layer is not None:
+        kw["layer"] = args.llm_merge_layer
+    elif name == "visionzip":
+        kw["quirks"] = not args.paper_prose
+    return registry.build(name, r, cfg, **kw)
+
+
+def _earlytom_from_args(args, cfg, scale_layers_for_depth: bool = False, ratio=None):
+    return _method_from_args(args, cfg, "earlytom", ratio, scale_layers_for_depth)
 
 
 def _fastv_from_args(args, cfg, ratio=None):
-    from earlytom_jax.compression.fastv import FastV
-
-    r = ratio if ratio is not None else (args.ratio if args.ratio is not None else 0.5)
-    layer = args.llm_merge_layer if args.llm_merge_layer is not None else 2
-    return FastV(layer=layer, drop=1.0 - r).check(cfg)
+    return _method_from_args(args, cfg, "fastv", ratio)
 
 
 def _method(args, cfg, scale=False):
-    from earlytom_jax.pipeline import FULL
-
-    if args.method == "full":
-        return FULL
-    if args.method == "fastv":
-        return _fastv_from_args(args, cfg)
-    return _earlytom_from_args(args, cfg, scale)
+    return _method_from_args(args, cfg, None, None, scale)
 
 
 def _stats_line(ans, n_frames: int) -> str:
@@ -126,7 +134,99 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _timed_answer(llm, pixels, question, method, max_new, pad_multiple=None):
+    """(answer, seconds of the first call, which compiles); the answer is a second, warm call."""
+    t = time.perf_counter()
+    llm.answer(pixels, question, method, max_new, pad_multiple=pad_multiple)
+    first = time.perf_counter() - t
+    return llm.answer(pixels, question, method, max_new, pad_multiple=pad_multiple), first
+
+
+def _print_compression(stats) -> None:
+    print(f"  frames left after each compression layer: {stats['frames_after_layer']}")
+    starts = [i for i, b in enumerate(stats["segment_starts"]) if b]
+    print(f"  final segments start at merged frames {starts}; dynamic frames "
+          f"{[i for i, d in enumerate(stats['dynamic']) if d]}")
+
+
+def _write_picture(args, frames, stats, cfg) -> None:
+    if args.out:
+        from earlytom_jax.visualize import render, save_png
+
+        img, highlighted = render(frames, stats, cfg.pooled_grid)
+        save_png(img, args.out)
+        print(f"  picture of what EarlyTom kept ({highlighted} tokens highlighted): {args.out}")
+
+
 def cmd_demo(args) -> int:
+    if args.arch and args.model:
+        raise ConfigError("--arch (random weights) and --model (a checkpoint) exclude each other")
+    return _demo_random(args) if args.arch else _demo_trained(args)
+
+
+def _demo_trained(args) -> int:
+    """The toy model trained here (or --model DIR): real answers about generated clips."""
+    import jax
+
+    from earlytom_jax.api import VideoLLM
+    from earlytom_jax.evals.toy import TOY_DIR
+    from earlytom_jax.pipeline import FULL
+    from earlytom_jax.toy import data
+    from earlytom_jax.toy.model import TOY_LAYERS, TOY_LLM_LAYER
+    from earlytom_jax.video import load_video
+
+    model_dir = args.model or TOY_DIR
+    llm = VideoLLM.load(model_dir)
+    cfg = llm.cfg
+    if args.model is None:
+        print("earlytom demo: the toy LLaVA-OneVision trained on this project's procedural video-QA "
+              "(earlytom_jax/assets/toy, 48 px frames; real weights, real answers)")
+        if args.layers is None and args.preset is None:
+            args.layers = TOY_LAYERS
+        if args.llm_merge_layer is None and args.preset is None:
+            args.llm_merge_layer = TOY_LLM_LAYER
+    else:
+        print(f"earlytom demo: {model_dir}")
+    method = _method(args, cfg)
+    print(f"  EarlyTom settings: {method!r}")
+    if args.video:
+        frames = load_video(args.video, args.frames).frames
+        clips = [("your video", frames, args.prompt, None)]
+    else:
+        clips = []
+        for kind in data.KINDS:
+            smp = data.make_sample(kind, data.HELD_OUT_START + 10_000 + args.seed, args.frames, cfg.vision.image_size)
+            clips.append((kind, smp.frames, smp.prompt, smp.answer))
+    rows = []
+    for kind, frames, question, gold in clips:
+        pixels = llm.preprocessor(frames)
+        full, _ = _timed_answer(llm, pixels, question, FULL, args.max_new_tokens, 64)
+        et, _ = _timed_answer(llm, pixels, question, method, args.max_new_tokens, 64)
+        rows.append((kind, frames, question, gold, full, et))
+        q = question.splitlines()
+        print(f"\n  [{kind}] {q[0]}  " + "  ".join(q[1:5]))
+        if gold is not None:
+            print(f"    correct answer: {gold}")
+        for name, ans in (("full tokens", full), ("EarlyTom", et)):
+            s = ans.stats
+            toks = f"{s['visual_tokens']}" + (f" -> {s['llm_kept']}" if "llm_kept" in s else "")
+            print(f"    {name:11s}: {ans.text!r:8s} frames {s['frames']:>2} visual tokens {toks:>10} "
+                  f"TTFT {ans.ttft_s * 1000:6.1f} ms")
+    full_t = sum(r[4].ttft_s for r in rows)
+    et_t = sum(r[5].ttft_s for r in rows)
+    if any(r[3] is not None for r in rows):
+        right = lambda i: sum(r[i].text.strip()[:1] == r[3] for r in rows)  # noqa: E731
+        print(f"\n  correct: full tokens {right(4)}/{len(rows)}, EarlyTom {right(5)}/{len(rows)}")
+    print(f"  TTFT full / EarlyTom: {full_t / et_t:.2f}x on {jax.devices()[0].platform} "
+          "(a model this small is dominated by fixed costs; see BENCHMARKS.md for real shapes)")
+    pick = next((r for r in rows if r[0] == "count"), rows[0])
+    _print_compression(pick[5].stats)
+    _write_picture(args, pick[1], pick[5].stats, cfg)
+    return 0
+
+
+def _demo_random(args) -> int:
+    """A named architecture with random weights: real token counts and timings, noise answers."""
     import jax
 
     from earlytom_jax.api import VideoLLM
@@ -151,13 +251,9 @@ def cmd_demo(args) -> int:
         source = f"generated clip ({args.frames} frames, 112x112: drifting square, scene cut, two flashes)"
     print(f"  video: {source}")
     method = _method(args, cfg, scale=args.layers is None and args.preset is None)
-    rows = []
-    for name, m in (("full tokens", FULL), ("EarlyTom", method)):
-        t = time.perf_counter()
-        llm.ask(frames, args.prompt, m, args.frames, args.max_new_tokens)  # compile + warm-up
-        compile_s = time.perf_counter() - t
-        ans = llm.ask(frames, args.prompt, m, args.frames, args.max_new_tokens)
-        rows.append((name, ans, compile_s))
+    pixels = pre(frames)
+    rows = [(name, *_timed_answer(llm, pixels, args.prompt, m, args.max_new_tokens))
+            for name, m in (("full tokens", FULL), ("EarlyTom", method))]
     print(f"  settings: {method!r}")
     for name, ans, compile_s in rows:
         s = ans.stats
@@ -165,19 +261,10 @@ def cmd_demo(args) -> int:
               f"{' -> ' + str(s['llm_kept']) + ' after the LLM merge' if 'llm_kept' in s else ''}"
               f" | TTFT {ans.ttft_s * 1000:.1f} ms (first call with compile {compile_s:.1f} s)")
     full, et = rows[0][1], rows[1][1]
-    s = et.stats
-    print(f"  frames left after each compression layer: {s['frames_after_layer']}")
-    starts = [i for i, b in enumerate(s["segment_starts"]) if b]
-    print(f"  final segments start at merged frames {starts}; dynamic frames "
-          f"{[i for i, d in enumerate(s['dynamic']) if d]}")
+    _print_compression(et.stats)
     print(f"  TTFT ratio full / EarlyTom: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
     print(f"  EarlyTom answer (random weights): {et.text!r}")
-    if args.out:
-        from earlytom_jax.visualize import render, save_png
-
-        img, highlighted = render(frames, s, cfg.pooled_grid)
-        save_png(img, args.out)
-        print(f"  picture of what was kept ({highlighted} tokens): {args.out}")
+    _write_picture(args, frames, et.stats, cfg)
     return 0
 
 
@@ -244,21 +331,18 @@ def cmd_bench(args) -> int:
     # the paper's prompt, as token ids of the right length for the qwen_1_5 template
     prefix, suffix = list(range(14)), list(range(100, 100 + 25))
     results = []
+    names = []
     for name in args.methods:
-        if name == "full":
-            ratios = [None]
-        elif name in ("earlytom", "fastv"):
-            ratios = list(args.ratios)
-        else:
-            raise ConfigError(f"unknown method {name!r}: available here are full, earlytom, fastv")
-        for r in ratios:
-            if name == "full":
-                method = FULL
-            elif name == "fastv":
-                method = _fastv_from_args(args, cfg, r)
-            else:
-                args.ratio = r
-                method = _earlytom_from_args(args, cfg, scale_layers_for_depth=args.layers is None and args.preset is None and cfg.vision.num_layers < 24)
+        key = name.strip().lower().replace("-", "_")
+        expanded = ["uniform_tokens", "uniform_frames"] if key == "uniform" else [key]
+        for k in expanded:
+            if k not in _METHODS:
+                raise ConfigError(f"unknown method {name!r}; choose from {', '.join(_METHODS)} (uniform = both uniform ones)")
+            names.append(k)
+    scale = args.layers is None and args.preset is None and cfg.vision.num_layers < 24
+    for name in names:
+        for r in ([None] if name == "full" else list(args.ratios)):
+            method = _method_from_args(args, cfg, name, r, scale)
             res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs,
                                 not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops, mesh=mesh)
             results.append(res)
@@ -389,11 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     _compression_flags(r)
     r.set_defaults(fn=cmd_run)
 
-    d = sub.add_parser("demo", help="full tokens vs EarlyTom on a random-weight model (no download)")
-    d.add_argument("--arch", default="tiny", help="tiny | llava-ov-0.5b | llava-ov-7b")
-    d.add_argument("--video", default=None, help="a video file (default: a generated clip)")
+    d = sub.add_parser("demo", help="full tokens vs EarlyTom: the toy model trained here answering "
+                                    "questions about generated clips (no download)")
+    d.add_argument("--model", default=None, help="a checkpoint directory (default: the shipped toy model)")
+    d.add_argument("--arch", default=None,
+                   help="instead: a named architecture with RANDOM weights (tiny | llava-ov-0.5b | llava-ov-7b)")
+    d.add_argument("--video", default=None, help="a video file (default: generated clips)")
     d.add_argument("--frames", type=int, default=16)
-    d.add_argument("--prompt", default="Describe what's happening in this video.")
+    d.add_argument("--seed", type=int, default=0, help="which generated clips (toy model)")
+    d.add_argument("--prompt", default="Describe what's happening in this video.",
+                   help="the question about --video (or about the random-weight model's clip)")
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("--out", default="earlytom_demo.png", help="where to write the picture ('' for none)")
     _compression_flags(d)

@@ -1,18 +1,18 @@
 """Train the toy LLaVA-OneVision on procedural video-QA (data.py), with compression as
 augmentation, in JAX with optax.
 
-    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --steps 3000 --seed 0
+    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --seed 0   # the shipped model
 
 Loss: cross-entropy on the answer letter and the `<|im_end|>` after it. Augmentation, drawn per
 clip on the host so that every step runs the one compiled program:
 
-- frame merging inside the encoder: contiguous runs of frames averaged after a random block
-  and only the first frame of each run kept (what EarlyTom's stage I hands the LLM);
-- frame dropping (fewer frames, as uniform frame subsampling gives);
+- frame merging inside the encoder: runs of alike consecutive frames averaged after a random
+  block and only the first frame of each run kept (what EarlyTom's stage I hands the LLM);
+- frame dropping, rare and light (fewer frames, as frame subsampling gives);
 - token subsets: a random share of each frame's pooled tokens kept (stage II, VisionZip,
   uniform pooling, FastV all hand the LLM a subset).
 
-A quarter of the clips go through unaugmented. Dropped slots are padding: invalid, no RoPE
+40% of the clips go through unaugmented. Dropped slots are padding: invalid, no RoPE
 position, never attended, exactly how the inference pipeline holds its static buffers.
 """
 
@@ -43,15 +43,16 @@ SUFFIX_LEN = 48  # question + options + instruction + chat tail, left-padded
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 2e-3
+    steps: int = 3500
+    batch: int = 16
+    lr: float = 5e-4
     warmup: int = 200
     weight_decay: float = 0.01
     seed: int = 0
     augment: bool = True
-    eval_every: int = 250
+    eval_every: int = 500
     eval_per_kind: int = 40
+    init: str = ""  # start from this checkpoint directory (a second stage) instead of random weights
 
 
 class Encoder:
@@ -90,21 +91,37 @@ def pixels_of(frames: np.ndarray) -> np.ndarray:
     return ((x - 0.5) / 0.5).transpose(0, 3, 1, 2)
 
 
-def draw_augmentation(rng: np.random.Generator, t: int, s: int, layers: int, augment: bool):
-    """(seg_start bool [T], merge_at int, frame_keep bool [T], token_keep bool [T, s])."""
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """Mean absolute difference of each frame from the one before it, float [T - 1]."""
+    f = frames.astype(np.float32)
+    return np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
+
+
+def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, layers: int, augment: bool):
+    """(seg_start bool [T], merge_at int, frame_keep bool [T], token_keep bool [T, s]).
+
+    Merges join a frame to the run before it only where the two are alike (`changes` below
+    SIMILAR), as EarlyTom's stage I does, so flashes and cuts stay their own frames; drops
+    are rare and light, so the answer usually survives them (a model trained on inputs whose
+    answer is gone learns to guess)."""
+    t = changes.shape[0] + 1
     seg_start = np.ones(t, bool)
     frame_keep = np.ones(t, bool)
     token_keep = np.ones((t, s), bool)
     merge_at = layers  # past the last block: no merge
-    if augment and rng.random() > 0.25:
+    if augment and rng.random() > 0.4:
         if rng.random() < 0.6:
-            p = rng.uniform(0.1, 0.8)  # chance that a frame joins the run before it
-            seg_start[1:] = rng.random(t - 1) > p
+            join = (changes < SIMILAR) & (rng.random(t - 1) < rng.uniform(0.3, 1.0))
+            seg_start[1:] = ~join
+            run = 0
+            for i in range(t):  # runs of at most MAX_RUN frames (EarlyTom's window M)
+                run = 1 if seg_start[i] or run == MAX_RUN else run + 1
+                seg_start[i] = run == 1
             merge_at = int(rng.integers(0, layers))
-        if rng.random() < 0.4:
-            frame_keep = rng.random(t) > rng.uniform(0.1, 0.7)
-        if rng.random() < 0.6:
-            token_keep = rng.random((t, s)) < rng.uniform(0.1, 0.9)
+        if rng.random() < 0.15:
+            frame_keep = rng.random(t) > rng.uniform(0.05, 0.3)
+        if rng.random() < 0.5:
+            token_keep = rng.random((t, s)) < rng.uniform(0.15, 1.0)
         kept = seg_start & frame_keep
         if not kept.any():
             frame_keep[0] = seg_start[0] = True
@@ -114,13 +131,17 @@ def draw_augmentation(rng: np.random.Generator, t: int, s: int, layers: int, aug
     return seg_start, merge_at, frame_keep, token_keep
 
 
+SIMILAR = 6.0  # mean |difference| of consecutive uint8 frames below which they may merge
+MAX_RUN = 6
+
+
 def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
     cfg = TOY_CONFIG
     s = cfg.tokens_per_frame
     out = {k: [] for k in ("pixels", "suffix", "suffix_valid", "seg_start", "merge_at", "frame_keep", "token_keep")}
     for smp in samples:
         ids, valid = enc.suffix(smp.prompt, smp.answer)
-        seg, m, fk, tk = draw_augmentation(rng, smp.frames.shape[0], s, cfg.vision.num_layers, augment)
+        seg, m, fk, tk = draw_augmentation(rng, frame_changes(smp.frames), s, cfg.vision.num_layers, augment)
         for k, v in zip(out, (pixels_of(smp.frames), ids, valid, seg, m, fk, tk)):
             out[k].append(v)
     return {k: np.stack(v) for k, v in out.items()}
@@ -185,12 +206,13 @@ def make_optimizer(st: TrainSettings):
 
 def _batches(st: TrainSettings, enc: Encoder, out_q: queue.Queue, stop: threading.Event):
     """Producer thread: batch i holds training seeds i*B .. i*B+B-1, kinds in turn."""
-    rng = np.random.default_rng([st.seed, 1])
+    rng = np.random.default_rng([st.seed, 1, int(bool(st.init))])
+    first = st.seed * 10_000_000 + (5_000_000 if st.init else 0)  # a second stage sees new clips
     for step in range(st.steps):
         if stop.is_set():
             return
         samples = [
-            data.make_sample(data.KINDS[(step * st.batch + i) % len(data.KINDS)], st.seed * 10_000_000 + step * st.batch + i)
+            data.make_sample(data.KINDS[(step * st.batch + i) % len(data.KINDS)], first + step * st.batch + i)
             for i in range(st.batch)
         ]
         out_q.put(make_batch(samples, enc, rng, st.augment))
@@ -216,7 +238,12 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
     """→ (params, record). Saves the checkpoint to `out_dir` at each evaluation and at the end."""
     enc = Encoder()
     prefix = jnp.asarray(enc.prefix)
-    params = random_params(TOY_CONFIG, seed=st.seed)
+    if st.init:
+        from earlytom_jax.checkpoint.load import load_any
+
+        params = load_any(st.init)[1]
+    else:
+        params = random_params(TOY_CONFIG, seed=st.seed)
     opt = make_optimizer(st)
     opt_state = opt.init(params)
 
