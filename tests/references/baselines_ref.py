@@ -20,7 +20,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.references.earlytom_ref import _argmax_first, _static_blocks_2d, _vision_parts, bilinear_pool
+from tests.references.earlytom_ref import (
+    _argmax_first,
+    _siglip_block_with_probs,
+    _static_blocks_2d,
+    _vision_parts,
+    bilinear_pool,
+)
 
 
 def frame_budgets(T0: int, r: float, S: int) -> list[int]:
@@ -32,17 +38,10 @@ def _last_block(layer, h):
     """The last SigLIP block written out: (h_out, attention received [T, N] (mean over heads,
     then queries), keys [T, N, d] (mean over heads))."""
     attn = layer.self_attn
-    T, N, C = h.shape
-    nh, hd = attn.num_heads, attn.head_dim
-    x = layer.layer_norm1(h)
-    q = attn.q_proj(x).view(T, N, nh, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(T, N, nh, hd).transpose(1, 2)
-    v = attn.v_proj(x).view(T, N, nh, hd).transpose(1, 2)
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)
-    o = torch.matmul(probs, v).transpose(1, 2).reshape(T, N, C)
-    h = h + attn.out_proj(o)
-    h = h + layer.mlp(layer.layer_norm2(h))
-    return h, probs.mean(dim=1).mean(dim=1), k.mean(dim=1)
+    T, N, _ = h.shape
+    k = attn.k_proj(layer.layer_norm1(h)).view(T, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    h_out, probs = _siglip_block_with_probs(layer, h)
+    return h_out, probs.mean(dim=1).mean(dim=1), k.mean(dim=1)
 
 
 def _encode(model, pixel_values):
