@@ -142,7 +142,14 @@ def _timed_answer(llm, pixels, question, method, max_new, pad_multiple=None):
     return llm.answer(pixels, question, method, max_new, pad_multiple=pad_multiple), first
 
 
+def _label(method) -> str:
+    name = type(method).__name__
+    return {"FullTokens": "full tokens", "UniformTokens": "uniform tokens", "UniformFrames": "uniform frames"}.get(name, name)
+
+
 def _print_compression(stats) -> None:
+    if "frames_after_layer" not in stats:  # a method without EarlyTom's stage I
+        return
     print(f"  frames left after each compression layer: {stats['frames_after_layer']}")
     starts = [i for i, b in enumerate(stats["segment_starts"]) if b]
     print(f"  final segments start at merged frames {starts}; dynamic frames "
@@ -150,7 +157,9 @@ def _print_compression(stats) -> None:
 
 
 def _write_picture(args, frames, stats, cfg) -> None:
-    if args.out:
+    if args.out and "frames_after_layer" not in stats:
+        print("  (no picture: it shows EarlyTom's merges, and this method has none)")
+    elif args.out:
         from earlytom_jax.visualize import render, save_png
 
         img, highlighted = render(frames, stats, cfg.pooled_grid)
@@ -188,7 +197,8 @@ def _demo_trained(args) -> int:
     else:
         print(f"earlytom demo: {model_dir}")
     method = _method(args, cfg)
-    print(f"  EarlyTom settings: {method!r}")
+    label = _label(method)
+    print(f"  {label} settings: {method!r}")
     if args.video:
         frames = load_video(args.video, args.frames).frames
         clips = [("your video", frames, args.prompt, None)]
@@ -207,7 +217,7 @@ def _demo_trained(args) -> int:
         print(f"\n  [{kind}] {q[0]}  " + "  ".join(q[1:5]))
         if gold is not None:
             print(f"    correct answer: {gold}")
-        for name, ans in (("full tokens", full), ("EarlyTom", et)):
+        for name, ans in (("full tokens", full), (label, et)):
             s = ans.stats
             toks = f"{s['visual_tokens']}" + (f" -> {s['llm_kept']}" if "llm_kept" in s else "")
             print(f"    {name:11s}: {ans.text!r:8s} frames {s['frames']:>2} visual tokens {toks:>10} "
@@ -216,8 +226,8 @@ def _demo_trained(args) -> int:
     et_t = sum(r[5].ttft_s for r in rows)
     if any(r[3] is not None for r in rows):
         right = lambda i: sum(r[i].text.strip()[:1] == r[3] for r in rows)  # noqa: E731
-        print(f"\n  correct: full tokens {right(4)}/{len(rows)}, EarlyTom {right(5)}/{len(rows)}")
-    print(f"  TTFT full / EarlyTom: {full_t / et_t:.2f}x on {jax.devices()[0].platform} "
+        print(f"\n  correct: full tokens {right(4)}/{len(rows)}, {label} {right(5)}/{len(rows)}")
+    print(f"  TTFT full / {label}: {full_t / et_t:.2f}x on {jax.devices()[0].platform} "
           "(a model this small is dominated by fixed costs; see BENCHMARKS.md for real shapes)")
     pick = next((r for r in rows if r[0] == "count"), rows[0])
     _print_compression(pick[5].stats)
@@ -253,7 +263,7 @@ def _demo_random(args) -> int:
     method = _method(args, cfg, scale=args.layers is None and args.preset is None)
     pixels = pre(frames)
     rows = [(name, *_timed_answer(llm, pixels, args.prompt, m, args.max_new_tokens))
-            for name, m in (("full tokens", FULL), ("EarlyTom", method))]
+            for name, m in (("full tokens", FULL), (_label(method), method))]
     print(f"  settings: {method!r}")
     for name, ans, compile_s in rows:
         s = ans.stats
@@ -262,8 +272,8 @@ def _demo_random(args) -> int:
               f" | TTFT {ans.ttft_s * 1000:.1f} ms (first call with compile {compile_s:.1f} s)")
     full, et = rows[0][1], rows[1][1]
     _print_compression(et.stats)
-    print(f"  TTFT ratio full / EarlyTom: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
-    print(f"  EarlyTom answer (random weights): {et.text!r}")
+    print(f"  TTFT ratio full / {_label(method)}: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
+    print(f"  {_label(method)} answer (random weights): {et.text!r}")
     _write_picture(args, frames, et.stats, cfg)
     return 0
 
