@@ -32,6 +32,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from earlytom_jax.checkpoint.export import hf_name  # noqa: E402
+
 GB = 1e9
 
 # canonical (our loader's) prefixes → llava-hf / transformers 4 names
@@ -46,10 +48,7 @@ _TO_HF = (
 
 
 def _hf_name(canon: str) -> str:
-    for a, b in _TO_HF:
-        if canon.startswith(a):
-            return b + canon[len(a):]
-    raise ValueError(canon)
+    return hf_name(canon, _TO_HF)
 
 
 def hf_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:

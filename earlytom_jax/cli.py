@@ -81,14 +81,6 @@ def _method_from_args(args, cfg, name: str | None = None, ratio: float | None = 
     return registry.build(name, r, cfg, **kw)
 
 
-def _earlytom_from_args(args, cfg, scale_layers_for_depth: bool = False, ratio=None):
-    return _method_from_args(args, cfg, "earlytom", ratio, scale_layers_for_depth)
-
-
-def _fastv_from_args(args, cfg, ratio=None):
-    return _method_from_args(args, cfg, "fastv", ratio)
-
-
 def _method(args, cfg, scale=False):
     return _method_from_args(args, cfg, None, None, scale)
 
@@ -178,7 +170,7 @@ def _demo_trained(args) -> int:
     import jax
 
     from earlytom_jax.api import VideoLLM
-    from earlytom_jax.evals.toy import TOY_DIR
+    from earlytom_jax.evals.toy import TOY_DIR, parse_letter
     from earlytom_jax.pipeline import FULL
     from earlytom_jax.toy import data
     from earlytom_jax.toy.model import TOY_LAYERS, TOY_LLM_LAYER
@@ -225,7 +217,7 @@ def _demo_trained(args) -> int:
     full_t = sum(r[4].ttft_s for r in rows)
     et_t = sum(r[5].ttft_s for r in rows)
     if any(r[3] is not None for r in rows):
-        right = lambda i: sum(r[i].text.strip()[:1] == r[3] for r in rows)  # noqa: E731
+        right = lambda i: sum(parse_letter(r[i].text) == r[3] for r in rows)  # noqa: E731
         print(f"\n  correct: full tokens {right(4)}/{len(rows)}, {label} {right(5)}/{len(rows)}")
     print(f"  TTFT full / {label}: {full_t / et_t:.2f}x on {jax.devices()[0].platform} "
           "(a model this small is dominated by fixed costs; see BENCHMARKS.md for real shapes)")
@@ -448,7 +440,7 @@ def cmd_visualize(args) -> int:
     from earlytom_jax.visualize import render, save_png
 
     llm = VideoLLM.load(args.model, args.dtype)
-    method = _earlytom_from_args(args, llm.cfg)
+    method = _method_from_args(args, llm.cfg, "earlytom")
     ans = llm.ask(args.video, args.prompt, method, args.frames, max_new_tokens=1)
     img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid)
     save_png(img, args.out)

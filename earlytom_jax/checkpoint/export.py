@@ -25,11 +25,13 @@ _HF_PREFIX = (
 )
 
 
-def _hf_name(canonical: str) -> str:
-    for ours, theirs in _HF_PREFIX:
+def hf_name(canonical: str, prefixes=_HF_PREFIX) -> str:
+    """A canonical name (see hf.canonical_name) in an HF layout given by (ours, theirs) prefix
+    pairs; default: transformers 5 names."""
+    for ours, theirs in prefixes:
         if canonical.startswith(ours):
             return theirs + canonical[len(ours):]
-    raise KeyError(canonical)
+    raise ValueError(f"no HF name for {canonical!r}")
 
 
 def _inverse(fn, source_shape: tuple[int, ...]):
@@ -57,12 +59,12 @@ def hf_tensors(params: dict, cfg: LlavaOVConfig) -> dict[str, np.ndarray]:
         inverse = _inverse(spec.fn, spec.shape)
         if spec.layers:
             for i in range(spec.layers):
-                out[_hf_name(spec.source.format(i=i))] = inverse(value[i])
+                out[hf_name(spec.source.format(i=i))] = inverse(value[i])
         else:
-            out[_hf_name(spec.source)] = inverse(value)
+            out[hf_name(spec.source)] = inverse(value)
     c = cfg.vision.hidden_size
-    out[_hf_name("vision.post_layernorm.weight")] = np.ones((c,), np.float32)
-    out[_hf_name("vision.post_layernorm.bias")] = np.zeros((c,), np.float32)
+    out[hf_name("vision.post_layernorm.weight")] = np.ones((c,), np.float32)
+    out[hf_name("vision.post_layernorm.bias")] = np.zeros((c,), np.float32)
     return out
 
 

@@ -34,7 +34,7 @@ def _full(ratio, cfg):
 
 
 def _earlytom(ratio, cfg, preset: str | None = None, scale_layers_for_depth: bool = False, **kw):
-    """As `cli._earlytom_from_args`: the preset first (at this ratio), explicit settings
+    """As the command line builds it (`cli._method_from_args`): the preset first (at this ratio), explicit settings
     override it; scale_layers_for_depth maps the default layers 6, 21, 23 of 26 onto the
     encoder's depth when neither layers nor a preset are given, and the llm layer 18 of 24
     onto the LLM's when llm_layer is not given. llm_layer None or < 0 turns stage III off."""

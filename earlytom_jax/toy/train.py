@@ -36,7 +36,8 @@ from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models import qwen2, siglip
 from earlytom_jax.prompt import chat_prompt
 from earlytom_jax.toy import data
-from earlytom_jax.toy.model import NUM_FRAMES, TOY_CONFIG, save_checkpoint, tokenizer
+from earlytom_jax.toy.model import IMAGE_SIZE, NUM_FRAMES, TOY_CONFIG, save_checkpoint, tokenizer
+from earlytom_jax.video import Preprocessor
 
 SUFFIX_LEN = 48  # question + options + instruction + chat tail, left-padded
 
@@ -85,10 +86,8 @@ class Encoder:
         return out, valid
 
 
-def pixels_of(frames: np.ndarray) -> np.ndarray:
-    """uint8 [T, S, S, 3] → float32 [T, 3, S, S], the toy preprocessor (mean = std = 0.5)."""
-    x = frames.astype(np.float32) / 255.0
-    return ((x - 0.5) / 0.5).transpose(0, 3, 1, 2)
+# the shipped preprocessor_config.json; clips are made at the model's size, so no resize
+PREPROCESSOR = Preprocessor(size=IMAGE_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def frame_changes(frames: np.ndarray) -> np.ndarray:
@@ -142,7 +141,7 @@ def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
     for smp in samples:
         ids, valid = enc.suffix(smp.prompt, smp.answer)
         seg, m, fk, tk = draw_augmentation(rng, frame_changes(smp.frames), s, cfg.vision.num_layers, augment)
-        for k, v in zip(out, (pixels_of(smp.frames), ids, valid, seg, m, fk, tk)):
+        for k, v in zip(out, (PREPROCESSOR.normalize(smp.frames), ids, valid, seg, m, fk, tk)):
             out[k].append(v)
     return {k: np.stack(v) for k, v in out.items()}
 
