@@ -191,8 +191,7 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
     out, start = [], 0
     for g in caches:
         nlay = g.k.shape[0]
-        lp = jax.tree.map(lambda a, s=start, e=start + nlay: a[s:e], layers)
-        h, ck, cv, valid = qwen2.decode_layers(lp, h, position, g.k, g.v, g.valid, g.length + step, tcfg)
+        h, ck, cv, valid = qwen2.decode_layers(layers, h, position, g.k, g.v, g.valid, g.length + step, tcfg, start)
         out.append(CacheGroup(ck, cv, valid, g.length))
         start += nlay
     return qwen2.logits(params["text"], h[0, -1], tcfg), tuple(out)

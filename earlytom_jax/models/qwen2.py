@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax.config import Qwen2Config
+from earlytom_jax.models import stack
 from earlytom_jax.models.attention import attention, causal_attention
 from earlytom_jax.sharding import constrain
 
@@ -66,15 +67,11 @@ def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = Tr
     return h, k, v, q
 
 
-def layer_slice(layers, start: int, stop: int):
-    return jax.tree.map(lambda a: a[start:stop], layers)
-
-
 def run_layers(layers, h, positions, key_valid, start: int, stop: int, cfg: Qwen2Config, block: int = 128):
     """Causal prefill of layers [start, stop). h [B,L,C]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
-    def step(h, p):
+    def step(h, p, _):
         h, k, v, _ = layer_prefill(p, h, cos, sin, key_valid, cfg, block=block)
         return h, (k, v)
 
@@ -82,12 +79,13 @@ def run_layers(layers, h, positions, key_valid, start: int, stop: int, cfg: Qwen
     if stop <= start:
         empty = jnp.zeros((0, b, L, cfg.num_kv_heads, cfg.head_dim), h.dtype)
         return h, empty, empty
-    h, (ks, vs) = jax.lax.scan(step, h, layer_slice(layers, start, stop))
+    h, (ks, vs) = stack.scan(step, h, layers, start, stop)
     return h, ks, vs
 
 
-def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: Qwen2Config):
-    """One token through all layers of `layers` with a static-length cache.
+def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: Qwen2Config, start: int = 0):
+    """One token through layers [start, start + n) of the stack `layers`, with a static-length
+    cache.
 
     h [B, 1, C]; position int [B] (RoPE id of the new token); cache_k/v [n, B, Lc, Hk, D];
     key_valid bool [B, Lc] (before writing); index: int32 scalar slot to write.
@@ -96,8 +94,8 @@ def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: 
     cos, sin = rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta)
     key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((h.shape[0], 1), bool), (0, index))
 
-    def step(h, xs):
-        p, ck, cv = xs
+    def step(h, p, xs):
+        ck, cv = xs
         x = rms_norm(h, p["ln1"], cfg.rms_norm_eps)
         q, k, v = qkv(p, x, cos, sin)
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
@@ -107,7 +105,7 @@ def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: 
         h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
         return h, (ck, cv)
 
-    h, (cache_k, cache_v) = jax.lax.scan(step, h, (layers, cache_k, cache_v))
+    h, (cache_k, cache_v) = stack.scan(step, h, layers, start, start + cache_k.shape[0], (cache_k, cache_v))
     return h, cache_k, cache_v, key_valid
 
 

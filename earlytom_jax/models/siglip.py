@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax.config import SiglipConfig
+from earlytom_jax.models import stack
 from earlytom_jax.models.attention import attention, attention_colmean
 from earlytom_jax.sharding import constrain
 
@@ -55,19 +56,15 @@ def block(p, x, cfg: SiglipConfig, with_attention: bool = False, with_keys: bool
     return x, colmean
 
 
-def layer_slice(blocks, start: int, stop: int):
-    return jax.tree.map(lambda a: a[start:stop], blocks)
-
-
 def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):
     """Run blocks [start, stop) (static) on x [B, N, C]."""
     if stop <= start:
         return x
 
-    def step(x, p):
+    def step(x, p, _):
         return block(p, x, cfg)[0], None
 
-    x, _ = jax.lax.scan(step, x, layer_slice(blocks, start, stop))
+    x, _ = stack.scan(step, x, blocks, start, stop)
     return x
 
 
