@@ -49,17 +49,26 @@ def param_shapes(cfg: LlavaOVConfig) -> dict:
 
 def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0) -> dict:
     """Random weights: N(0, 0.02) matrices and biases, ones for norm scales (numpy's PCG64 in
-    fp32, several times faster than threefry on CPU for the 7B shape)."""
+    fp32, several times faster than threefry on CPU for the 7B shape). Stacked leaves are drawn
+    one layer at a time straight into `dtype`, so the 7B shape in bf16 (15 GB) never holds a
+    whole stacked leaf in fp32 beside it; the values do not depend on `dtype` beyond rounding."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
+    np_dtype = np.dtype(jnp.dtype(dtype))
     out = []
     for path, sd in leaves:
         name = jax.tree_util.keystr(path)
         if any(n in name for n in ("ln1", "ln2", "norm")) and not name.endswith("_b']"):
             out.append(jnp.ones(sd.shape, dtype))
-        else:
-            a = rng.standard_normal(sd.shape, dtype=np.float32)
-            a *= 0.02
-            out.append(jnp.asarray(a, dtype))
-            del a
+            continue
+        a = np.empty(sd.shape, np_dtype)
+        for i in range(sd.shape[0] if len(sd.shape) > 1 else 1):
+            part = rng.standard_normal(sd.shape[1:] if len(sd.shape) > 1 else sd.shape, dtype=np.float32)
+            part *= 0.02
+            if len(sd.shape) > 1:
+                a[i] = part
+            else:
+                a[...] = part
+        out.append(jnp.asarray(a))
+        del a
     return jax.tree.unflatten(treedef, out)

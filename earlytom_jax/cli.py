@@ -24,12 +24,11 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-_METHODS = ("earlytom", "full", "fastv", "visionzip", "uniform_tokens", "uniform_frames")
-
-
 def _compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--method", default="earlytom", choices=list(_METHODS),
+    from earlytom_jax.compression.registry import METHODS
+
+    g.add_argument("--method", default="earlytom", choices=list(METHODS),
                    help="compression method; every one keeps --ratio of the T0·196 visual tokens "
                         "(fastv: from LLM layer --llm-merge-layer, default 2, on)")
     g.add_argument("--ratio", type=float, default=None, help="retention ratio r in (0, 1] (default 0.1)")
@@ -60,7 +59,7 @@ def _method_from_args(args, cfg, name: str | None = None, ratio: float | None = 
     layers onto a shallower model (tiny and toy architectures)."""
     from earlytom_jax.compression import registry
 
-    name = (name or args.method).strip().lower().replace("-", "_")
+    name = registry.canonical(name or args.method)
     if name == "full":
         return registry.build("full", None, cfg)
     r = ratio if ratio is not None else _ratio_from_args(args, name)
@@ -293,9 +292,11 @@ def cmd_bench(args) -> int:
 
     from earlytom_jax import sharding as shd
     from earlytom_jax.architectures import param_shapes
+    from earlytom_jax.compression import registry
 
     if args.frames < 1 or args.runs < 1 or args.warmup < 0 or args.decode_tokens < 0:
         raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
+    names = registry.resolve(args.methods)  # before any loading: a misspelt name fails at once
     mesh = shd.parse_mesh(args.mesh) if args.mesh else None
     torch_model = None
     if args.reference == "torch":
@@ -333,14 +334,6 @@ def cmd_bench(args) -> int:
     # the paper's prompt, as token ids of the right length for the qwen_1_5 template
     prefix, suffix = list(range(14)), list(range(100, 100 + 25))
     results = []
-    names = []
-    for name in args.methods:
-        key = name.strip().lower().replace("-", "_")
-        expanded = ["uniform_tokens", "uniform_frames"] if key == "uniform" else [key]
-        for k in expanded:
-            if k not in _METHODS:
-                raise ConfigError(f"unknown method {name!r}; choose from {', '.join(_METHODS)} (uniform = both uniform ones)")
-            names.append(k)
     scale = args.layers is None and args.preset is None and cfg.vision.num_layers < 24
     for name in names:
         for r in ([None] if name == "full" else list(args.ratios)):

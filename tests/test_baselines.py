@@ -165,6 +165,14 @@ def test_registry_builds_like_the_command_line():
     assert scaled.llm_layer == max(1, round(18 * nl / 24))
 
 
+def test_registry_resolves_spellings_and_groups():
+    assert registry.resolve(["Full", "EarlyTom", "uniform", "visionzip", "uniform-frames", "FastV"]) == [
+        "full", "earlytom", "uniform_tokens", "uniform_frames", "visionzip", "fastv"]
+    assert registry.canonical(" Uniform-Tokens ") == "uniform_tokens"
+    with pytest.raises(ConfigError, match="unknown method 'tome'.*uniform = uniform_tokens and uniform_frames"):
+        registry.resolve(["full", "tome"])
+
+
 @pytest.mark.parametrize("name,ratio,kw,match", [
     ("tome", 0.1, {}, "unknown method 'tome'"),
     ("visionzip", 0.0, {}, "outside \\(0, 1\\]"),

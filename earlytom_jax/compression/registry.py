@@ -26,7 +26,7 @@ from earlytom_jax.errors import ConfigError
 
 METHODS = ("full", "earlytom", "fastv", "visionzip", "uniform_tokens", "uniform_frames")
 
-__all__ = ["METHODS", "SETTINGS", "build", "token_budget"]
+__all__ = ["GROUPS", "METHODS", "SETTINGS", "build", "canonical", "resolve", "token_budget"]
 
 
 def _full(ratio, cfg):
@@ -91,15 +91,38 @@ SETTINGS = {
 assert tuple(_BUILDERS) == tuple(SETTINGS) == METHODS
 
 
+GROUPS = {"uniform": ("uniform_tokens", "uniform_frames")}
+
+
+def canonical(name: str) -> str:
+    """A method's registry name from a user's spelling ("VisionZip", "uniform-tokens");
+    ConfigError (one line) when there is none."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in _BUILDERS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}"
+                          + "".join(f" ({g} = {' and '.join(m)})" for g, m in GROUPS.items()))
+    return key
+
+
+def resolve(names) -> list[str]:
+    """Registry names for a list of user spellings, with groups (`GROUPS`) expanded and
+    repeats dropped, in order."""
+    out: list[str] = []
+    for name in names:
+        key = str(name).strip().lower().replace("-", "_")
+        for k in GROUPS.get(key) or (canonical(name),):
+            if k not in out:
+                out.append(k)
+    return out
+
+
 def build(name: str, ratio: float | None, cfg: LlavaOVConfig, **kw):
     """The method `name` at retention `ratio` (None only for "full"), checked against `cfg`;
     `kw`: the method's settings (`SETTINGS[name]`).
 
     Raises ConfigError (one line) on an unknown name, a ratio outside (0, 1], a setting the
     method does not take, or a setting the method rejects."""
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in _BUILDERS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    key = canonical(name)
     if ratio is None and key != "full":
         raise ConfigError(f"method {key} needs a ratio in (0, 1]")
     if ratio is not None:
