@@ -1,5 +1,9 @@
 """earlytom-jax: EarlyTom visual-token compression for LLaVA-OneVision video LLMs, in JAX."""
 
+from earlytom_jax.xla_setup import apply_cpu_flags
+
+apply_cpu_flags()  # before anything below touches a JAX backend
+
 from earlytom_jax.api import Answer, VideoLLM
 from earlytom_jax.compression.base import FullTokens
 from earlytom_jax.compression.earlytom import EarlyTom

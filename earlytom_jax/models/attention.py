@@ -4,7 +4,10 @@ Layouts: q [B, Lq, Hq, D], k/v [B, Lk, Hk, D] with Hq a multiple of Hk (grouped-
 attention: query head h reads key/value head h // (Hq // Hk)). Scores and softmax in fp32.
 
 - `attention`: dense scores with an optional boolean mask [B, Lq, Lk]; for short sequences
-  (SigLIP's 729 tokens, decode steps).
+  (SigLIP's 729 tokens, decode steps). On CPU, large score matrices are computed one key
+  head (and, without a mesh, one batch row) at a time (`_attention_by_head`), so each
+  [Lq, Lk] block stays in cache: 2.4-3x faster than all heads at once for SigLIP's 729
+  tokens, which made the encoder's attention half of its time.
 - `attention_colmean`: the same without a mask, also returning the attention each key receives
   averaged over heads and queries [B, Lk]; EarlyTom's importance needs nothing more.
 - `causal_attention`: blockwise online softmax over key blocks for long causal prefills, never
@@ -42,22 +45,72 @@ def _weighted(p, v, hq):
     return o.reshape(b, lq, hq, v.shape[-1])
 
 
+def _dense(q, k, v, mask, scale, colmean: bool):
+    p = jax.nn.softmax(_mask(_scores(q, k, scale), mask), axis=-1)
+    col = p.mean(axis=(1, 2, 3)) if colmean else None
+    return _weighted(p.astype(v.dtype), v, q.shape[2]), col
+
+
+def _mask(s, mask):
+    return s if mask is None else jnp.where(mask[:, None, None], s, NEG)
+
+
+def _attention_by_head(q, k, v, mask, scale, colmean: bool):
+    """`_dense` as a loop over key heads (and batch rows when no mesh shards the batch: a
+    loop over a sharded axis would gather it), each step one [G·Lq, Lk] block."""
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    g = hq // hk
+    per_row = jax.sharding.get_abstract_mesh().empty
+    qh = q.reshape(b, lq, hk, g, d).transpose(2, 0, 1, 3, 4)  # [Hk, B, Lq, G, D]
+    kh, vh = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # [Hk, B, Lk, D]
+    rows = jnp.broadcast_to(jnp.arange(b)[None], (hk, b))
+    if per_row:  # items (head, row) without a batch axis: 2-D products, XLA:CPU's fastest
+        qh, kh, vh = (a.reshape((hk * b,) + a.shape[2:]) for a in (qh, kh, vh))
+        rows = rows.reshape(hk * b)
+
+    def one(item):
+        qi, ki, vi, ri = item  # qi [(B,) Lq, G, D]; ki, vi [(B,) Lk, D]
+        qi = jnp.swapaxes(qi, -2, -3).reshape(qi.shape[:-3] + (g * lq, d))  # rows (g, q)
+        # the scale on q, not on the scores: one pass fewer over [Lq, Lk]
+        s = jnp.einsum("...qd,...kd->...qk", qi * jnp.asarray(scale, qi.dtype), ki,
+                       preferred_element_type=jnp.float32)
+        if mask is not None:
+            m = mask[ri]  # [(B,) Lq, Lk]
+            s = jnp.where(jnp.concatenate([m] * g, axis=-2) if g > 1 else m, s, NEG)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi)
+        o = jnp.swapaxes(o.reshape(o.shape[:-2] + (g, lq, d)), -2, -3)  # [(B,) Lq, G, D]
+        return o, (p.sum(axis=-2) if colmean else None)
+
+    o, col = jax.lax.map(one, (qh, kh, vh, rows))
+    o = o.reshape(hk, b, lq, g, d).transpose(1, 2, 0, 3, 4).reshape(b, lq, hq, d)
+    if colmean:
+        col = col.reshape(hk, b, lk).sum(0) / (hq * lq)
+    return o, col
+
+
+_BY_HEAD_MIN_SCORES = 128 * 128  # smaller score matrices (decode steps) stay dense
+
+
+def _attend(q, k, v, mask, scale, colmean: bool):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[1] * k.shape[1] < _BY_HEAD_MIN_SCORES:
+        return _dense(q, k, v, mask, scale, colmean)
+    return jax.lax.platform_dependent(
+        cpu=lambda: _attention_by_head(q, k, v, mask, scale, colmean),
+        default=lambda: _dense(q, k, v, mask, scale, colmean),
+    )
+
+
 def attention(q, k, v, mask=None, scale=None):
     """Dense attention. mask: bool [B, Lq, Lk] (True = may attend) or None. → [B, Lq, Hq, D]."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = _scores(q, k, scale)
-    if mask is not None:
-        s = jnp.where(mask[:, None, None], s, NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return _weighted(p, v, q.shape[2])
+    return _attend(q, k, v, mask, scale, False)[0]
 
 
 def attention_colmean(q, k, v, scale=None):
     """Unmasked attention plus mean over heads and queries of the probabilities: [B, Lk] fp32."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p = jax.nn.softmax(_scores(q, k, scale), axis=-1)
-    colmean = p.mean(axis=(1, 2, 3))
-    return _weighted(p.astype(v.dtype), v, q.shape[2]), colmean
+    return _attend(q, k, v, None, scale, True)
 
 
 def causal_attention(q, k, v, key_valid, block: int = 128, scale=None):
