@@ -359,7 +359,8 @@ def cmd_bench(args) -> int:
             "platform": platform.platform(), "weights": weights, "video": args.video or "generated clip",
             "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
             "decode_tokens": args.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
-            "reference": args.reference, "command": " ".join(sys.argv)}
+            "reference": args.reference, "command": " ".join(sys.argv),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.json:
         from earlytom_jax.io_utils import atomic_write_text
 

@@ -11,14 +11,20 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def readable_by_all(path: str) -> None:
+    """Mode 0666 under the umask, as open() would give: mkstemp's (and some writers') 0600
+    would make shipped files private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shipped files private
+        readable_by_all(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

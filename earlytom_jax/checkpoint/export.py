@@ -102,10 +102,11 @@ def save_hf(params: dict, cfg: LlavaOVConfig, directory: str) -> None:
 
     from safetensors.numpy import save_file
 
-    from earlytom_jax.io_utils import atomic_write_text
+    from earlytom_jax.io_utils import atomic_write_text, readable_by_all
 
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, ".tmp-model.safetensors")
     save_file(hf_tensors(params, cfg), tmp, metadata={"format": "pt"})
+    readable_by_all(tmp)
     os.replace(tmp, os.path.join(directory, "model.safetensors"))
     atomic_write_text(os.path.join(directory, "config.json"), json.dumps(hf_config(cfg), indent=2) + "\n")
