@@ -1,13 +1,14 @@
 """Train the toy LLaVA-OneVision on procedural video-QA (data.py), with compression as
 augmentation, in JAX with optax.
 
-    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --seed 0   # the shipped model
+    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --seed 0   # the shipped model (two stages)
 
 Loss: cross-entropy on the answer letter and the `<|im_end|>` after it. Augmentation, drawn per
 clip on the host so that every step runs the one compiled program:
 
 - frame merging inside the encoder: runs of alike consecutive frames averaged after a random
   block and only the first frame of each run kept (what EarlyTom's stage I hands the LLM);
+  not for scene timing, whose answer (how long the screen stays dark) merging erases;
 - frame dropping, rare and light (fewer frames, as frame subsampling gives);
 - token subsets: a random share of each frame's pooled tokens kept (stage II, VisionZip,
   uniform pooling, FastV all hand the LLM a subset).
@@ -54,6 +55,7 @@ class TrainSettings:
     eval_every: int = 500
     eval_per_kind: int = 40
     init: str = ""  # start from this checkpoint directory (a second stage) instead of random weights
+    second_stage_steps: int = 2000  # then this many steps more with a fresh schedule (not after --init)
 
 
 class Encoder:
@@ -96,20 +98,22 @@ def frame_changes(frames: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
 
 
-def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, layers: int, augment: bool):
+def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, layers: int, augment: bool,
+                      merge: bool = True):
     """(seg_start bool [T], merge_at int, frame_keep bool [T], token_keep bool [T, s]).
 
     Merges join a frame to the run before it only where the two are alike (`changes` below
     SIMILAR), as EarlyTom's stage I does, so flashes and cuts stay their own frames; drops
     are rare and light, so the answer usually survives them (a model trained on inputs whose
-    answer is gone learns to guess)."""
+    answer is gone learns to guess). For the same reason `merge=False` (question types whose
+    answer is a duration, which merging alike frames erases) draws no merges."""
     t = changes.shape[0] + 1
     seg_start = np.ones(t, bool)
     frame_keep = np.ones(t, bool)
     token_keep = np.ones((t, s), bool)
     merge_at = layers  # past the last block: no merge
     if augment and rng.random() > 0.4:
-        if rng.random() < 0.6:
+        if rng.random() < 0.6 and merge:
             join = (changes < SIMILAR) & (rng.random(t - 1) < rng.uniform(0.3, 1.0))
             seg_start[1:] = ~join
             run = 0
@@ -130,6 +134,7 @@ def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, lay
     return seg_start, merge_at, frame_keep, token_keep
 
 
+DURATION_KINDS = ("scene",)  # the answer is how many frames are dark
 SIMILAR = 6.0  # mean |difference| of consecutive uint8 frames below which they may merge
 MAX_RUN = 6
 
@@ -140,7 +145,8 @@ def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
     out = {k: [] for k in ("pixels", "suffix", "suffix_valid", "seg_start", "merge_at", "frame_keep", "token_keep")}
     for smp in samples:
         ids, valid = enc.suffix(smp.prompt, smp.answer)
-        seg, m, fk, tk = draw_augmentation(rng, frame_changes(smp.frames), s, cfg.vision.num_layers, augment)
+        seg, m, fk, tk = draw_augmentation(rng, frame_changes(smp.frames), s, cfg.vision.num_layers, augment,
+                                           merge=smp.kind not in DURATION_KINDS)
         for k, v in zip(out, (PREPROCESSOR.normalize(smp.frames), ids, valid, seg, m, fk, tk)):
             out[k].append(v)
     return {k: np.stack(v) for k, v in out.items()}
@@ -203,10 +209,10 @@ def make_optimizer(st: TrainSettings):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=st.weight_decay))
 
 
-def _batches(st: TrainSettings, enc: Encoder, out_q: queue.Queue, stop: threading.Event):
-    """Producer thread: batch i holds training seeds i*B .. i*B+B-1, kinds in turn."""
-    rng = np.random.default_rng([st.seed, 1, int(bool(st.init))])
-    first = st.seed * 10_000_000 + (5_000_000 if st.init else 0)  # a second stage sees new clips
+def _batches(st: TrainSettings, stage: int, enc: Encoder, out_q: queue.Queue, stop: threading.Event):
+    """Producer thread: batch i holds training seeds first+i*B .. first+i*B+B-1, kinds in turn."""
+    rng = np.random.default_rng([st.seed, 1, stage])
+    first = st.seed * 10_000_000 + 5_000_000 * stage  # a second stage sees new clips
     for step in range(st.steps):
         if stop.is_set():
             return
@@ -234,16 +240,41 @@ def evaluate(params, enc: Encoder, per_kind: int, predict) -> dict[str, float]:
 
 
 def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dict, dict]:
-    """→ (params, record). Saves the checkpoint to `out_dir` at each evaluation and at the end."""
+    """→ (params, record). The first stage starts from random weights (or from `st.init`, which
+    counts as a second stage); without `st.init`, a second stage of `st.second_stage_steps`
+    follows with a fresh warm-up and cosine schedule (the recipe of the shipped model: the
+    motion question is learned late, and a restarted schedule finishes it). Saves the
+    checkpoint to `out_dir` at each evaluation of the last stage and at the end."""
+    stages = [(st.init, 1 if st.init else 0, st.steps)]
+    if not st.init and st.second_stage_steps > 0:
+        stages.append(("", 1, st.second_stage_steps))
     enc = Encoder()
-    prefix = jnp.asarray(enc.prefix)
-    if st.init:
-        from earlytom_jax.checkpoint.load import load_any
+    params, records, t0 = None, [], time.time()
+    for i, (init, stage, steps) in enumerate(stages):
+        if init:
+            from earlytom_jax.checkpoint.load import load_any
 
-        params = load_any(st.init)[1]
-    else:
-        params = random_params(TOY_CONFIG, seed=st.seed)
-    opt = make_optimizer(st)
+            params = load_any(init)[1]
+        elif params is None:
+            params = random_params(TOY_CONFIG, seed=st.seed)
+        last = i == len(stages) - 1
+
+        def on_eval(p, history, seconds, done, stage=stage, steps=steps, last=last):
+            if out_dir and last:
+                record = _record(st, records + [_stage(stage, steps, history, seconds)], time.time() - t0, done, st.init)
+                save_checkpoint(p, out_dir, record)
+
+        params, history, seconds = _train_stage(st, params, stage, steps, enc, log, on_eval)
+        records.append(_stage(stage, steps, history, seconds))
+    return params, _record(st, records, time.time() - t0, True, st.init)
+
+
+def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
+    """One stage of `steps` optimizer steps from `params`; `on_eval(params, history, seconds,
+    done)` after each held-out evaluation. → (params, history, seconds)."""
+    prefix = jnp.asarray(enc.prefix)
+    st_stage = dataclasses.replace(st, steps=steps)
+    opt = make_optimizer(st_stage)
     opt_state = opt.init(params)
 
     @jax.jit
@@ -258,36 +289,40 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
 
     q: queue.Queue = queue.Queue(maxsize=6)
     stop = threading.Event()
-    producer = threading.Thread(target=_batches, args=(st, enc, q, stop), daemon=True)
+    producer = threading.Thread(target=_batches, args=(st_stage, stage, enc, q, stop), daemon=True)
     producer.start()
     t0 = time.time()
     history = []
     losses, accs = [], []
     try:
-        for step in range(st.steps):
+        for step in range(steps):
             batch = q.get()
             params, opt_state, loss, acc = step_fn(params, opt_state, batch)
             losses.append(loss)
             accs.append(acc)
             if (step + 1) % 50 == 0:
-                log(f"  step {step + 1}  {(time.time() - t0) / 60:.1f} min  loss {float(np.mean(jax.device_get(losses[-50:]))):.3f}  "
+                log(f"  stage {stage + 1} step {step + 1}  {(time.time() - t0) / 60:.1f} min  "
+                    f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f}  "
                     f"acc {float(np.mean(jax.device_get(accs[-50:]))):.2f}", flush=True)
-            if (step + 1) % st.eval_every == 0 or step + 1 == st.steps:
+            if (step + 1) % st.eval_every == 0 or step + 1 == steps:
                 l, a = float(np.mean(jax.device_get(losses))), float(np.mean(jax.device_get(accs)))
                 losses, accs = [], []
                 held = evaluate(params, enc, st.eval_per_kind, predict)
                 elapsed = time.time() - t0
                 history.append({"step": step + 1, "minutes": elapsed / 60, "loss": l, "train_acc": a, "held_out": held})
-                log(f"step {step + 1}/{st.steps}  {elapsed / 60:.1f} min  loss {l:.3f}  train acc {a:.2f}  "
+                log(f"stage {stage + 1} step {step + 1}/{steps}  {elapsed / 60:.1f} min  loss {l:.3f}  train acc {a:.2f}  "
                     + "  ".join(f"{k} {v:.2f}" for k, v in held.items()), flush=True)
-                if out_dir:
-                    save_checkpoint(params, out_dir, _record(st, history, time.time() - t0, done=step + 1 == st.steps))
+                on_eval(params, history, time.time() - t0, step + 1 == steps)
     finally:
         stop.set()
-    return params, _record(st, history, time.time() - t0, done=True)
+    return params, history, time.time() - t0
 
 
-def _record(st: TrainSettings, history, seconds: float, done: bool) -> dict:
+def _stage(stage: int, steps: int, history, seconds: float) -> dict:
+    return {"stage": stage + 1, "steps": steps, "train_seconds": round(seconds, 1), "history": history}
+
+
+def _record(st: TrainSettings, stages: list, seconds: float, done: bool, init: str = "") -> dict:
     import platform
 
     return {
@@ -297,8 +332,18 @@ def _record(st: TrainSettings, history, seconds: float, done: bool) -> dict:
         "complete": done,
         "train_seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()})",
-        "history": history,
+        "stages": stages,
+        **({"init_record": _read_record(init)} if init else {}),
     }
+
+
+def _read_record(directory: str):
+    """The training record of the checkpoint a second stage started from (None if it has none)."""
+    path = os.path.join(directory, "training.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None) -> int:
