@@ -562,6 +562,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("earlytom: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # device out of memory: one line, not XLA's traceback
+        if args.debug or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"earlytom: error: the device ran out of memory ({first}); try fewer --frames, "
+              "a smaller model, --dtype bfloat16 on an accelerator, or --mesh to shard", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -121,3 +121,16 @@ def test_run_streams_the_same_tokens_as_json(tiny_dir, clip):
     assert "visual tokens" in streamed.stderr and "TTFT" in streamed.stderr
     j = json.loads(_cli("run", *flags, "--json").stdout.strip().splitlines()[-1])
     assert streamed.stdout.strip() == j["text"]
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED (e.g. the 7B shape on a small host) ends in one line, exit 3."""
+    from earlytom_jax import cli
+
+    def oom(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30086335792 bytes.\nmore XLA detail")
+
+    monkeypatch.setattr(cli, "cmd_bench", oom)
+    assert cli.main(["bench", "--arch", "tiny"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory" in err[0] and "30086335792 bytes" in err[0]
