@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -339,11 +338,10 @@ def _record(st: TrainSettings, stages: list, seconds: float, done: bool, init: s
 
 def _read_record(directory: str):
     """The training record of the checkpoint a second stage started from (None if it has none)."""
+    from earlytom_jax.io_utils import read_json
+
     path = os.path.join(directory, "training.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.exists(path) else None
 
 
 def main(argv=None) -> int:
