@@ -21,6 +21,7 @@ from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import Generation, generate
+from earlytom_jax.models import stack
 from earlytom_jax.prompt import PromptIds, Tokenizer, encode_video_prompt
 from earlytom_jax.video import Preprocessor, VideoFrames, load_video
 
@@ -58,13 +59,15 @@ class VideoLLM:
     def load(cls, directory: str, dtype: str = "float32", mesh=None) -> "VideoLLM":
         """An HF checkpoint directory (safetensors, any supported layout) or a converted one
         (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
-        every weight straight into its shard on the devices (see earlytom_jax.sharding)."""
+        every weight straight into its shard on the devices (see earlytom_jax.sharding).
+        On CPU, bf16 layer stacks are held as their uint16 bits (`models.stack.pack`)."""
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
         if m is not None:
             shapes = param_shapes(load_any_config(directory))
             shardings, _ = sharding.plan_shardings(shapes, m)
         cfg, params = load_any(directory, dtype, shardings)
+        params = stack.pack(params)
         return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory), m)
 
     def placed(self, mesh) -> "VideoLLM":

@@ -286,6 +286,7 @@ def cmd_bench(args) -> int:
     from earlytom_jax import bench
     from earlytom_jax.architectures import architecture, random_params
     from earlytom_jax.checkpoint.load import load_hf
+    from earlytom_jax.models import stack
     from earlytom_jax.pipeline import FULL
     from earlytom_jax.synthetic import make_clip
     from earlytom_jax.video import Preprocessor, load_video
@@ -326,6 +327,7 @@ def cmd_bench(args) -> int:
             if mesh is not None:
                 params, _ = shd.shard_params(params, mesh)
             weights = f"random ({args.arch})"
+    params = stack.pack(params)  # bf16 on CPU: no f32 copy of the layer stacks (see models/stack.py)
     frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
     pix_np = pre(frames)
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from earlytom_jax.compression.base import FullTokens
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.models import llava_onevision as lov
-from earlytom_jax.models import qwen2, siglip
+from earlytom_jax.models import qwen2, siglip, stack
 
 
 FULL = FullTokens()
@@ -158,7 +158,7 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
         k_layer = method.llm_layer
         h, ks_a, vs_a = qwen2.run_layers(layers, h, positions, valid, 0, k_layer - 1, tcfg)
         cos, sin = qwen2.rope_tables(positions, tcfg.head_dim, tcfg.rope_theta)
-        p = jax.tree.map(lambda a: a[k_layer - 1], layers)
+        p = stack.layer(layers, k_layer - 1)
         h, k, v, q = qwen2.layer_prefill(p, h, cos, sin, valid, tcfg, causal=not method.llm_noncausal)
         ks_a = jnp.concatenate([ks_a, k[None]], 0)
         vs_a = jnp.concatenate([vs_a, v[None]], 0)

@@ -71,7 +71,7 @@ def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):
 def run_block_with_attention(blocks, x, index: int, cfg: SiglipConfig, with_keys: bool = False):
     """Block `index` returning (x, colmean [B, N]): attention each token receives; with_keys
     also (…, keys [B, N, D]) averaged over heads."""
-    p = jax.tree.map(lambda a: a[index], blocks)
+    p = stack.layer(blocks, index)
     return block(p, x, cfg, with_attention=True, with_keys=with_keys)
 
 
