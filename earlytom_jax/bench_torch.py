@@ -69,8 +69,9 @@ def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0):
     torch, transformers = _require()
     torch.manual_seed(seed)
     hf_cfg = transformers.LlavaOnevisionConfig(**hf_config_dict(cfg))
-    model = transformers.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
-    return model.to(_torch_dtype(dtype))
+    # built straight in `dtype`: the 7B shape in bf16 (15 GB) never exists in fp32 (30 GB)
+    model = transformers.LlavaOnevisionForConditionalGeneration._from_config(hf_cfg, dtype=_torch_dtype(dtype))
+    return model.eval()
 
 
 def load_pretrained(directory: str, dtype: str = "float32"):
@@ -84,10 +85,18 @@ def load_pretrained(directory: str, dtype: str = "float32"):
 
 
 class _StateDict:
-    """The loader's file interface (`shape`, `get`) over a torch state dict."""
+    """The loader's file interface (`shape`, `get`) over a torch model's state dict. With
+    `release`, a tensor's storage is given back once every name sharing it has been read (tied
+    weights share one), so the model shrinks while our tree grows."""
 
-    def __init__(self, sd):
-        self._sd = sd
+    def __init__(self, model, release: bool = False):
+        self._model, self._sd, self._release = model, model.state_dict(), release
+        self._unread: dict[int, int] = {}
+        for t in self._sd.values():
+            self._unread[t.data_ptr()] = self._unread.get(t.data_ptr(), 0) + 1
+
+    def names(self):
+        return list(self._sd)
 
     def shape(self, name):
         return tuple(self._sd[name].shape)
@@ -96,23 +105,47 @@ class _StateDict:
         import torch
 
         t = self._sd[name].detach()
-        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+        out = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+        ptr = t.data_ptr()
+        self._unread[ptr] -= 1
+        if self._release and self._unread[ptr] == 0:
+            out = out.copy()  # .numpy() of an fp32 tensor shares its storage
+            for n, v in list(self._sd.items()):
+                if v.data_ptr() == ptr:
+                    _empty(self._model, n)
+                    del self._sd[n]
+        return out
 
 
-def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardings=None) -> dict:
+def _empty(model, name: str) -> None:
+    """Replace parameter or buffer `name` of `model` by an empty tensor (frees its storage)."""
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    current = getattr(module, leaf)
+    current.data = torch.empty(0, dtype=current.dtype)
+
+
+def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardings=None, release: bool = False) -> dict:
     """Our parameter tree with the weights of a transformers model (in memory, one tensor at a
-    time, with the checkpoint loader's name mapping and checks); `shardings` as `load_hf`'s."""
+    time, with the checkpoint loader's name mapping and checks); `shardings` as `load_hf`'s.
+    `release` empties the model's tensors as they are read (peak: one model plus one stacked
+    leaf instead of two models); the model cannot run afterwards."""
     import jax
 
     from earlytom_jax.checkpoint.hf import iter_params, set_path
     from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
 
-    sd = model.state_dict()
-    files = {name: _StateDict(sd) for name in sd}
+    sd = _StateDict(model, release)
+    files = {name: sd for name in sd.names()}
     lookup = sharding_lookup(shardings, param_paths_and_shapes(cfg)) if shardings is not None else None
     params: dict = {}
     for path, arr in iter_params(files, cfg, resolve_dtype(dtype)):
         set_path(params, path, jax.device_put(arr) if lookup is None else jax.device_put(arr, lookup(path)))
+    if release:  # what our tree does not read (a tied head, SigLIP's unused post-norm) goes too
+        for name in sd.names():
+            _empty(model, name)
     return params
 
 

@@ -80,10 +80,6 @@ def _method_from_args(args, cfg, name: str | None = None, ratio: float | None = 
     return registry.build(name, r, cfg, **kw)
 
 
-def _method(args, cfg, scale=False):
-    return _method_from_args(args, cfg, None, None, scale)
-
-
 def _stats_line(ans, n_frames: int) -> str:
     s = ans.stats
     frames = s.get("frames", n_frames)
@@ -102,7 +98,7 @@ def cmd_run(args) -> int:
     if args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: need at least 1")
     llm = VideoLLM.load(args.model, args.dtype, args.mesh)
-    method = _method(args, llm.cfg)
+    method = _method_from_args(args, llm.cfg)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens, on_token=stream)
     if ans.video is not None and ans.video.repeated:
@@ -131,11 +127,6 @@ def _timed_answer(llm, pixels, question, method, max_new, pad_multiple=None):
     llm.answer(pixels, question, method, max_new, pad_multiple=pad_multiple)
     first = time.perf_counter() - t
     return llm.answer(pixels, question, method, max_new, pad_multiple=pad_multiple), first
-
-
-def _label(method) -> str:
-    name = type(method).__name__
-    return {"FullTokens": "full tokens", "UniformTokens": "uniform tokens", "UniformFrames": "uniform frames"}.get(name, name)
 
 
 def _print_compression(stats) -> None:
@@ -169,6 +160,7 @@ def _demo_trained(args) -> int:
     import jax
 
     from earlytom_jax.api import VideoLLM
+    from earlytom_jax.compression import registry
     from earlytom_jax.evals.toy import TOY_DIR, parse_letter
     from earlytom_jax.pipeline import FULL
     from earlytom_jax.toy import data
@@ -187,8 +179,8 @@ def _demo_trained(args) -> int:
             args.llm_merge_layer = TOY_LLM_LAYER
     else:
         print(f"earlytom demo: {model_dir}")
-    method = _method(args, cfg)
-    label = _label(method)
+    method = _method_from_args(args, cfg)
+    label = registry.label(method)
     print(f"  {label} settings: {method!r}")
     if args.video:
         frames = load_video(args.video, args.frames).frames
@@ -232,6 +224,7 @@ def _demo_random(args) -> int:
 
     from earlytom_jax.api import VideoLLM
     from earlytom_jax.architectures import architecture, random_params
+    from earlytom_jax.compression import registry
     from earlytom_jax.pipeline import FULL
     from earlytom_jax.prompt import Tokenizer
     from earlytom_jax.synthetic import char_tokenizer, make_clip
@@ -251,10 +244,10 @@ def _demo_random(args) -> int:
         frames = make_clip(args.frames, 112, seed=0)
         source = f"generated clip ({args.frames} frames, 112x112: drifting square, scene cut, two flashes)"
     print(f"  video: {source}")
-    method = _method(args, cfg, scale=args.layers is None and args.preset is None)
+    method = _method_from_args(args, cfg, scale=args.layers is None and args.preset is None)
     pixels = pre(frames)
     rows = [(name, *_timed_answer(llm, pixels, args.prompt, m, args.max_new_tokens))
-            for name, m in (("full tokens", FULL), (_label(method), method))]
+            for name, m in (("full tokens", FULL), (registry.label(method), method))]
     print(f"  settings: {method!r}")
     for name, ans, compile_s in rows:
         s = ans.stats
@@ -263,8 +256,8 @@ def _demo_random(args) -> int:
               f" | TTFT {ans.ttft_s * 1000:.1f} ms (first call with compile {compile_s:.1f} s)")
     full, et = rows[0][1], rows[1][1]
     _print_compression(et.stats)
-    print(f"  TTFT ratio full / {_label(method)}: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
-    print(f"  {_label(method)} answer (random weights): {et.text!r}")
+    print(f"  TTFT ratio full / {registry.label(method)}: {full.ttft_s / et.ttft_s:.2f}x on {jax.devices()[0].platform}")
+    print(f"  {registry.label(method)} answer (random weights): {et.text!r}")
     _write_picture(args, frames, et.stats, cfg)
     return 0
 
@@ -299,42 +292,52 @@ def cmd_bench(args) -> int:
         raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
     names = registry.resolve(args.methods)  # before any loading: a misspelt name fails at once
     mesh = shd.parse_mesh(args.mesh) if args.mesh else None
-    torch_model = None
     if args.reference == "torch":
         from earlytom_jax import bench_torch
 
         bench_torch._require()  # fail before any work when torch is missing
+    frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
+    # the paper's prompt, as token ids of the right length for the qwen_1_5 template
+    prefix, suffix = list(range(14)), list(range(100, 100 + 25))
+    # The PyTorch reference runs first, alone in memory, so that the 7B shape (15 GB in bf16)
+    # never needs two models on a 24 GB host; its weights then move into our tree.
+    reference = None
     if args.model:
         from earlytom_jax.checkpoint.load import load_config
 
-        shardings = None if mesh is None else shd.plan_shardings(param_shapes(load_config(args.model)), mesh)[0]
-        cfg, params = load_hf(args.model, args.dtype, shardings)
+        cfg = load_config(args.model)
         pre = Preprocessor.from_dir(args.model)
-        weights = args.model
+        pix_np = pre(frames)
         if args.reference == "torch":
             torch_model = bench_torch.load_pretrained(args.model, args.dtype)
+            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
+            del torch_model
+        shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
+        cfg, params = load_hf(args.model, args.dtype, shardings)
+        weights = args.model
     else:
         cfg = architecture(args.arch)
         pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+        pix_np = pre(frames)
+        shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
         if args.reference == "torch":
             # the random transformers model first; our tree gets its very weights
             torch_model = bench_torch.build_random(cfg, args.dtype)
-            shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
-            params = bench_torch.params_from_torch(torch_model, cfg, args.dtype, shardings)
+            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
+            params = bench_torch.params_from_torch(torch_model, cfg, args.dtype, shardings, release=True)
+            del torch_model
             weights = f"random ({args.arch}), the same in JAX and in the PyTorch reference"
         else:
             params = random_params(cfg, dtype=jax.numpy.dtype(args.dtype))
             if mesh is not None:
                 params, _ = shd.shard_params(params, mesh)
             weights = f"random ({args.arch})"
+    if reference is not None:
+        print(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s", file=sys.stderr, flush=True)
     params = stack.pack(params)  # bf16 on CPU: no f32 copy of the layer stacks (see models/stack.py)
-    frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
-    pix_np = pre(frames)
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
     if mesh is not None:
         pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
-    # the paper's prompt, as token ids of the right length for the qwen_1_5 template
-    prefix, suffix = list(range(14)), list(range(100, 100 + 25))
     results = []
     scale = args.layers is None and args.preset is None and cfg.vision.num_layers < 24
     for name in names:
@@ -344,9 +347,7 @@ def cmd_bench(args) -> int:
                                 not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops, mesh=mesh)
             results.append(res)
             print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
-    reference = None
-    if torch_model is not None:
-        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
+    if reference is not None:
         full = next((r for r in results if r.method == "full"), None)
         for r in results:
             r.ttft_over_reference = r.ttft_mean / reference["ttft_mean_s"]
@@ -354,7 +355,6 @@ def cmd_bench(args) -> int:
             reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
             reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
-        print(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s", file=sys.stderr, flush=True)
     table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), "devices": [str(d) for d in jax.devices()],
@@ -413,7 +413,7 @@ def cmd_eval(args) -> int:
         if name == "earlytom" and not a.preset and a.tau is None and a.layers is None and preset_task in PUBLISHED and published:
             a.preset = f"{preset_task}@{ratio:g}"
             print(f"note: EarlyTom with the published {a.preset} settings (--tau/--layers override)", file=sys.stderr)
-        return _method(a, cfg)
+        return _method_from_args(a, cfg)
 
     if args.compare:
         runs = []

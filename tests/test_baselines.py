@@ -173,6 +173,14 @@ def test_registry_resolves_spellings_and_groups():
         registry.resolve(["full", "tome"])
 
 
+def test_registry_labels_every_built_method():
+    cfg = architecture("tiny")
+    built = {n: registry.build(n, None if n == "full" else 0.5, cfg, **({"scale_layers_for_depth": True} if n == "earlytom" else {}))
+             for n in registry.METHODS}
+    assert {n: registry.label(m) for n, m in built.items()} == registry.LABELS
+    assert registry.label(built["uniform_frames"]) == "uniform frames"
+
+
 @pytest.mark.parametrize("name,ratio,kw,match", [
     ("tome", 0.1, {}, "unknown method 'tome'"),
     ("visionzip", 0.0, {}, "outside \\(0, 1\\]"),

@@ -108,3 +108,23 @@ def test_missing_torch_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ConfigError, match=r"pip install '\.\[test\]'"):
         bench_torch._require()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reference_weights_move_into_our_tree(dtype):
+    """`params_from_torch(release=True)` (how the bench fits the 7B shape next to nothing else)
+    gives the tree the model would give unreleased, tied weights included, and leaves the
+    transformers model with no storage; the random model is built straight in `dtype`."""
+    pytest.importorskip("transformers")
+    import jax
+    import numpy as np
+
+    from earlytom_jax import bench_torch
+
+    cfg = architecture("tiny")
+    model = bench_torch.build_random(cfg, dtype)
+    assert {p.dtype for p in model.parameters()} == {getattr(__import__("torch"), dtype)}
+    kept = bench_torch.params_from_torch(model, cfg, dtype)
+    moved = bench_torch.params_from_torch(model, cfg, dtype, release=True)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), moved, kept)
+    assert sum(p.numel() for p in model.parameters()) == 0

@@ -205,9 +205,11 @@ def iter_params(files: dict, cfg: LlavaOVConfig, dtype):
     canon, specs = map_tensors(files, cfg)
     for s in specs:
         if s.layers:
-            first = s.fn(np.asarray(canon[s.source.format(i=0)][0].get(canon[s.source.format(i=0)][1])))
+            f, n = canon[s.source.format(i=0)]
+            first = s.fn(np.asarray(f.get(n)))
             out = np.empty((s.layers,) + first.shape, dtype=dtype)
-            for i in range(s.layers):
+            out[0] = first.astype(dtype)
+            for i in range(1, s.layers):  # each source read once: a reader may release what it gave
                 f, n = canon[s.source.format(i=i)]
                 out[i] = s.fn(f.get(n)).astype(dtype)
         else:

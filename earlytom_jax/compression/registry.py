@@ -26,7 +26,7 @@ from earlytom_jax.errors import ConfigError
 
 METHODS = ("full", "earlytom", "fastv", "visionzip", "uniform_tokens", "uniform_frames")
 
-__all__ = ["GROUPS", "METHODS", "SETTINGS", "build", "canonical", "resolve", "token_budget"]
+__all__ = ["GROUPS", "LABELS", "METHODS", "SETTINGS", "build", "canonical", "label", "resolve", "token_budget"]
 
 
 def _full(ratio, cfg):
@@ -92,6 +92,17 @@ assert tuple(_BUILDERS) == tuple(SETTINGS) == METHODS
 
 
 GROUPS = {"uniform": ("uniform_tokens", "uniform_frames")}
+
+LABELS = {"full": "full tokens", "earlytom": "EarlyTom", "fastv": "FastV", "visionzip": "VisionZip",
+          "uniform_tokens": "uniform tokens", "uniform_frames": "uniform frames"}  # for tables and print-outs
+_CLASSES = {FullTokens: "full", EarlyTom: "earlytom", FastV: "fastv", VisionZip: "visionzip",
+            UniformTokens: "uniform_tokens", UniformFrames: "uniform_frames"}
+assert tuple(LABELS) == tuple(_CLASSES.values()) == METHODS
+
+
+def label(method) -> str:
+    """The display name of a built method ("full tokens", "EarlyTom", ...)."""
+    return LABELS[_CLASSES[type(method)]]
 
 
 def canonical(name: str) -> str:

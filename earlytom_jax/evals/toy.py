@@ -25,8 +25,6 @@ TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 BASELINES = ("visionzip", "fastv", "uniform_frames", "uniform_tokens")
-LABELS = {"visionzip": "VisionZip", "fastv": "FastV", "uniform_frames": "uniform frames",
-          "uniform_tokens": "uniform tokens"}
 
 
 def build(name: str, ratio: float | None, cfg, stage3: bool = True):
@@ -95,7 +93,7 @@ def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=
                              lambda i: method("earlytom", r, stage3=False)))
         counts = et["_counts"]
         for name in BASELINES:
-            rows.append(evaluate(f"{LABELS[name]} at EarlyTom {r:.0%}'s budget", name, r,
+            rows.append(evaluate(f"{registry.LABELS[name]} at EarlyTom {r:.0%}'s budget", name, r,
                                  lambda i, n=name: method(n, counts[i] / full_tokens)))
     for row in rows:
         del row["_counts"]
