@@ -143,6 +143,7 @@ def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardin
     params: dict = {}
     for path, arr in iter_params(files, cfg, resolve_dtype(dtype)):
         set_path(params, path, jax.device_put(arr) if lookup is None else jax.device_put(arr, lookup(path)))
+        del arr  # before the next stack is read: one host copy of a stacked leaf at a time
     if release:  # what our tree does not read (a tied head, SigLIP's unused post-norm) goes too
         for name in sd.names():
             _empty(model, name)
