@@ -147,7 +147,21 @@ def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardin
     if release:  # what our tree does not read (a tied head, SigLIP's unused post-norm) goes too
         for name in sd.names():
             _empty(model, name)
+        _return_freed_memory()
     return params
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps the tensors' freed blocks
+    below its mmap threshold; at the 7B shape that is gigabytes the JAX run then lacks)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfig, warmup: int = 2, runs: int = 5) -> dict:
