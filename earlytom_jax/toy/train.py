@@ -33,7 +33,7 @@ import optax
 
 from earlytom_jax.architectures import random_params
 from earlytom_jax.models import llava_onevision as lov
-from earlytom_jax.models import qwen2, siglip
+from earlytom_jax.models import qwen2, siglip, stack
 from earlytom_jax.prompt import chat_prompt
 from earlytom_jax.toy import data
 from earlytom_jax.toy.model import IMAGE_SIZE, NUM_FRAMES, TOY_CONFIG, save_checkpoint, tokenizer
@@ -166,7 +166,7 @@ def forward(params, batch, prefix):
     b, t = batch["pixels"].shape[:2]
     x = siglip.embed(params["vision"], batch["pixels"].reshape((b * t,) + batch["pixels"].shape[2:]), vcfg)
     for layer in range(vcfg.num_layers):
-        p = jax.tree.map(lambda a, i=layer: a[i], params["vision"]["blocks"])
+        p = stack.layer(params["vision"]["blocks"], layer)
         x = siglip.block(p, x, vcfg)[0]
         x4 = x.reshape((b, t) + x.shape[1:])
         merged = _segment_mean(x4, batch["seg_start"])
@@ -190,7 +190,7 @@ def forward(params, batch, prefix):
     # and the blockwise attention kernel several times slower than this
     cos, sin = qwen2.rope_tables(positions, cfg.text.head_dim, cfg.text.rope_theta)
     for layer in range(cfg.text.num_layers):
-        p = jax.tree.map(lambda a, i=layer: a[i], params["text"]["layers"])
+        p = stack.layer(params["text"]["layers"], layer)
         seq = qwen2.layer_prefill(p, seq, cos, sin, valid, cfg.text, block=seq.shape[1])[0]
     return qwen2.logits(params["text"], seq[:, -2:], cfg.text)
 
