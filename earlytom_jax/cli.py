@@ -313,7 +313,7 @@ def cmd_bench(args) -> int:
             reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
             del torch_model
         shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
-        cfg, params = load_hf(args.model, args.dtype, shardings)
+        cfg, params = load_hf(args.model, args.dtype, shardings, cfg=cfg)
         weights = args.model
     else:
         cfg = architecture(args.arch)

@@ -202,3 +202,27 @@ def test_demo_runs_the_shipped_model(tmp_path):
     for kind in data.KINDS:
         assert f"[{kind}]" in r.stdout
     assert Image.open(out).size[0] > 100
+
+
+def test_training_starts_from_a_2d_sincos_position_embedding():
+    """The first half of each patch's vector depends on its column only, the second half on its
+    row only, every patch differs, and nothing else of `random_params` changes."""
+    import jax
+
+    from earlytom_jax.architectures import random_params
+    from earlytom_jax.toy.model import TOY_CONFIG
+    from earlytom_jax.toy.train import initial_params, posemb_sincos_2d
+
+    g, c = TOY_CONFIG.vision.grid, TOY_CONFIG.vision.hidden_size
+    pos = posemb_sincos_2d(g, c).reshape(g, g, c)
+    assert np.abs(pos).max() <= 1.0
+    np.testing.assert_array_equal(pos[:, :, : c // 2], np.broadcast_to(pos[:1, :, : c // 2], pos[:, :, : c // 2].shape))
+    np.testing.assert_array_equal(pos[:, :, c // 2 :], np.broadcast_to(pos[:, :1, c // 2 :], pos[:, :, c // 2 :].shape))
+    flat = pos.reshape(g * g, c)
+    assert np.linalg.norm(flat[:, None] - flat[None], axis=-1)[~np.eye(g * g, dtype=bool)].min() > 0.1
+    # sin and cos of the same angle: each frequency's pair has unit norm
+    np.testing.assert_allclose(flat[:, : c // 4] ** 2 + flat[:, c // 4 : c // 2] ** 2, 1.0, rtol=1e-6)
+    p, q = initial_params(5), random_params(TOY_CONFIG, seed=5)
+    np.testing.assert_array_equal(np.asarray(p["vision"]["pos"]), flat)
+    p["vision"]["pos"] = q["vision"]["pos"]
+    jax.tree.map(np.testing.assert_array_equal, p, q)

@@ -65,14 +65,16 @@ def sharding_lookup(shardings, expected) -> Callable[[tuple[str, ...]], object] 
     return table.__getitem__
 
 
-def load_hf(directory: str, dtype="float32", shardings=None) -> tuple[LlavaOVConfig, dict]:
+def load_hf(directory: str, dtype="float32", shardings=None, cfg: LlavaOVConfig | None = None
+            ) -> tuple[LlavaOVConfig, dict]:
     """HF safetensors directory (any supported layout, single or sharded) → (config, params).
+    `cfg`: the directory's config when the caller has already read it.
 
     Tensors are read one at a time from memory-mapped files and placed on the default device,
     or, with `shardings` (a pytree of jax Shardings matching the parameter tree, or a callable
     path -> Sharding), each directly into its sharding.
     """
-    cfg = load_config(directory)
+    cfg = load_config(directory) if cfg is None else cfg
     files = open_checkpoint_files(directory)
     dt = resolve_dtype(dtype)
     lookup = sharding_lookup(shardings, param_paths_and_shapes(cfg)) if shardings is not None else None
