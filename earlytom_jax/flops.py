@@ -27,6 +27,31 @@ def vision(cfg: LlavaOVConfig, frames_per_block: list[int]) -> int:
     return embed + sum(siglip_block(cfg, t) for t in frames_per_block)
 
 
+def tome_vision(cfg: LlavaOVConfig, frames: int, counts: list[tuple[int, int]]) -> int:
+    """Patch embedding plus ToMe blocks: per block (n tokens in, r merged) attention on n
+    tokens, the bipartite similarity of ceil(n/2) x floor(n/2) head-averaged keys, the MLP on
+    n - r tokens."""
+    v = cfg.vision
+    c, f, d = v.hidden_size, v.intermediate_size, v.hidden_size // v.num_heads
+    total = 2 * v.num_patches * 3 * v.patch_size**2 * c
+    for n, r in counts:
+        total += 8 * n * c * c + 4 * n * n * c + (2 * (-(-n // 2)) * (n // 2) * d if r else 0) + 4 * (n - r) * c * f
+    return frames * total
+
+
+def projector(cfg: LlavaOVConfig, tokens: int) -> int:
+    """The projector alone (a method without the 2x2 pooling) on `tokens` tokens."""
+    c, h = cfg.vision.hidden_size, cfg.text.hidden_size
+    return tokens * (2 * c * h + 2 * h * h)
+
+
+def _tokens_and_vision(cfg: LlavaOVConfig, t_in: int, method):
+    """(vision, projector) counts of a method that runs the encoder blocks itself (ToMe)."""
+    counts = method.token_counts(cfg)
+    last_n, last_r = counts[-1]
+    return tome_vision(cfg, t_in, counts), projector(cfg, t_in * (last_n - last_r))
+
+
 def projector_and_pool(cfg: LlavaOVConfig, frames: int) -> int:
     v, h = cfg.vision, cfg.text.hidden_size
     n, g, pg = v.num_patches, v.grid, cfg.pooled_grid
@@ -96,9 +121,12 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
     n_full = text_tokens + int(stats["visual_tokens"])
     k = getattr(method, "llm_layer", None)
     n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
+    vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_final)
+    if getattr(method, "token_merging", False):
+        vis, tok = _tokens_and_vision(cfg, t_in, method)
     return PrefillFlops(
-        vision=vision(cfg, frames),
-        tokens=projector_and_pool(cfg, t_final) + extra,
+        vision=vis,
+        tokens=tok + extra,
         llm=llm_prefill(cfg, n_full, n_after, k),
         paper_llm=paper_llm(cfg, n_full, n_after, k),
     )
@@ -166,6 +194,9 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     vis = vision(cfg, frames)  # patch embedding on t_in frames, then every block
     extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
     tok = projector_and_pool(cfg, t_in) + extra
+    if getattr(method, "token_merging", False):
+        vis, tok = _tokens_and_vision(cfg, t_in, method)
+        tok += extra
 
     span = method.capacity(t0, cfg.tokens_per_frame) + 1 if hasattr(method, "capacity") else t0 * cfg.tokens_per_frame + 1
     L = text_tokens + span

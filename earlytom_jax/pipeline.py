@@ -67,6 +67,8 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
     t0 = pixels.shape[0]
     x = siglip.embed(params["vision"], pixels, vcfg)
     n = jnp.asarray(t0, jnp.int32)
+    if method.token_merging:
+        return method.encode_tokens(blocks, x, cfg), n, method.encoder_init(t0)
     layers = tuple(sorted(i + vcfg.num_layers if i < 0 else i for i in method.encoder_layers))
     keys = method.encoder_keys
     buckets = method.frame_buckets(t0)
@@ -96,7 +98,10 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
 def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token."""
-    tokens = lov.video_tokens(params, feats, cfg)  # [T0, S, H]
+    if method.pooled:
+        tokens = lov.video_tokens(params, feats, cfg)  # [T0, S, H]
+    else:
+        tokens = lov.project(params["projector"], feats)  # [T0, N', H]
     h = tokens.shape[-1]
     buf, valid, info = method.select(tokens, n, state, cfg)
     count = info["count"]

@@ -169,8 +169,8 @@ def test_registry_resolves_spellings_and_groups():
     assert registry.resolve(["Full", "EarlyTom", "uniform", "visionzip", "uniform-frames", "FastV"]) == [
         "full", "earlytom", "uniform_tokens", "uniform_frames", "visionzip", "fastv"]
     assert registry.canonical(" Uniform-Tokens ") == "uniform_tokens"
-    with pytest.raises(ConfigError, match="unknown method 'tome'.*uniform = uniform_tokens and uniform_frames"):
-        registry.resolve(["full", "tome"])
+    with pytest.raises(ConfigError, match="unknown method 'prumerge'.*uniform = uniform_tokens and uniform_frames"):
+        registry.resolve(["full", "prumerge"])
 
 
 def test_registry_labels_every_built_method():
@@ -182,7 +182,7 @@ def test_registry_labels_every_built_method():
 
 
 @pytest.mark.parametrize("name,ratio,kw,match", [
-    ("tome", 0.1, {}, "unknown method 'tome'"),
+    ("prumerge", 0.1, {}, "unknown method 'prumerge'"),
     ("visionzip", 0.0, {}, "outside \\(0, 1\\]"),
     ("uniform_frames", 1.5, {}, "outside \\(0, 1\\]"),
     ("fastv", None, {}, "needs a ratio"),

@@ -14,7 +14,10 @@ hook 1, inside the vision encoder
     encoder_init(t0) -> state
     encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last[, keys]) -> (x, n, state)
     encoder_stats(state) -> dict
+    token_merging: bool               instead of all the above, the method runs the blocks:
+    encode_tokens(blocks, x [T,N,C], cfg) -> x [T,N',C]   (ToMe: fewer tokens per frame)
 hook 2, after projector and pooling
+    pooled: bool                      False: the projector's tokens without the 2x2 pooling
     select(tokens [Tc,S,H], n, state, cfg) -> (buffer [Vc,H], valid [Vc], info with "count")
 hook 3, inside the LLM (prefill only)
     llm_layer: int | None, llm_noncausal: bool
@@ -63,6 +66,8 @@ class NoHooks:
 
     encoder_layers: tuple[int, ...] = ()
     encoder_keys = False
+    token_merging = False
+    pooled = True
     llm_layer = None
     llm_noncausal = False
 

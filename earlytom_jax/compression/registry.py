@@ -8,6 +8,7 @@ convention: r of the T0 · 196 pooled visual tokens (`base.token_budget`).
     visionzip       exactly round(r·T0·196) tokens (dominant + contextual per frame)
     uniform_tokens  exactly round(r·T0·196) tokens (uniform 2-D cells per frame)
     uniform_frames  max(1, round(r·T0)) frames with all 196 tokens (frame-granular)
+    tome            ToMe in every encoder block: round(r·196) merged tokens per frame, no pooling
 
 `build(name, ratio, cfg, **settings)` validates the name, the ratio and the settings and
 returns a checked method; EarlyTom and FastV are built as the command line builds them.
@@ -19,12 +20,13 @@ from earlytom_jax.compression.base import FullTokens, token_budget
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.compression.fastv import FastV
 from earlytom_jax.compression.presets import preset as published
+from earlytom_jax.compression.tome import ToMe
 from earlytom_jax.compression.uniform import UniformFrames, UniformTokens
 from earlytom_jax.compression.visionzip import VisionZip
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
-METHODS = ("full", "earlytom", "fastv", "visionzip", "uniform_tokens", "uniform_frames")
+METHODS = ("full", "earlytom", "fastv", "visionzip", "uniform_tokens", "uniform_frames", "tome")
 
 __all__ = ["GROUPS", "LABELS", "METHODS", "SETTINGS", "build", "canonical", "label", "resolve", "token_budget"]
 
@@ -70,6 +72,10 @@ def _uniform_frames(ratio, cfg):
     return UniformFrames(ratio=ratio)
 
 
+def _tome(ratio, cfg):
+    return ToMe(ratio=ratio).check(cfg)
+
+
 _BUILDERS = {
     "full": _full,
     "earlytom": _earlytom,
@@ -77,6 +83,7 @@ _BUILDERS = {
     "visionzip": _visionzip,
     "uniform_tokens": _uniform_tokens,
     "uniform_frames": _uniform_frames,
+    "tome": _tome,
 }
 
 SETTINGS = {
@@ -87,6 +94,7 @@ SETTINGS = {
     "visionzip": ("per_frame", "dominant_ratio", "quirks"),
     "uniform_tokens": ("mode",),
     "uniform_frames": (),
+    "tome": (),
 }
 assert tuple(_BUILDERS) == tuple(SETTINGS) == METHODS
 
@@ -94,9 +102,9 @@ assert tuple(_BUILDERS) == tuple(SETTINGS) == METHODS
 GROUPS = {"uniform": ("uniform_tokens", "uniform_frames")}
 
 LABELS = {"full": "full tokens", "earlytom": "EarlyTom", "fastv": "FastV", "visionzip": "VisionZip",
-          "uniform_tokens": "uniform tokens", "uniform_frames": "uniform frames"}  # for tables and print-outs
+          "uniform_tokens": "uniform tokens", "uniform_frames": "uniform frames", "tome": "ToMe"}  # for tables and print-outs
 _CLASSES = {FullTokens: "full", EarlyTom: "earlytom", FastV: "fastv", VisionZip: "visionzip",
-            UniformTokens: "uniform_tokens", UniformFrames: "uniform_frames"}
+            UniformTokens: "uniform_tokens", UniformFrames: "uniform_frames", ToMe: "tome"}
 assert tuple(LABELS) == tuple(_CLASSES.values()) == METHODS
 
 

@@ -45,8 +45,11 @@ def _weighted(p, v, hq):
     return o.reshape(b, lq, hq, v.shape[-1])
 
 
-def _dense(q, k, v, mask, scale, colmean: bool):
-    p = jax.nn.softmax(_mask(_scores(q, k, scale), mask), axis=-1)
+def _dense(q, k, v, mask, scale, colmean: bool, bias=None):
+    s = _scores(q, k, scale)
+    if bias is not None:
+        s = s + bias[:, None, None, None, :]
+    p = jax.nn.softmax(_mask(s, mask), axis=-1)
     col = p.mean(axis=(1, 2, 3)) if colmean else None
     return _weighted(p.astype(v.dtype), v, q.shape[2]), col
 
@@ -55,7 +58,7 @@ def _mask(s, mask):
     return s if mask is None else jnp.where(mask[:, None, None], s, NEG)
 
 
-def _attention_by_head(q, k, v, mask, scale, colmean: bool):
+def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
     """`_dense` as a loop over key heads (and batch rows when no mesh shards the batch: a
     loop over a sharded axis would gather it), each step one [G·Lq, Lk] block."""
     b, lq, hq, d = q.shape
@@ -75,6 +78,8 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool):
         # the scale on q, not on the scores: one pass fewer over [Lq, Lk]
         s = jnp.einsum("...qd,...kd->...qk", qi * jnp.asarray(scale, qi.dtype), ki,
                        preferred_element_type=jnp.float32)
+        if bias is not None:
+            s = s + bias[ri][..., None, :]
         if mask is not None:
             m = mask[ri]  # [(B,) Lq, Lk]
             s = jnp.where(jnp.concatenate([m] * g, axis=-2) if g > 1 else m, s, NEG)
@@ -93,18 +98,21 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool):
 _BY_HEAD_MIN_SCORES = 128 * 128  # smaller score matrices (decode steps) stay dense
 
 
-def _attend(q, k, v, mask, scale, colmean: bool):
+def _attend(q, k, v, mask, scale, colmean: bool, bias=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = None if bias is None else bias.astype(jnp.float32)
     # chosen when tracing for the default backend (not lax.platform_dependent, whose unused
     # branch would hide the loop from the loop-aware FLOP count in bench.py)
     if q.shape[1] * k.shape[1] >= _BY_HEAD_MIN_SCORES and jax.default_backend() == "cpu":
-        return _attention_by_head(q, k, v, mask, scale, colmean)
-    return _dense(q, k, v, mask, scale, colmean)
+        return _attention_by_head(q, k, v, mask, scale, colmean, bias)
+    return _dense(q, k, v, mask, scale, colmean, bias)
 
 
-def attention(q, k, v, mask=None, scale=None):
-    """Dense attention. mask: bool [B, Lq, Lk] (True = may attend) or None. → [B, Lq, Hq, D]."""
-    return _attend(q, k, v, mask, scale, False)[0]
+def attention(q, k, v, mask=None, scale=None, bias=None):
+    """Dense attention. mask: bool [B, Lq, Lk] (True = may attend) or None; bias: [B, Lk]
+    added to every query's scores for that key (ToMe's log token sizes) or None.
+    → [B, Lq, Hq, D]."""
+    return _attend(q, k, v, mask, scale, False, bias)[0]
 
 
 def attention_colmean(q, k, v, scale=None):

@@ -37,6 +37,16 @@ def embed(params, pixels, cfg: SiglipConfig):
 def block(p, x, cfg: SiglipConfig, with_attention: bool = False, with_keys: bool = False):
     """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None), and with_keys
     also the keys averaged over heads [B, N, D] fp32 (VisionZip's similarity metric)."""
+    x, colmean, k = attention_half(p, x, cfg, with_attention)
+    x = mlp_half(p, x, cfg)
+    if with_keys:
+        return x, colmean, k.astype(jnp.float32).mean(axis=2)
+    return x, colmean
+
+
+def attention_half(p, x, cfg: SiglipConfig, with_attention: bool = False, key_bias=None):
+    """The block up to its attention residual. x [B, N, C] → (x, colmean [B, N] fp32 or None,
+    keys [B, N, Hk, D]); key_bias [B, N] is added to every query's score for that key."""
     x = constrain(x, "frames", None, None)
     h = layer_norm(x, p["ln1_s"], p["ln1_b"], cfg.layer_norm_eps)
     q, k, v = (
@@ -46,14 +56,15 @@ def block(p, x, cfg: SiglipConfig, with_attention: bool = False, with_keys: bool
     if with_attention:
         o, colmean = attention_colmean(q, k, v)
     else:
-        o, colmean = attention(q, k, v), None
-    x = x + jnp.einsum("bnhd,hdc->bnc", o, p["o_w"]) + p["o_b"]
+        o, colmean = attention(q, k, v, bias=key_bias), None
+    return x + jnp.einsum("bnhd,hdc->bnc", o, p["o_w"]) + p["o_b"], colmean, k
+
+
+def mlp_half(p, x, cfg: SiglipConfig):
+    """The block's MLP residual. x [B, N, C] → [B, N, C]."""
     h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
     h = constrain(jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True), "frames", None, "mlp")
-    x = x + h @ p["fc2_w"] + p["fc2_b"]
-    if with_keys:
-        return x, colmean, k.astype(jnp.float32).mean(axis=2)
-    return x, colmean
+    return x + h @ p["fc2_w"] + p["fc2_b"]
 
 
 def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):

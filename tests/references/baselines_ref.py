@@ -156,3 +156,81 @@ def baseline_reference(model, pixel_values, prefix_ids, suffix_ids, method: str,
     visual = torch.cat([f["tokens"] for f in per], 0)
     return dict(first_logits=_first_logits(model, prefix_ids, visual, suffix_ids),
                 visual_tokens=visual.shape[0], frames=per)
+
+
+# ------------------------------------------------------------------------------ ToMe
+
+
+def tome_schedule(n: int, c: int, depth: int) -> list[int] | None:
+    """The smallest constant r whose schedule (each block capped by the tokens left above c
+    and by half the tokens) takes n to c in `depth` blocks; None if none does."""
+    for r in range(1, n + 1):
+        left, out = n, []
+        for _ in range(depth):
+            m = min(r, left - c, left // 2)
+            out.append(m)
+            left -= m
+        if left == c:
+            return out
+    return None
+
+
+def _tome_block(layer, h, size, patch, r: int):
+    """One SigLIP block on one frame with ToMe: h [N, C], size [N], patch (list of N ints).
+    Proportional attention, then bipartite soft matching on the head-averaged keys (A = even
+    positions, B = odd; every A token's most similar B token, first on ties; the r A tokens of
+    highest similarity, first position on ties, merge into their B token by size-weighted
+    average), then the MLP. Returns (h, size, patch) with N - r tokens."""
+    attn = layer.self_attn
+    N, C = h.shape
+    nh, hd = attn.num_heads, attn.head_dim
+    x = layer.layer_norm1(h)
+    q = attn.q_proj(x).view(N, nh, hd).transpose(0, 1)
+    k = attn.k_proj(x).view(N, nh, hd).transpose(0, 1)
+    v = attn.v_proj(x).view(N, nh, hd).transpose(0, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale + torch.log(size)[None, None, :]
+    o = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1).reshape(N, C)
+    h = h + attn.out_proj(o)
+    if r:
+        metric = k.mean(dim=0)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        A, B = list(range(0, N, 2)), list(range(1, N, 2))
+        sim = metric[A] @ metric[B].T
+        best = [max(range(len(B)), key=lambda j, i=i: (sim[i, j].item(), -j)) for i in range(len(A))]
+        order = sorted(range(len(A)), key=lambda i: (-sim[i, best[i]].item(), i))
+        sums = [h[b] * size[b] for b in B]
+        sizes = [size[b].clone() for b in B]
+        for i in order[:r]:
+            sums[best[i]] = sums[best[i]] + h[A[i]] * size[A[i]]
+            sizes[best[i]] = sizes[best[i]] + size[A[i]]
+        keep = order[r:]
+        h = torch.stack([h[A[i]] for i in keep] + [s / z for s, z in zip(sums, sizes)])
+        size = torch.stack([size[A[i]] for i in keep] + sizes)
+        patch = [patch[A[i]] for i in keep] + [patch[b] for b in B]
+    h = h + layer.mlp(layer.layer_norm2(h))
+    return h, size, patch
+
+
+@torch.no_grad()
+def tome_reference(model, pixel_values, prefix_ids, suffix_ids, ratio: float) -> dict:
+    """ToMe in every encoder block, c = max(1, round(r · S)) tokens per frame, projector
+    without pooling, tokens in the raster order of the patch each kept. Returns
+    dict(first_logits [V], visual [T·c, H], patches per frame, schedule)."""
+    cfg = model.config
+    embeddings, blocks = _vision_parts(model)
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    S = (-(-g // 2)) ** 2
+    c = max(1, round(ratio * S))
+    sched = tome_schedule(g * g, c, len(blocks))
+    tokens, patches = [], []
+    for frame in pixel_values.float():
+        h = embeddings(frame[None])[0]
+        size, patch = torch.ones(h.shape[0]), list(range(h.shape[0]))
+        for layer, r in zip(blocks, sched):
+            h, size, patch = _tome_block(layer, h, size, patch, r)
+        order = sorted(range(len(patch)), key=lambda i: patch[i])
+        tokens.append(model.model.multi_modal_projector(h[order]))
+        patches.append(sorted(patch))
+    visual = torch.cat(tokens, 0)
+    return dict(first_logits=_first_logits(model, prefix_ids, visual, suffix_ids), visual=visual,
+                patches=patches, schedule=sched)
