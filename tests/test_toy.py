@@ -64,11 +64,20 @@ def test_order_answer_is_the_earlier_colour():
         assert a1 <= b0 and _answer(s) == s.meta["first"] and s.meta["second"] in s.options
 
 
-def test_held_out_seeds_never_meet_training_seeds():
+def test_held_out_and_validation_seeds_never_meet_training_seeds():
+    """Training seeds of stage i: seed · 10^7 + 5 · 10^6 · i + [0, steps · batch)."""
     from earlytom_jax.toy.train import TrainSettings
 
-    st = TrainSettings()
-    assert (st.seed + 1) * 10_000_000 < data.HELD_OUT_START
+    from earlytom_jax.errors import ConfigError
+
+    st = TrainSettings(seed=79, max_stages=4)
+    last = st.seed * 10_000_000 + 5_000_000 * (st.max_stages - 1) + 5_000_000
+    assert last < data.VALIDATION_START
+    for bad in (dict(seed=80), dict(seed=-1), dict(max_stages=5), dict(steps=400_000)):
+        with pytest.raises(ConfigError, match="toy training needs"):
+            TrainSettings(**bad)
+    assert data.VALIDATION_START + 10_000_000 < data.HELD_OUT_START
+    assert data.validation("motion", 1)[0].seed == data.VALIDATION_START
 
 
 def test_tokenizer_knows_every_prompt_word():
@@ -226,3 +235,27 @@ def test_training_starts_from_a_2d_sincos_position_embedding():
     np.testing.assert_array_equal(np.asarray(p["vision"]["pos"]), flat)
     p["vision"]["pos"] = q["vision"]["pos"]
     jax.tree.map(np.testing.assert_array_equal, p, q)
+
+
+def test_training_continues_until_every_type_is_learned(monkeypatch):
+    """Stage 1 always follows stage 0; later stages run while a type's validation accuracy at
+    a stage's end is below `until`, at most `max_stages` in all; --init continues as
+    `start_stage`."""
+    from earlytom_jax.toy import train
+
+    def fake_stage(st, params, stage, steps, enc, log, on_eval):
+        acc = script[stage]
+        return params, [{"step": steps, "validation": {k: acc for k in data.KINDS}}], 0.0
+
+    monkeypatch.setattr(train, "_train_stage", fake_stage)
+    monkeypatch.setattr(train, "initial_params", lambda seed: {})
+    for script, want in (([0.3, 1.0, 1.0, 1.0], [1, 2]), ([0.3, 0.5, 0.96, 1.0], [1, 2, 3]),
+                         ([0.3, 0.5, 0.5, 0.5], [1, 2, 3, 4])):
+        _, rec = train.train(train.TrainSettings(), None, log=lambda *a, **k: None)
+        assert [s["stage"] for s in rec["stages"]] == want and rec["complete"]
+        assert [s["steps"] for s in rec["stages"]] == [3500] + [2000] * (len(want) - 1)
+    monkeypatch.setattr(train, "_read_record", lambda d: None)
+    monkeypatch.setattr("earlytom_jax.checkpoint.load.load_any", lambda d: (None, {}))
+    script = [None, None, 0.5, 1.0]
+    _, rec = train.train(train.TrainSettings(init="x", start_stage=2, steps=2000), None, log=lambda *a, **k: None)
+    assert [s["stage"] for s in rec["stages"]] == [3, 4]

@@ -188,12 +188,18 @@ def make_sample(kind: str, seed: int, num_frames: int = 16, size: int = 48) -> S
     return Sample(kind, seed, _finish(img, rng), QUESTIONS[kind], tuple(options), letter, meta)
 
 
-# Held-out questions use seeds from here on; training draws seeds below it.
+# Held-out questions use seeds from here on; training draws seeds below VALIDATION_START,
+# and the training's own checks (when to stop) use the validation seeds in between.
 HELD_OUT_START = 1_000_000_000
+VALIDATION_START = 900_000_000
 
 
 def held_out(kind: str, n: int, num_frames: int = 16, size: int = 48) -> list[Sample]:
     return [make_sample(kind, HELD_OUT_START + i, num_frames, size) for i in range(n)]
+
+
+def validation(kind: str, n: int, num_frames: int = 16, size: int = 48) -> list[Sample]:
+    return [make_sample(kind, VALIDATION_START + i, num_frames, size) for i in range(n)]
 
 
 def vocabulary() -> list[str]:

@@ -1,7 +1,13 @@
 """Train the toy LLaVA-OneVision on procedural video-QA (data.py), with compression as
 augmentation, in JAX with optax.
 
-    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --seed 0   # the shipped model (two stages)
+    python -m earlytom_jax.toy.train --out earlytom_jax/assets/toy --seed 0   # the shipped model
+
+Stages: 3,500 steps, then 2,000-step stages, each with a fresh warm-up and cosine schedule,
+until every question type reaches `until` on the validation clips (at least two stages, at
+most `max_stages`). The motion question is learned last and at a step that varies between
+runs; training until it is learned, rather than for a fixed time, is what makes a re-run
+land on the same accuracies.
 
 Loss: cross-entropy on the answer letter and the `<|im_end|>` after it. Augmentation, drawn per
 clip on the host so that every step runs the one compiled program:
@@ -53,8 +59,19 @@ class TrainSettings:
     augment: bool = True
     eval_every: int = 500
     eval_per_kind: int = 40
-    init: str = ""  # start from this checkpoint directory (a second stage) instead of random weights
-    second_stage_steps: int = 2000  # then this many steps more with a fresh schedule (not after --init)
+    init: str = ""  # continue from this checkpoint directory, as stage `start_stage`, instead of random weights
+    start_stage: int = 1  # the stage index an --init run continues as (its data and record)
+    second_stage_steps: int = 2000  # the length of every stage after the first
+    until: float = 0.95  # more stages while a type's validation accuracy at a stage's end is below this
+    max_stages: int = 4
+
+    def __post_init__(self):
+        from earlytom_jax.errors import ConfigError
+
+        # stage i draws clip seeds seed·10^7 + 5·10^6·i + [0, steps·batch), below data.VALIDATION_START
+        if not 0 <= self.seed < 80 or not 1 <= self.max_stages <= 4 or max(self.steps, self.second_stage_steps) * self.batch > 5_000_000:
+            raise ConfigError(f"toy training needs 0 <= seed < 80, 1 <= max_stages <= 4 and at most 5,000,000 clips "
+                              f"per stage (got seed {self.seed}, max_stages {self.max_stages})")
 
 
 class Encoder:
@@ -245,12 +262,13 @@ def _batches(st: TrainSettings, stage: int, enc: Encoder, out_q: queue.Queue, st
         out_q.put(make_batch(samples, enc, rng, st.augment))
 
 
-def evaluate(params, enc: Encoder, per_kind: int, predict) -> dict[str, float]:
-    """Held-out accuracy per question type with all tokens (no augmentation)."""
+def evaluate(params, enc: Encoder, per_kind: int, predict, split=data.validation) -> dict[str, float]:
+    """Accuracy per question type with all tokens (no augmentation) on the first `per_kind`
+    clips of `split` (validation by default: training decides on these, never on held-out)."""
     acc = {}
     rng = np.random.default_rng(0)
     for kind in data.KINDS:
-        samples = data.held_out(kind, per_kind)
+        samples = split(kind, per_kind)
         correct = 0
         for i in range(0, per_kind, 20):
             chunk = samples[i:i + 20]
@@ -262,39 +280,45 @@ def evaluate(params, enc: Encoder, per_kind: int, predict) -> dict[str, float]:
 
 
 def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dict, dict]:
-    """→ (params, record). The first stage starts from random weights (or from `st.init`, which
-    counts as a second stage); without `st.init`, a second stage of `st.second_stage_steps`
-    follows with a fresh warm-up and cosine schedule (the recipe of the shipped model: the
-    motion question is learned late, and a restarted schedule finishes it). Saves the
-    checkpoint to `out_dir` at each evaluation of the last stage and at the end."""
-    stages = [(st.init, 1 if st.init else 0, st.steps)]
-    if not st.init and st.second_stage_steps > 0:
-        stages.append(("", 1, st.second_stage_steps))
+    """→ (params, record). Stage 0 starts from `initial_params` (or, with `st.init`, stage
+    `st.start_stage` from that checkpoint) and runs `st.steps`; stage 1 always follows a stage
+    0; later stages (`st.second_stage_steps` each, fresh schedule) follow while some type's
+    validation accuracy at the end of the last stage is below `st.until`, up to
+    `st.max_stages` stages in all. Saves the checkpoint to `out_dir` at each evaluation from
+    stage 1 on and at the end."""
     enc = Encoder()
     init_record = _read_record(st.init) if st.init else None
     params, records, t0 = None, [], time.time()
-    for i, (init, stage, steps) in enumerate(stages):
-        if init:
-            from earlytom_jax.checkpoint.load import load_any
+    stage, steps = (st.start_stage, st.steps) if st.init else (0, st.steps)
+    if st.init:
+        from earlytom_jax.checkpoint.load import load_any
 
-            params = load_any(init)[1]
-        elif params is None:
-            params = initial_params(st.seed)
-        last = i == len(stages) - 1
-
-        def on_eval(p, history, seconds, done, stage=stage, steps=steps, last=last):
-            if out_dir and last:
-                record = _record(st, records + [_stage(stage, steps, history, seconds)], time.time() - t0, done, init_record)
+        params = load_any(st.init)[1]
+    else:
+        params = initial_params(st.seed)
+    while True:
+        def on_eval(p, history, seconds, done, stage=stage, steps=steps):
+            if out_dir and stage >= 1:
+                record = _record(st, records + [_stage(stage, steps, history, seconds)], time.time() - t0, False, init_record)
                 save_checkpoint(p, out_dir, record)
 
         params, history, seconds = _train_stage(st, params, stage, steps, enc, log, on_eval)
         records.append(_stage(stage, steps, history, seconds))
-    return params, _record(st, records, time.time() - t0, True, init_record)
+        learned = min(history[-1]["validation"].values()) >= st.until
+        stage, steps = stage + 1, st.second_stage_steps
+        if stage >= st.max_stages or steps <= 0 or (stage >= 2 and learned):
+            break
+        if stage >= 2:
+            log(f"stage {stage}: a type is below {st.until} on validation, one more stage", flush=True)
+    record = _record(st, records, time.time() - t0, True, init_record)
+    if out_dir:
+        save_checkpoint(params, out_dir, record)
+    return params, record
 
 
 def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
     """One stage of `steps` optimizer steps from `params`; `on_eval(params, history, seconds,
-    done)` after each held-out evaluation. → (params, history, seconds)."""
+    done)` after each validation evaluation. → (params, history, seconds)."""
     prefix = jnp.asarray(enc.prefix)
     st_stage = dataclasses.replace(st, steps=steps)
     opt = make_optimizer(st_stage)
@@ -332,7 +356,7 @@ def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
                 losses, accs = [], []
                 held = evaluate(params, enc, st.eval_per_kind, predict)
                 elapsed = time.time() - t0
-                history.append({"step": step + 1, "minutes": elapsed / 60, "loss": l, "train_acc": a, "held_out": held})
+                history.append({"step": step + 1, "minutes": elapsed / 60, "loss": l, "train_acc": a, "validation": held})
                 log(f"stage {stage + 1} step {step + 1}/{steps}  {elapsed / 60:.1f} min  loss {l:.3f}  train acc {a:.2f}  "
                     + "  ".join(f"{k} {v:.2f}" for k, v in held.items()), flush=True)
                 on_eval(params, history, time.time() - t0, step + 1 == steps)
@@ -375,7 +399,12 @@ def main(argv=None) -> int:
         kw = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": type(f.default)}
         ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
     args = ap.parse_args(argv)
-    st = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    from earlytom_jax.errors import ConfigError
+
+    try:
+        st = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    except ConfigError as e:
+        ap.error(str(e))
     train(st, args.out)
     return 0
 
