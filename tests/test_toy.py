@@ -197,6 +197,23 @@ def test_transformers_answers_the_shipped_model_identically(shipped):
     _assert_transformers_answers_like_us(TOY_DIR, shipped, FULL, per_kind=2, hf_logits=hf_logits)
 
 
+def test_toy_benchmark_command_writes_every_row(tmp_path):
+    """`python -m earlytom_jax.evals.toy` end to end on 1 clip per type at one ratio: full,
+    EarlyTom with and without stage III and every baseline at EarlyTom's budget, in the JSON
+    and the markdown table."""
+    import json
+
+    from earlytom_jax.evals import toy
+
+    out = tmp_path / "toy.json"
+    assert toy.main(["--per-type", "1", "--ratios", "0.25", "--json", str(out), "--md", str(tmp_path / "toy.md")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["full", "earlytom", "earlytom", *toy.BASELINES]
+    assert rows[0]["visual_tokens"] == 144.0 and all(set(r["accuracy"]) == set(data.KINDS) for r in rows)
+    table = (tmp_path / "toy.md").read_text()
+    assert "| VisionZip at EarlyTom 25%'s budget |" in table and table.count("\n") == len(rows) + 2
+
+
 def test_demo_runs_the_shipped_model(tmp_path):
     import subprocess
     import sys

@@ -54,6 +54,7 @@ def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=
     → {"rows": [{label, name, ratio, accuracy: {kind: acc}, mean, visual_tokens, llm_tokens,
     seconds}], "per_type": n, "model": dir}."""
     from earlytom_jax.api import VideoLLM
+    from earlytom_jax.compression import registry
 
     llm = VideoLLM.load(model_dir)
     cfg = llm.cfg
