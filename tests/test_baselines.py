@@ -12,7 +12,6 @@ import torch
 
 from earlytom_jax import flops, pipeline
 from earlytom_jax.architectures import architecture
-from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression import registry
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.compression.fastv import FastV
@@ -28,13 +27,9 @@ T0 = 6
 @pytest.fixture(scope="module")
 def real_layout(tmp_path_factory):
     """378 px / 14 → 27 x 27 patches, pooled to 14 x 14 = 196 tokens per frame, as SigLIP-384."""
-    from tests.tiny_models import build_tiny_model, save_tiny_checkpoint
+    from tests.tiny_models import real_layout_model
 
-    model = build_tiny_model(seed=1, image_size=378, vision_layers=2)
-    d = save_tiny_checkpoint(model, str(tmp_path_factory.mktemp("tiny378")))
-    cfg, params = load_hf(d)
-    assert cfg.tokens_per_frame == 196
-    return model, cfg, params
+    return real_layout_model(str(tmp_path_factory.mktemp("tiny378")), seed=1, vision_layers=2)
 
 
 def _run(loaded, method, seed=0):

@@ -11,7 +11,6 @@ import torch
 
 from earlytom_jax import flops, pipeline
 from earlytom_jax.architectures import architecture, param_shapes
-from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression import registry, tome
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
@@ -26,12 +25,9 @@ T0 = 3
 @pytest.fixture(scope="module")
 def real_layout(tmp_path_factory):
     """378 px / 14 → 27 x 27 patches; 8 blocks, enough for ToMe to reach 20 tokens per frame."""
-    from tests.tiny_models import build_tiny_model, save_tiny_checkpoint
+    from tests.tiny_models import real_layout_model
 
-    model = build_tiny_model(seed=2, image_size=378, vision_layers=8)
-    d = save_tiny_checkpoint(model, str(tmp_path_factory.mktemp("tiny378x8")))
-    cfg, params = load_hf(d)
-    return model, cfg, params
+    return real_layout_model(str(tmp_path_factory.mktemp("tiny378x8")), seed=2, vision_layers=8)
 
 
 @pytest.mark.parametrize("n,c,depth", [(729, 20, 26), (729, 49, 26), (729, 20, 8), (729, 20, 6), (36, 4, 4), (64, 8, 2 + 2)])

@@ -131,3 +131,15 @@ def random_video(n_frames: int, height: int, width: int, seed: int = 0, *, stati
         img = img + rng.normal(0, 8, size=img.shape)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(frames)
+
+
+def real_layout_model(directory: str, seed: int, vision_layers: int):
+    """A tiny random model with SigLIP-384's patch layout (378 px / 14 → 27 x 27 patches, pooled
+    to 14 x 14 = 196 tokens per frame), saved to `directory` and loaded by us.
+    → (transformers model, our config, our params)."""
+    from earlytom_jax.checkpoint.load import load_hf
+
+    model = build_tiny_model(seed=seed, image_size=378, vision_layers=vision_layers)
+    cfg, params = load_hf(save_tiny_checkpoint(model, directory))
+    assert cfg.tokens_per_frame == 196
+    return model, cfg, params
