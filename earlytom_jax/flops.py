@@ -32,7 +32,7 @@ def tome_vision(cfg: LlavaOVConfig, frames: int, counts: list[tuple[int, int]]) 
     tokens, the bipartite similarity of ceil(n/2) x floor(n/2) head-averaged keys, the MLP on
     n - r tokens."""
     v = cfg.vision
-    c, f, d = v.hidden_size, v.intermediate_size, v.hidden_size // v.num_heads
+    c, f, d = v.hidden_size, v.intermediate_size, v.head_dim
     total = 2 * v.num_patches * 3 * v.patch_size**2 * c
     for n, r in counts:
         total += 8 * n * c * c + 4 * n * n * c + (2 * (-(-n // 2)) * (n // 2) * d if r else 0) + 4 * (n - r) * c * f
@@ -121,9 +121,10 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
     n_full = text_tokens + int(stats["visual_tokens"])
     k = getattr(method, "llm_layer", None)
     n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
-    vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_final)
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
+    else:
+        vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_final)
     return PrefillFlops(
         vision=vis,
         tokens=tok + extra,
@@ -191,12 +192,11 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     layers = sorted(i + depth if i < 0 else i for i in getattr(method, "encoder_layers", ()))
     for li, n in zip(layers, stats.get("frames_after_layer", [])):
         frames[li + 1 :] = [bucket(int(n))] * (depth - li - 1)
-    vis = vision(cfg, frames)  # patch embedding on t_in frames, then every block
-    extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
-    tok = projector_and_pool(cfg, t_in) + extra
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
-        tok += extra
+    else:  # patch embedding on t_in frames, then every block
+        vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_in)
+    tok += method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
 
     span = method.capacity(t0, cfg.tokens_per_frame) + 1 if hasattr(method, "capacity") else t0 * cfg.tokens_per_frame + 1
     L = text_tokens + span

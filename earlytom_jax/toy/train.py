@@ -298,7 +298,7 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
     else:
         params = initial_params(st.seed)
     while True:
-        def on_eval(p, history, seconds, done, stage=stage, steps=steps):
+        def on_eval(p, history, seconds, stage=stage, steps=steps):
             if out_dir and stage >= 1:
                 record = _record(st, records + [_stage(stage, steps, history, seconds)], time.time() - t0, False, init_record)
                 save_checkpoint(p, out_dir, record)
@@ -318,8 +318,8 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
 
 
 def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
-    """One stage of `steps` optimizer steps from `params`; `on_eval(params, history, seconds,
-    done)` after each validation evaluation. → (params, history, seconds)."""
+    """One stage of `steps` optimizer steps from `params`; `on_eval(params, history, seconds)`
+    after each validation evaluation. → (params, history, seconds)."""
     prefix = jnp.asarray(enc.prefix)
     st_stage = dataclasses.replace(st, steps=steps)
     opt = make_optimizer(st_stage)
@@ -360,7 +360,7 @@ def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
                 history.append({"step": step + 1, "minutes": elapsed / 60, "loss": l, "train_acc": a, "validation": held})
                 log(f"stage {stage + 1} step {step + 1}/{steps}  {elapsed / 60:.1f} min  loss {l:.3f}  train acc {a:.2f}  "
                     + "  ".join(f"{k} {v:.2f}" for k, v in held.items()), flush=True)
-                on_eval(params, history, time.time() - t0, step + 1 == steps)
+                on_eval(params, history, time.time() - t0)
     finally:
         stop.set()
     return params, history, time.time() - t0
