@@ -163,6 +163,65 @@ def test_train_step_learns_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_contextual_tokens_absorb_every_dropped_token_once():
+    """Each dropped token goes to exactly one target; a target's row is its group's mean (or
+    target + mean of the others, the official VisionZip form); kept tokens stay themselves."""
+    from earlytom_jax.toy import train
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        keep = rng.random((16, 9)) < 0.3
+        before = keep.copy()
+        mix = np.broadcast_to(np.eye(9, dtype=np.float32), (16, 9, 9)).copy()
+        train._contextual_tokens(rng, keep, mix)
+        for t in range(16):
+            dropped = np.flatnonzero(~before[t])
+            targets = np.flatnonzero(keep[t] & ~before[t])
+            np.testing.assert_array_equal(mix[t, before[t]], np.eye(9, dtype=np.float32)[before[t]])
+            if dropped.size < 2:
+                assert targets.size == 0
+                continue
+            assert 1 <= targets.size <= 2
+            cover = (mix[t, targets][:, dropped] > 0).sum(0)
+            np.testing.assert_array_equal(cover, np.ones(dropped.size))  # every dropped token once
+            for tgt in targets:
+                row = mix[t, tgt]
+                members = np.flatnonzero(row > 0)
+                assert set(members) <= set(dropped) and tgt in members
+                if row.sum() > 1.5:  # quirk: 1 + mean of the others
+                    others = members[members != tgt]
+                    np.testing.assert_allclose(row[others], 1 / others.size, rtol=1e-6)
+                    np.testing.assert_allclose(row[tgt], 1 + (tgt in others) / max(others.size, 1), rtol=1e-6)
+                else:
+                    np.testing.assert_allclose(row[members], 1 / members.size, rtol=1e-6)
+
+
+def test_pruning_inside_the_llm_hides_tokens_from_its_layer_on():
+    """A visual token dropped from LLM layer 0 on cannot change the answer logits; dropped
+    only from the last layer on, it still does (the mask is wired per layer)."""
+    import jax.numpy as jnp
+
+    from earlytom_jax.architectures import random_params
+    from earlytom_jax.toy import train
+    from earlytom_jax.toy.model import TOY_CONFIG
+
+    enc = train.Encoder()
+    batch = train.make_batch([data.make_sample("colour", 1)], enc, np.random.default_rng(0), augment=False)
+    params = random_params(TOY_CONFIG, seed=2)
+    prefix = jnp.asarray(enc.prefix)
+    other = dict(batch, token_mix=batch["token_mix"].copy())
+    other["token_mix"][0, 5, 4] = np.eye(9)[0]  # frame 5: token 4 becomes a copy of token 0
+    hide = np.ones_like(batch["llm_keep"])
+    hide[0, 5, 4] = False
+
+    def logits(b, at):
+        b = dict(b, llm_keep=hide, llm_drop_at=np.array([at]))
+        return np.asarray(train.forward(params, {k: jnp.asarray(v) for k, v in b.items()}, prefix))
+
+    np.testing.assert_allclose(logits(batch, 0), logits(other, 0), rtol=0, atol=1e-6)
+    assert np.abs(logits(batch, TOY_CONFIG.text.num_layers - 1) - logits(other, TOY_CONFIG.text.num_layers - 1)).max() > 1e-4
+
+
 # ----------------------------------------------------------------------------- shipped model
 
 
@@ -276,3 +335,25 @@ def test_training_continues_until_every_type_is_learned(monkeypatch):
     script = [None, None, 0.5, 1.0]
     _, rec = train.train(train.TrainSettings(init="x", start_stage=2, steps=2000), None, log=lambda *a, **k: None)
     assert [s["stage"] for s in rec["stages"]] == [3, 4]
+
+
+def test_reproduce_compares_per_type_and_fails_beyond_the_tolerance(tmp_path, capsys):
+    """The re-run script's comparison: the shipped model against itself is within 0 points; a
+    random-weights checkpoint is not within 2; the recorded recipe is the shipped one."""
+    from earlytom_jax.architectures import random_params
+    from earlytom_jax.evals.toy import TOY_DIR
+    from earlytom_jax.io_utils import read_json
+    from earlytom_jax.toy import reproduce
+    from earlytom_jax.toy.model import TOY_CONFIG, save_checkpoint
+
+    st = reproduce.recorded_settings(TOY_DIR)
+    assert st.seed == read_json(os.path.join(TOY_DIR, "training.json"))["settings"]["seed"]
+    assert reproduce.recorded_settings(TOY_DIR, seed=1).seed == 1
+    assert reproduce.main(["--trained", TOY_DIR, "--per-type", "4", "--tolerance", "0",
+                           "--json", str(tmp_path / "same.json")]) == 0
+    assert read_json(str(tmp_path / "same.json"))["max_abs_diff_points"] == 0
+    save_checkpoint(random_params(TOY_CONFIG, seed=4), str(tmp_path / "random"))
+    assert reproduce.main(["--trained", str(tmp_path / "random"), "--per-type", "4"]) == 1
+    assert "NOT within 2 points" in capsys.readouterr().out
+    assert reproduce.main(["--against", str(tmp_path / "random"), "--out", str(tmp_path / "x")]) == 2
+    assert "no training record" in capsys.readouterr().err

@@ -17,7 +17,10 @@ clip on the host so that every step runs the one compiled program:
   not for scene timing, whose answer (how long the screen stays dark) merging erases;
 - frame dropping, rare and light (fewer frames, as frame subsampling gives);
 - token subsets: a random share of each frame's pooled tokens kept (stage II, VisionZip,
-  uniform pooling, FastV all hand the LLM a subset).
+  uniform pooling, FastV all hand the LLM a subset), sometimes with contextual tokens (a
+  kept slot holding a group of dropped ones, as VisionZip's contextual tokens);
+- pruning inside the LLM: from a random layer on, only a random share of the visual tokens
+  is attended (FastV's layout; positions unchanged).
 
 40% of the clips go through unaugmented. Dropped slots are padding: invalid, no RoPE
 position, never attended, exactly how the inference pipeline holds its static buffers.
@@ -114,9 +117,19 @@ def frame_changes(frames: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))
 
 
-def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, layers: int, augment: bool,
-                      merge: bool = True):
-    """(seg_start bool [T], merge_at int, frame_keep bool [T], token_keep bool [T, s]).
+def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, layers: int, llm_layers: int,
+                      augment: bool, merge: bool = True) -> dict:
+    """One clip's augmentation, as arrays of fixed shape (T frames, s pooled tokens a frame):
+
+    seg_start bool [T], merge_at int: frames whose run starts elsewhere are averaged into the
+        run after encoder block `merge_at` (`layers`: no merge) and only run starts are kept;
+    frame_keep bool [T]: frames not dropped;
+    token_keep bool [T, s]: tokens handed to the LLM;
+    token_mix float [T, s, s]: each frame's tokens become token_mix @ tokens (identity, or
+        contextual tokens: a kept slot that absorbs a group of dropped ones, as VisionZip's
+        contextual tokens and EarlyTom's merges do);
+    llm_drop_at int, llm_keep bool [T, s]: from LLM layer `llm_drop_at` on (`llm_layers`:
+        never) only `llm_keep` tokens are attended, as FastV prunes inside the LLM.
 
     Merges join a frame to the run before it only where the two are alike (`changes` below
     SIMILAR), as EarlyTom's stage I does, so flashes and cuts stay their own frames; drops
@@ -127,7 +140,9 @@ def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, lay
     seg_start = np.ones(t, bool)
     frame_keep = np.ones(t, bool)
     token_keep = np.ones((t, s), bool)
-    merge_at = layers  # past the last block: no merge
+    token_mix = np.broadcast_to(np.eye(s, dtype=np.float32), (t, s, s)).copy()
+    llm_keep = np.ones((t, s), bool)
+    merge_at, llm_drop_at = layers, llm_layers  # past the last block / layer: none
     if augment and rng.random() > 0.4:
         if rng.random() < 0.6 and merge:
             join = (changes < SIMILAR) & (rng.random(t - 1) < rng.uniform(0.3, 1.0))
@@ -141,30 +156,66 @@ def draw_augmentation(rng: np.random.Generator, changes: np.ndarray, s: int, lay
             frame_keep = rng.random(t) > rng.uniform(0.05, 0.3)
         if rng.random() < 0.5:
             token_keep = rng.random((t, s)) < rng.uniform(0.15, 1.0)
+            if rng.random() < 0.4:
+                _contextual_tokens(rng, token_keep, token_mix)
         kept = seg_start & frame_keep
         if not kept.any():
             frame_keep[0] = seg_start[0] = True
         for i in np.flatnonzero(seg_start & frame_keep):
             if not token_keep[i].any():
                 token_keep[i, rng.integers(s)] = True
-    return seg_start, merge_at, frame_keep, token_keep
+        if rng.random() < 0.25:
+            llm_drop_at = int(rng.integers(1, llm_layers))
+            visible = (seg_start & frame_keep)[:, None] & token_keep
+            llm_keep = visible & (rng.random((t, s)) < rng.uniform(0.1, 0.7))
+            if not llm_keep.any():
+                llm_keep.flat[rng.choice(np.flatnonzero(visible))] = True
+    return {"seg_start": seg_start, "merge_at": merge_at, "frame_keep": frame_keep, "token_keep": token_keep,
+            "token_mix": token_mix, "llm_drop_at": llm_drop_at, "llm_keep": llm_keep}
+
+
+def _contextual_tokens(rng, token_keep, token_mix) -> None:
+    """In place, per frame: the dropped tokens go to 1 or 2 targets drawn among them, and each
+    target (now kept) becomes the mean of its group, or target + mean of the others as the
+    official VisionZip computes it (half the clips each)."""
+    quirk = rng.random() < 0.5
+    for i in range(token_keep.shape[0]):
+        dropped = np.flatnonzero(~token_keep[i])
+        if dropped.size < 2:
+            continue
+        targets = rng.choice(dropped, size=min(int(rng.integers(1, 3)), dropped.size - 1), replace=False)
+        group = targets[rng.integers(targets.size, size=dropped.size)]
+        group[np.searchsorted(dropped, targets)] = targets  # a target belongs to its own group
+        for tgt in targets:
+            members = dropped[group == tgt]
+            others = members[members != tgt]
+            row = np.zeros(token_keep.shape[1], np.float32)
+            if quirk and others.size:
+                row[others] = 1.0 / others.size
+                row[tgt] += 1.0
+            else:
+                row[members] = 1.0 / members.size
+            token_mix[i, tgt] = row
+            token_keep[i, tgt] = True
 
 
 DURATION_KINDS = ("scene",)  # the answer is how many frames are dark
 SIMILAR = 6.0  # mean |difference| of consecutive uint8 frames below which they may merge
 MAX_RUN = 6
+AUGMENTATION_KEYS = ("seg_start", "merge_at", "frame_keep", "token_keep", "token_mix", "llm_drop_at", "llm_keep")
 
 
 def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
     cfg = TOY_CONFIG
-    s = cfg.tokens_per_frame
-    out = {k: [] for k in ("pixels", "suffix", "suffix_valid", "seg_start", "merge_at", "frame_keep", "token_keep")}
+    out = {k: [] for k in ("pixels", "suffix", "suffix_valid") + AUGMENTATION_KEYS}
     for smp in samples:
         ids, valid = enc.suffix(smp.prompt, smp.answer)
-        seg, m, fk, tk = draw_augmentation(rng, frame_changes(smp.frames), s, cfg.vision.num_layers, augment,
-                                           merge=smp.kind not in DURATION_KINDS)
-        for k, v in zip(out, (PREPROCESSOR.normalize(smp.frames), ids, valid, seg, m, fk, tk)):
+        aug = draw_augmentation(rng, frame_changes(smp.frames), cfg.tokens_per_frame, cfg.vision.num_layers,
+                                cfg.text.num_layers, augment, merge=smp.kind not in DURATION_KINDS)
+        for k, v in zip(("pixels", "suffix", "suffix_valid"), (PREPROCESSOR.normalize(smp.frames), ids, valid)):
             out[k].append(v)
+        for k in AUGMENTATION_KEYS:
+            out[k].append(aug[k])
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -190,8 +241,11 @@ def forward(params, batch, prefix):
         x = jnp.where((batch["merge_at"] == layer)[:, None, None, None], merged, x4).reshape(x.shape)
     tokens = lov.video_tokens(params, x, cfg)  # [B*T, S, H]
     s, h = tokens.shape[1:]
+    tokens = jnp.einsum("btij,btjh->btih", batch["token_mix"], tokens.reshape(b, t, s, h))
     visual = tokens.reshape(b, t * s, h)
-    vis_valid = ((batch["seg_start"] & batch["frame_keep"])[:, :, None] & batch["token_keep"]).reshape(b, t * s)
+    frame_valid = (batch["seg_start"] & batch["frame_keep"])[:, :, None]
+    vis_valid = (frame_valid & batch["token_keep"]).reshape(b, t * s)
+    vis_late = (frame_valid & batch["token_keep"] & batch["llm_keep"]).reshape(b, t * s)
     embed = params["text"]["embed"]
     seq = jnp.concatenate([
         jnp.broadcast_to(embed[prefix], (b, prefix.shape[0], h)),
@@ -199,16 +253,21 @@ def forward(params, batch, prefix):
         jnp.broadcast_to(params["newline"], (b, 1, h)),
         embed[batch["suffix"]],
     ], axis=1)
-    valid = jnp.concatenate([
-        jnp.ones((b, prefix.shape[0]), bool), vis_valid, jnp.ones((b, 1), bool), batch["suffix_valid"]
-    ], axis=1)
+
+    def with_visual(v):
+        return jnp.concatenate([
+            jnp.ones((b, prefix.shape[0]), bool), v, jnp.ones((b, 1), bool), batch["suffix_valid"]
+        ], axis=1)
+
+    valid, valid_late = with_visual(vis_valid), with_visual(vis_late)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     # unrolled layers and dense causal attention: XLA:CPU differentiates a scan over layers
     # and the blockwise attention kernel several times slower than this
     cos, sin = qwen2.rope_tables(positions, cfg.text.head_dim, cfg.text.rope_theta)
     for layer in range(cfg.text.num_layers):
         p = stack.layer(params["text"]["layers"], layer)
-        seq = qwen2.layer_prefill(p, seq, cos, sin, valid, cfg.text, block=seq.shape[1])[0]
+        key_valid = jnp.where((layer >= batch["llm_drop_at"])[:, None], valid_late, valid)
+        seq = qwen2.layer_prefill(p, seq, cos, sin, key_valid, cfg.text, block=seq.shape[1])[0]
     return qwen2.logits(params["text"], seq[:, -2:], cfg.text)
 
 
