@@ -7,7 +7,7 @@ Stages: 3,500 steps, then 2,000-step stages, each with a fresh warm-up and cosin
 until every question type reaches `until` on the validation clips (at least two stages, at
 most `max_stages`). The stopping rule is accuracy, not time, because the step at which the
 last type (motion) is learned varies between runs: with the clips of data.py both seeds 0
-and 1 had every type at 95% or more on validation by step 2,500 of stage 1; with an earlier
+and 1 had every type at 95% or more on validation by the end of stage 1; with an earlier
 motion clip seed 1 never learned it (BENCHMARKS.md, docs/toy-train-seeds.json).
 
 Loss: cross-entropy on the answer letter and the `<|im_end|>` after it. Augmentation, drawn per
