@@ -1,6 +1,6 @@
 """Re-run the toy model's training from the settings and seed recorded with a checkpoint, and
 compare held-out accuracy per question type with full tokens (the goal: within 2 points per
-type). A benchmark script, not part of the test suite: training takes about 1.5 hours on one
+type). A benchmark script, not part of the test suite: training takes about 2 hours on one
 CPU core.
 
     python -m earlytom_jax.toy.reproduce --out /tmp/toy-rerun            # re-run the shipped recipe
@@ -25,14 +25,13 @@ def recorded_settings(checkpoint: str, seed: int | None = None):
     """The `TrainSettings` a checkpoint's training.json records (fields it lacks: defaults),
     with `seed` replaced when given."""
     from earlytom_jax.errors import ConfigError
-    from earlytom_jax.io_utils import read_json
-    from earlytom_jax.toy.train import TrainSettings
+    from earlytom_jax.toy.train import TrainSettings, _read_record
 
-    path = os.path.join(checkpoint, "training.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no training record, so no recipe to re-run; pass --trained DIR to compare two "
-                          f"checkpoints instead")
-    recorded = read_json(path).get("settings", {})
+    record = _read_record(checkpoint)
+    if record is None:
+        raise ConfigError(f"{os.path.join(checkpoint, 'training.json')}: no training record, so no recipe to re-run; "
+                          f"pass --trained DIR to compare two checkpoints instead")
+    recorded = record.get("settings", {})
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     st = TrainSettings(**{k: v for k, v in recorded.items() if k in names})
     return st if seed is None else dataclasses.replace(st, seed=seed)

@@ -213,10 +213,8 @@ def make_batch(samples, enc: Encoder, rng, augment: bool) -> dict:
         ids, valid = enc.suffix(smp.prompt, smp.answer)
         aug = draw_augmentation(rng, frame_changes(smp.frames), cfg.tokens_per_frame, cfg.vision.num_layers,
                                 cfg.text.num_layers, augment, merge=smp.kind not in DURATION_KINDS)
-        for k, v in zip(("pixels", "suffix", "suffix_valid"), (PREPROCESSOR.normalize(smp.frames), ids, valid)):
+        for k, v in dict(aug, pixels=PREPROCESSOR.normalize(smp.frames), suffix=ids, suffix_valid=valid).items():
             out[k].append(v)
-        for k in AUGMENTATION_KEYS:
-            out[k].append(aug[k])
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -246,7 +244,7 @@ def forward(params, batch, prefix):
     visual = tokens.reshape(b, t * s, h)
     frame_valid = (batch["seg_start"] & batch["frame_keep"])[:, :, None]
     vis_valid = (frame_valid & batch["token_keep"]).reshape(b, t * s)
-    vis_late = (frame_valid & batch["token_keep"] & batch["llm_keep"]).reshape(b, t * s)
+    vis_late = vis_valid & batch["llm_keep"].reshape(b, t * s)
     embed = params["text"]["embed"]
     seq = jnp.concatenate([
         jnp.broadcast_to(embed[prefix], (b, prefix.shape[0], h)),
