@@ -116,6 +116,32 @@ def peak_memory_read(window: dict) -> dict:
     return dict(window, bytes=int(b))
 
 
+CPU_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what decides bf16/f32 dot speed
+
+
+def host_cpu(cpuinfo: str | None = None) -> dict:
+    """The host CPU as benchmark tables should name it: model, logical cores, and the few
+    instruction-set features that decide matmul speed (PyTorch's bf16 runs on AMX or AVX512-BF16
+    where they exist; XLA:CPU computes bf16 dots in f32). `cpuinfo`: /proc/cpuinfo's text
+    (read when None; on other systems only the core count is known)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {"model": model, "logical_cores": os.cpu_count(),
+            "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 # ----------------------------------------------------------------------------- XLA's count
 
 

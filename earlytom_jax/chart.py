@@ -52,6 +52,17 @@ def bars_of(results, reference: dict | None = None) -> list[dict]:
     return bars
 
 
+def _wrap(d, label: str, width: float, font) -> list[str]:
+    """`label` in lines no wider than `width` where it can break: at spaces, and after "_"."""
+    pieces = label.replace("_", "_\n").replace(" ", " \n").split("\n")
+    lines = [""]
+    for piece in pieces:
+        if lines[-1] and d.textlength((lines[-1] + piece).rstrip(), font=font) > width:
+            lines.append("")
+        lines[-1] += piece
+    return [line.rstrip() for line in lines]
+
+
 def render(results, reference: dict | None = None, title: str = "", size: tuple[int, int] = SIZE) -> Image.Image:
     bars = bars_of(results, reference)
     w, h = size
@@ -84,7 +95,7 @@ def render(results, reference: dict | None = None, title: str = "", size: tuple[
     ylabel = ylabel.rotate(90, expand=True)
     img.paste(ylabel, (14, (top + bottom) // 2 - 130), ylabel)
     xlabel = "method and retention ratio"
-    d.text(((left + right - d.textlength(xlabel, font=f_axis)) / 2, h - 26), xlabel, fill=(0, 0, 0), font=f_axis)
+    d.text(((left + right - d.textlength(xlabel, font=f_axis)) / 2, h - 22), xlabel, fill=(0, 0, 0), font=f_axis)
 
     # bars
     slot = (right - left) / max(1, len(bars))
@@ -105,8 +116,9 @@ def render(results, reference: dict | None = None, title: str = "", size: tuple[
         if b["segments"][0][0] in {k for k, _, _ in STAGES}:
             yt = y(b["ttft"] * scale)  # the fused program's TTFT (no host round trips between stages)
             d.line([(x0 + bw + 2, yt), (x0 + bw + 16, yt)], fill=TICK[1], width=3)
-        label = b["label"]
-        d.text((x0 + (bw - d.textlength(label, font=f_small)) / 2, bottom + 8), label, fill=(0, 0, 0), font=f_small)
+        for i, line in enumerate(_wrap(d, b["label"], slot - 6, f_small)):
+            d.text((x0 + (bw - d.textlength(line, font=f_small)) / 2, bottom + 6 + 14 * i), line,
+                   fill=(0, 0, 0), font=f_small)
 
     # legend
     lx, ly = right + 20, top

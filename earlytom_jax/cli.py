@@ -358,7 +358,8 @@ def cmd_bench(args) -> int:
     table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), "devices": [str(d) for d in jax.devices()],
-            "platform": platform.platform(), "weights": weights, "video": args.video or "generated clip",
+            "platform": platform.platform(), "cpu": bench.host_cpu(), "weights": weights,
+            "video": args.video or "generated clip",
             "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
             "decode_tokens": args.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
             "reference": args.reference, "command": " ".join(sys.argv),
@@ -554,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "dtype", None):
+        from earlytom_jax import xla_setup
+
+        xla_setup.apply_cpu_flags(args.dtype)  # before the command opens a JAX backend
     try:
         return args.fn(args)
     except EarlyTomError as e:

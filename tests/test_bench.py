@@ -40,6 +40,7 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     assert "transformers full (PyTorch)" in p.stdout and "JAX full / PyTorch full" in p.stdout
     d = json.load(open(out))
     assert d["meta"]["frames"] == 4 and d["meta"]["reference"] == "torch"
+    assert d["meta"]["cpu"]["logical_cores"] == os.cpu_count()
     res = {(r["method"], r["ratio"]): r for r in d["results"]}
     assert set(res) == {("full", None), ("earlytom", 0.25)}
     for r in res.values():
@@ -60,6 +61,16 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == chart.SIZE
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "clip.mp4", "ttft.png"]  # no temporary left
+
+
+def test_host_cpu_names_the_model_and_the_matmul_features():
+    text = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    cpu = bench.host_cpu(text)
+    assert cpu["model"] == "AMD EPYC 9R14" and cpu["features"] == ["avx512_bf16", "avx512f", "avx2"]
+    intel = bench.host_cpu("model name : Xeon\nflags : avx2 amx_tile amx_bf16 avx512f\n")
+    assert intel["features"] == ["amx_bf16", "amx_tile", "avx512f", "avx2"]
+    assert bench.host_cpu("")["model"] is None and bench.host_cpu("")["features"] == []
 
 
 def _ratios(cfg, t0, method=pipeline.FULL, conditionals="largest"):
