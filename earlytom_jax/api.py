@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from earlytom_jax import pipeline, sharding
+from earlytom_jax import pipeline, sharding, xla_setup
 from earlytom_jax.architectures import param_shapes
 from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.config import LlavaOVConfig
@@ -61,6 +61,7 @@ class VideoLLM:
         (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
         every weight straight into its shard on the devices (see earlytom_jax.sharding).
         On CPU, bf16 layer stacks are held as their uint16 bits (`models.stack.pack`)."""
+        xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
         if m is not None:

@@ -1,39 +1,58 @@
-"""XLA:CPU options this project runs with, applied when earlytom_jax is imported before JAX
-has opened a backend.
+"""XLA:CPU options this project runs with, chosen by the compute dtype and applied before JAX
+has opened a backend (`import earlytom_jax` applies the float32 set; the command line and
+`VideoLLM.load` re-apply for their --dtype while that is still possible).
 
-`--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) gives every CPU dot to
-Eigen. Measured on a 2-core x86 CPU, SigLIP-so400m blocks at 8 frames: 3 blocks on one core
-5.86 s with YNNPACK, 5.17 s with Eigen (transformers 5.05 s); 4 blocks on two cores 3.9 s
-and 3.7 s. YNNPACK's dots were the slower ones at these shapes (1152 x 1152 projections on
-one core: 127 against 147 GFLOP/s). Flags the user already set in XLA_FLAGS win; other
-platforms ignore CPU flags.
+- float32: `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) gives every
+  CPU dot to Eigen. Measured on 2-core x86 CPUs: SigLIP-so400m blocks at 8 frames, 3 blocks on
+  one core 5.86 s with YNNPACK and 5.17 s with Eigen (transformers 5.05 s); 5832 x 1152 x 1152
+  f32 products 164 against 201 GFLOP/s (AMD EPYC, 2 threads).
+- bfloat16: XLA's defaults, which give dots to YNNPACK. YNNPACK multiplies bf16 operands into
+  an f32 result natively (the models ask for that with `preferred_element_type`), where Eigen
+  first converts both operands to f32: 1024 x 3584 x 18944 at 354 against 150 GFLOP/s (AMD
+  EPYC with AVX512-BF16, 2 threads), and no per-pass f32 copy of each layer's weights.
+
+Flags the user already set in XLA_FLAGS win; other platforms ignore CPU flags.
 """
 
 from __future__ import annotations
 
 import os
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+CPU_FLAGS = {
+    "float32": ("--xla_cpu_experimental_ynn_fusion_type=",),
+    "bfloat16": (),
+}
+_added: list[str] = []  # the flags this module put into XLA_FLAGS, so another dtype can take them back
 
 
-def apply_cpu_flags(flags=CPU_FLAGS) -> bool:
-    """Append `flags` to XLA_FLAGS, each unless the user set that flag already. → whether
-    they can still take effect (False once a JAX backend is initialised)."""
+def backend_started() -> bool:
     import sys
 
-    jax_started = False
-    if "jax" in sys.modules:
-        try:
-            from jax._src import xla_bridge
-
-            jax_started = xla_bridge.backends_are_initialized()
-        except (ImportError, AttributeError):  # private API moved: setting the variable is harmless
-            jax_started = False
-    if jax_started:
+    if "jax" not in sys.modules:
         return False
-    current = os.environ.get("XLA_FLAGS", "")
-    names = {f.split("=")[0] for f in current.split()}
-    extra = [f for f in flags if f.split("=")[0] not in names]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # private API moved: setting the variable is harmless
+        return False
+
+
+def apply_cpu_flags(dtype: str = "float32") -> bool:
+    """Make XLA_FLAGS hold CPU_FLAGS[dtype] (each unless the user set that flag), in place of
+    what an earlier call added. → whether they can still take effect (False once a JAX
+    backend is initialised: then nothing changes)."""
+    if backend_started():
+        return False
+    words = [w for w in os.environ.get("XLA_FLAGS", "").split() if w not in _added]
+    _added.clear()
+    names = {w.split("=")[0] for w in words}
+    for flag in CPU_FLAGS.get(str(dtype), CPU_FLAGS["float32"]):
+        if flag.split("=")[0] not in names:
+            words.append(flag)
+            _added.append(flag)
+    if words:
+        os.environ["XLA_FLAGS"] = " ".join(words)
+    else:
+        os.environ.pop("XLA_FLAGS", None)
     return True

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.models.dense import dense
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,8 +59,8 @@ def pool(x, grid: int, out: int):
 
 def project(params, feats):
     """Projector: linear, exact (erf) GELU, linear. feats [..., C] → [..., Ht]."""
-    h = jax.nn.gelu(feats @ params["w1"] + params["b1"], approximate=False)
-    return h @ params["w2"] + params["b2"]
+    h = jax.nn.gelu(dense("...c,ch->...h", feats, params["w1"], params["b1"]), approximate=False)
+    return dense("...h,hk->...k", h, params["w2"], params["b2"])
 
 
 def video_tokens(params, feats, cfg: LlavaOVConfig):

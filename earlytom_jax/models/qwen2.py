@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from earlytom_jax.config import Qwen2Config
 from earlytom_jax.models import stack
 from earlytom_jax.models.attention import attention, causal_attention
+from earlytom_jax.models.dense import dense
 from earlytom_jax.sharding import constrain
 
 
@@ -43,15 +44,16 @@ def apply_rope(x, cos, sin):
 
 def qkv(p, h, cos, sin):
     """h [B, L, C] (already normed) → q [B,L,Hq,D], k [B,L,Hk,D] (both rotated), v."""
-    q = constrain(jnp.einsum("blc,chd->blhd", h, p["q_w"]) + p["q_b"], None, None, "heads", None)
-    k = constrain(jnp.einsum("blc,chd->blhd", h, p["k_w"]) + p["k_b"], None, None, "kv_heads", None)
-    v = constrain(jnp.einsum("blc,chd->blhd", h, p["v_w"]) + p["v_b"], None, None, "kv_heads", None)
+    q = constrain(dense("blc,chd->blhd", h, p["q_w"], p["q_b"]), None, None, "heads", None)
+    k = constrain(dense("blc,chd->blhd", h, p["k_w"], p["k_b"]), None, None, "kv_heads", None)
+    v = constrain(dense("blc,chd->blhd", h, p["v_w"], p["v_b"]), None, None, "kv_heads", None)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp(p, h):
-    g = constrain(jax.nn.silu(h @ p["gate_w"]) * (h @ p["up_w"]), None, None, "mlp")
-    return g @ p["down_w"]
+    g = jax.nn.silu(dense("...c,cm->...m", h, p["gate_w"])) * dense("...c,cm->...m", h, p["up_w"])
+    g = constrain(g, None, None, "mlp")
+    return dense("...m,mc->...c", g, p["down_w"])
 
 
 def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = True, block: int = 128):
@@ -62,7 +64,7 @@ def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = Tr
         o = causal_attention(q, k, v, key_valid, block=block)
     else:
         o = attention(q, k, v, jnp.broadcast_to(key_valid[:, None, :], (h.shape[0], h.shape[1], h.shape[1])))
-    h = h + jnp.einsum("blhd,hdc->blc", o, p["o_w"])
+    h = h + dense("blhd,hdc->blc", o, p["o_w"])
     h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
     return h, k, v, q
 
@@ -101,7 +103,7 @@ def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: 
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
         o = attention(q, ck, cv, key_valid[:, None, :])
-        h = h + jnp.einsum("blhd,hdc->blc", o, p["o_w"])
+        h = h + dense("blhd,hdc->blc", o, p["o_w"])
         h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
         return h, (ck, cv)
 
@@ -113,4 +115,4 @@ def logits(params, h, cfg: Qwen2Config):
     """Final norm and head. h [..., C] → fp32 logits [..., V] (tied head reuses the embedding)."""
     x = rms_norm(h, params["norm"], cfg.rms_norm_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...c,vc->...v", x, head, preferred_element_type=jnp.float32)
+    return dense("...c,vc->...v", x, head, out_dtype=jnp.float32)

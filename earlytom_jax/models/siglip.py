@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from earlytom_jax.config import SiglipConfig
 from earlytom_jax.models import stack
 from earlytom_jax.models.attention import attention, attention_colmean
+from earlytom_jax.models.dense import dense
 from earlytom_jax.sharding import constrain
 
 
@@ -30,7 +31,7 @@ def embed(params, pixels, cfg: SiglipConfig):
     g, p = cfg.grid, cfg.patch_size
     x = pixels[:, :, : g * p, : g * p].astype(params["patch_w"].dtype)
     x = x.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
-    x = x @ params["patch_w"] + params["patch_b"]
+    x = dense("bnk,kc->bnc", x, params["patch_w"], params["patch_b"])
     return x + params["pos"][None]
 
 
@@ -50,21 +51,22 @@ def attention_half(p, x, cfg: SiglipConfig, with_attention: bool = False, key_bi
     x = constrain(x, "frames", None, None)
     h = layer_norm(x, p["ln1_s"], p["ln1_b"], cfg.layer_norm_eps)
     q, k, v = (
-        constrain(jnp.einsum("bnc,chd->bnhd", h, p[f"{n}_w"]) + p[f"{n}_b"], "frames", None, "heads", None)
+        constrain(dense("bnc,chd->bnhd", h, p[f"{n}_w"], p[f"{n}_b"]), "frames", None, "heads", None)
         for n in "qkv"
     )
     if with_attention:
         o, colmean = attention_colmean(q, k, v)
     else:
         o, colmean = attention(q, k, v, bias=key_bias), None
-    return x + jnp.einsum("bnhd,hdc->bnc", o, p["o_w"]) + p["o_b"], colmean, k
+    return x + dense("bnhd,hdc->bnc", o, p["o_w"], p["o_b"]), colmean, k
 
 
 def mlp_half(p, x, cfg: SiglipConfig):
     """The block's MLP residual. x [B, N, C] → [B, N, C]."""
     h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
-    h = constrain(jax.nn.gelu(h @ p["fc1_w"] + p["fc1_b"], approximate=True), "frames", None, "mlp")
-    return x + h @ p["fc2_w"] + p["fc2_b"]
+    h = jax.nn.gelu(dense("...c,cm->...m", h, p["fc1_w"], p["fc1_b"]), approximate=True)
+    h = constrain(h, "frames", None, "mlp")
+    return x + dense("...m,mc->...c", h, p["fc2_w"], p["fc2_b"])
 
 
 def run_blocks(blocks, x, start: int, stop: int, cfg: SiglipConfig):

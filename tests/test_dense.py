@@ -1,0 +1,46 @@
+"""The models' weight products: f32 accumulation, the activation dtype out, and the one-row
+bf16 product computed as two rows on CPU giving the same numbers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from earlytom_jax.models.dense import dense, rows
+
+
+def test_rows_counts_the_dims_that_reach_the_output():
+    assert rows("blc,chd->blhd", jnp.zeros((1, 7, 4))) == 7
+    assert rows("blhd,hdc->blc", jnp.zeros((1, 1, 2, 3))) == 1
+    assert rows("...c,vc->...v", jnp.zeros((4,))) == 1
+    assert rows("...c,vc->...v", jnp.zeros((3, 5, 4))) == 15
+
+
+@pytest.mark.parametrize("spec,xshape,wshape", [
+    ("blc,chd->blhd", (1, 1, 16), (16, 2, 8)),  # decode step: one row
+    ("blhd,hdc->blc", (1, 1, 2, 8), (2, 8, 16)),
+    ("...c,vc->...v", (16,), (40, 16)),  # first-token logits of h[0, -1]
+    ("...c,vc->...v", (1, 16), (40, 16)),
+    ("blc,chd->blhd", (1, 5, 16), (16, 2, 8)),  # several rows: the plain product
+])
+def test_bf16_matches_an_f32_product_rounded_once(spec, xshape, wshape):
+    kx, kw, kb = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, xshape).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, wshape).astype(jnp.bfloat16)
+    out_shape = jnp.einsum(spec, x, w).shape
+    b = jax.random.normal(kb, out_shape[-1:]).astype(jnp.bfloat16)
+    want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
+    got = jax.jit(lambda x, w, b: dense(spec, x, w, b))(x, w, b)
+    assert got.shape == out_shape and got.dtype == jnp.bfloat16
+    rounded = np.asarray(want.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), rounded, rtol=2**-7, atol=1e-6)  # 1 bf16 ulp
+    logits = dense(spec, x, w, out_dtype=jnp.float32)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want - b.astype(jnp.float32)), rtol=1e-5, atol=1e-4)
+
+
+def test_f32_is_a_plain_einsum():
+    x, w = jnp.ones((1, 1, 8)), jnp.full((8, 3), 0.5)
+    np.testing.assert_array_equal(np.asarray(dense("blc,cv->blv", x, w)), np.asarray(jnp.einsum("blc,cv->blv", x, w)))
