@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -140,6 +141,12 @@ def host_cpu(cpuinfo: str | None = None) -> dict:
             flags = set(value.split())
     return {"model": model, "logical_cores": os.cpu_count(),
             "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def host() -> dict:
+    """Where a measurement ran, for the JSON of benchmarks and evaluations: JAX's devices, the
+    OS platform and the CPU (`host_cpu`)."""
+    return {"devices": [str(d) for d in jax.devices()], "platform": platform.platform(), "cpu": host_cpu()}
 
 
 # ----------------------------------------------------------------------------- XLA's count

@@ -272,7 +272,6 @@ def _floats(text: str) -> tuple[float, ...]:
 def cmd_bench(args) -> int:
     import dataclasses as dc
     import datetime
-    import platform
 
     import jax
 
@@ -357,8 +356,7 @@ def cmd_bench(args) -> int:
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
     table = bench.markdown(results, reference)
     print(table)
-    meta = {"date": datetime.date.today().isoformat(), "devices": [str(d) for d in jax.devices()],
-            "platform": platform.platform(), "cpu": bench.host_cpu(), "weights": weights,
+    meta = {"date": datetime.date.today().isoformat(), **bench.host(), "weights": weights,
             "video": args.video or "generated clip",
             "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
             "decode_tokens": args.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),

@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import threading
@@ -37,7 +36,7 @@ import time
 import jax
 
 from earlytom_jax import flops, sharding
-from earlytom_jax.bench import host_cpu
+from earlytom_jax.bench import host
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
 from earlytom_jax.io_utils import atomic_write_text, read_json
@@ -314,8 +313,7 @@ def _results(s, task, method, max_new, note, rows, n_samples, errors, llm, wall)
             "token_limit_note": note, "dtype": s.dtype, "mesh": s.mesh, "limit": s.limit,
             "pad_multiple": s.pad_multiple, "model_config": dataclasses.asdict(llm.cfg),
             "versions": _versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "devices": [str(d) for d in jax.devices()], "platform": platform.platform(),
-            "cpu": host_cpu(),
+            **host(),
         },
     }
 
