@@ -60,7 +60,7 @@ class VideoLLM:
         """An HF checkpoint directory (safetensors, any supported layout) or a converted one
         (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
         every weight straight into its shard on the devices (see earlytom_jax.sharding).
-        On CPU, bf16 layer stacks are held as their uint16 bits (`models.stack.pack`)."""
+        On CPU, bf16 layer stacks are held in the forms `models.stack.pack` gives."""
         xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
@@ -73,8 +73,10 @@ class VideoLLM:
 
     def placed(self, mesh) -> "VideoLLM":
         """The same model with its weights copied onto another mesh (device to device)."""
-        shardings, _ = sharding.plan_shardings(self.params, mesh)
-        return dataclasses.replace(self, params=jax.tree.map(jax.device_put, self.params, shardings), mesh=mesh)
+        params = stack.unpack(self.params)  # the plain stacks, which the mesh plan names
+        shardings, _ = sharding.plan_shardings(params, mesh)
+        params = stack.pack(jax.tree.map(jax.device_put, params, shardings))
+        return dataclasses.replace(self, params=params, mesh=mesh)
 
     def prompt_ids(self, question: str) -> PromptIds:
         return encode_video_prompt(self.tokenizer, question, self.cfg.video_token_id)

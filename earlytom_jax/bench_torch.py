@@ -127,22 +127,32 @@ def _empty(model, name: str) -> None:
     current.data = torch.empty(0, dtype=current.dtype)
 
 
-def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardings=None, release: bool = False) -> dict:
+def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardings=None, release: bool = False,
+                      held: bool = False) -> dict:
     """Our parameter tree with the weights of a transformers model (in memory, one tensor at a
     time, with the checkpoint loader's name mapping and checks); `shardings` as `load_hf`'s.
     `release` empties the model's tensors as they are read (peak: one model plus one stacked
-    leaf instead of two models); the model cannot run afterwards."""
+    leaf instead of two models); the model cannot run afterwards. `held`: bf16 LLM stacks on
+    one CPU device come already split per layer (`stack.split_layers`), so that `stack.pack`
+    needs no stacked leaf's transient on top (the 7B shape: 3.8 GB)."""
     import jax
+    import jax.numpy as jnp
 
     from earlytom_jax.checkpoint.hf import iter_params, set_path
     from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
+    from earlytom_jax.models import stack
 
     sd = _StateDict(model, release)
     files = {name: sd for name in sd.names()}
     lookup = sharding_lookup(shardings, param_paths_and_shapes(cfg)) if shardings is not None else None
     params: dict = {}
+    split = held and lookup is None and jax.default_backend() == "cpu"
     for path, arr in iter_params(files, cfg, resolve_dtype(dtype)):
-        set_path(params, path, jax.device_put(arr) if lookup is None else jax.device_put(arr, lookup(path)))
+        if split and path[:2] == ("text", "layers") and arr.dtype == jnp.bfloat16:
+            leaf = stack.split_layers(path[-1], arr)
+        else:
+            leaf = jax.device_put(arr) if lookup is None else jax.device_put(arr, lookup(path))
+        set_path(params, path, leaf)
         del arr  # before the next stack is read: one host copy of a stacked leaf at a time
     if release:  # what our tree does not read (a tied head, SigLIP's unused post-norm) goes too
         for name in sd.names():

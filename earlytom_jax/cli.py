@@ -323,7 +323,7 @@ def cmd_bench(args) -> int:
             # the random transformers model first; our tree gets its very weights
             torch_model = bench_torch.build_random(cfg, args.dtype)
             reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, args.warmup, args.runs)
-            params = bench_torch.params_from_torch(torch_model, cfg, args.dtype, shardings, release=True)
+            params = bench_torch.params_from_torch(torch_model, cfg, args.dtype, shardings, release=True, held=True)
             del torch_model
             weights = f"random ({args.arch}), the same in JAX and in the PyTorch reference"
         else:

@@ -192,7 +192,7 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
     """
     tcfg = cfg.text
     layers = params["text"]["layers"]
-    h = params["text"]["embed"][token][:, None]
+    h = qwen2.embed(params["text"]["embed"], token)[:, None]
     out, start = [], 0
     for g in caches:
         nlay = g.k.shape[0]

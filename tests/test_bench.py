@@ -123,19 +123,24 @@ def test_missing_torch_is_one_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_reference_weights_move_into_our_tree(dtype):
-    """`params_from_torch(release=True)` (how the bench fits the 7B shape next to nothing else)
-    gives the tree the model would give unreleased, tied weights included, and leaves the
-    transformers model with no storage; the random model is built straight in `dtype`."""
+    """`params_from_torch(release=True, held=True)` (how the bench fits the 7B shape next to
+    nothing else) gives the tree the model would give unreleased and unsplit, tied weights
+    included, and leaves the transformers model with no storage; the random model is built
+    straight in `dtype`."""
     pytest.importorskip("transformers")
     import jax
     import numpy as np
 
     from earlytom_jax import bench_torch
+    from earlytom_jax.models import stack
 
     cfg = architecture("tiny")
     model = bench_torch.build_random(cfg, dtype)
     assert {p.dtype for p in model.parameters()} == {getattr(__import__("torch"), dtype)}
     kept = bench_torch.params_from_torch(model, cfg, dtype)
-    moved = bench_torch.params_from_torch(model, cfg, dtype, release=True)
+    moved = bench_torch.params_from_torch(model, cfg, dtype, release=True, held=True)
+    if dtype == "bfloat16":  # held: the LLM's stacks come split per layer, as `stack.pack` takes them
+        assert isinstance(moved["text"]["layers"]["gate_w"], list)
+        moved = stack.unpack(stack.pack(moved, backend="cpu"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), moved, kept)
     assert sum(p.numel() for p in model.parameters()) == 0

@@ -1,5 +1,6 @@
 """The models' weight products: f32 accumulation, the activation dtype out, and the one-row
-bf16 product computed as two rows on CPU giving the same numbers."""
+bf16 product computed as two rows on CPU giving the same numbers, and weights held transposed
+(`stack.OutIn`) giving the same products."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from earlytom_jax.models.dense import dense, rows
+from earlytom_jax.models.dense import dense, held_spec, rows
+from earlytom_jax.models.stack import OutIn
 
 
 def test_rows_counts_the_dims_that_reach_the_output():
@@ -44,3 +46,30 @@ def test_bf16_matches_an_f32_product_rounded_once(spec, xshape, wshape):
 def test_f32_is_a_plain_einsum():
     x, w = jnp.ones((1, 1, 8)), jnp.full((8, 3), 0.5)
     np.testing.assert_array_equal(np.asarray(dense("blc,cv->blv", x, w)), np.asarray(jnp.einsum("blc,cv->blv", x, w)))
+
+
+def test_held_spec_moves_the_contracted_axes_last():
+    assert held_spec("...c,cm->...m", 1) == "...c,mc->...m"
+    assert held_spec("blc,chd->blhd", 1) == "blc,hdc->blhd"
+    assert held_spec("blhd,hdc->blc", 2) == "blhd,chd->blc"
+    with pytest.raises(ValueError, match="contracted"):
+        held_spec("blhd,hdc->blc", 1)  # d is contracted too
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("spec,xshape,wshape,n_in", [
+    ("...c,cm->...m", (1, 6, 16), (16, 24), 1),
+    ("...c,cm->...m", (16,), (16, 24), 1),  # one row: doubled on CPU in bf16
+    ("blhd,hdc->blc", (1, 3, 2, 8), (2, 8, 16), 2),
+])
+def test_a_weight_held_transposed_gives_the_same_product(spec, xshape, wshape, n_in, dtype):
+    kx, kw = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(kx, xshape).astype(dtype)
+    w = jax.random.normal(kw, wshape).astype(dtype)
+    held = OutIn(jnp.transpose(w, tuple(range(n_in, w.ndim)) + tuple(range(n_in))), n_in)
+    assert held.shape == w.shape and held.dtype == w.dtype
+    want = jax.jit(lambda x, w: dense(spec, x, w))(x, w)
+    got = jax.jit(lambda x, h: dense(spec, x, h))(x, held)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-6 if dtype == jnp.float32 else 2**-7
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)

@@ -1,19 +1,22 @@
-"""Layer stacks: bf16 stacks held as uint16 bits on CPU read back bit for bit, answer exactly as
-plain bf16, and keep XLA:CPU from converting whole stacks to f32 before the layer loop."""
+"""Layer stacks held on CPU in bf16 (the encoder's as uint16 bits, the LLM's per layer with its
+MLP matrices transposed) read back bit for bit, answer as plain bf16, and keep XLA:CPU from
+converting whole stacks, or any layer's weights, to f32."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from earlytom_jax import pipeline
 from earlytom_jax.architectures import architecture, random_params
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.generate import generate
-from earlytom_jax.models import stack
+from earlytom_jax.models import qwen2, stack
 from tests.helpers import random_pixels
 
 
@@ -21,13 +24,24 @@ def _bf16_params(cfg):
     return random_params(cfg, dtype=jnp.bfloat16, seed=4)
 
 
-def test_pack_round_trip_is_bit_exact():
-    cfg = architecture("tiny")
+def _untied(cfg):
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pack_round_trip_is_bit_exact(tied):
+    cfg = architecture("tiny") if tied else _untied(architecture("tiny"))
     plain = _bf16_params(cfg)
     packed = stack.pack(_bf16_params(cfg), backend="cpu")
-    assert packed["text"]["layers"]["q_w"].dtype == jnp.uint16
+    layers = packed["text"]["layers"]
+    assert isinstance(layers, stack.PerLayer) and len(layers) == cfg.text.num_layers
+    gate = plain["text"]["layers"]["gate_w"]  # [n, C, M], held per layer as OutIn [M, C]
+    assert isinstance(layers[1]["gate_w"], stack.OutIn) and layers[1]["gate_w"].t.shape == gate.shape[:0:-1]
+    np.testing.assert_array_equal(np.asarray(layers[1]["gate_w"].t), np.asarray(gate[1]).T)
+    assert layers[0]["q_w"].dtype == jnp.bfloat16 and layers[0]["q_w"].shape == plain["text"]["layers"]["q_w"].shape[1:]
     assert packed["vision"]["blocks"]["fc1_w"].dtype == jnp.uint16
-    assert packed["text"]["embed"].dtype == jnp.bfloat16  # only the stacks
+    # the embedding as bits only when no tied head reads it (then it is only gathered from)
+    assert packed["text"]["embed"].dtype == (jnp.bfloat16 if tied else jnp.uint16)
     back = stack.unpack(packed)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, plain)
     assert jax.tree.map(lambda a: a.dtype, back) == jax.tree.map(lambda a: a.dtype, plain)
@@ -38,18 +52,45 @@ def test_pack_round_trip_is_bit_exact():
     assert stack.pack(gpu, backend="gpu") is gpu
 
 
-def test_packed_answers_exactly_as_plain_bf16():
+def test_per_layer_runs_as_the_stacked_scan():
+    """The unrolled loop over a PerLayer tree gives the scan's hidden states and caches (fp32,
+    so only the order of XLA's fusions can differ)."""
     cfg = architecture("tiny")
+    layers = random_params(cfg, seed=5)["text"]["layers"]
+    per = stack._per_layer(jax.tree.map(jnp.copy, layers))
+    h = jax.random.normal(jax.random.PRNGKey(0), (1, 9, cfg.text.hidden_size))
+    pos, valid = jnp.arange(9)[None], jnp.arange(9)[None] < 8
+    for start, stop in ((0, cfg.text.num_layers), (1, 3), (2, 2)):
+        want = qwen2.run_layers(layers, h, pos, valid, start, stop, cfg.text)
+        got = qwen2.run_layers(per, h, pos, valid, start, stop, cfg.text)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def _kl(p_logits, q_logits):
+    p, q = (jax.nn.log_softmax(jnp.asarray(x, jnp.float32)) for x in (p_logits, q_logits))
+    return float(jnp.sum(jnp.exp(p) * (p - q)))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_answers_as_plain_bf16(tied):
+    """Same greedy tokens; first-token logits within bf16 rounding (the unrolled LLM loop
+    rounds a few activations to bf16 at other points than the scan: one ulp here and there)."""
+    cfg = architecture("tiny") if tied else _untied(architecture("tiny"))
     pix = jnp.asarray(random_pixels(4, cfg.vision.image_size, seed=2), jnp.bfloat16)
     method = EarlyTom(ratio=0.5, layers=(1, 2), llm_layer=2)
     for m in (pipeline.FULL, method):
         ref = generate(_bf16_params(cfg), cfg, pix, [1, 2, 3], [4, 5, 6], m, 4)
         got = generate(stack.pack(_bf16_params(cfg), backend="cpu"), cfg, pix, [1, 2, 3], [4, 5, 6], m, 4)
-        np.testing.assert_array_equal(np.asarray(got.first_logits), np.asarray(ref.first_logits))
         assert got.tokens == ref.tokens
+        assert _kl(ref.first_logits, got.first_logits) < 1e-5
+        np.testing.assert_allclose(np.asarray(got.first_logits), np.asarray(ref.first_logits), atol=2e-2)
 
 
 def _f32_stacks(hlo: str, params) -> list[str]:
+    """HLO lines making an f32 array shaped like a whole layer stack. (One layer's matrices may
+    be converted at the tiny widths: XLA:CPU gives only larger bf16 products to YNNPACK.)"""
     shapes = {",".join(map(str, a.shape)) for part in ("vision", "text") for name in stack.STACKS
               for a in params[part].get(name, {}).values() if a.ndim > 1}
     return [l.strip()[:100] for l in hlo.splitlines() if (m := re.search(r"= f32\[([\d,]+)\]", l)) and m.group(1) in shapes]

@@ -83,8 +83,14 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
         if mask is not None:
             m = mask[ri]  # [(B,) Lq, Lk]
             s = jnp.where(jnp.concatenate([m] * g, axis=-2) if g > 1 else m, s, NEG)
-        p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi)
+        if colmean:
+            p = jax.nn.softmax(s, axis=-1)
+            o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+        else:  # normalised after the product: one pass fewer over [Lq, Lk]
+            e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+            o = jnp.einsum("...qk,...kd->...qd", e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+            o = o / e.sum(axis=-1, keepdims=True)
+        o = o.astype(vi.dtype)
         o = jnp.swapaxes(o.reshape(o.shape[:-2] + (g, lq, d)), -2, -3)  # [(B,) Lq, G, D]
         return o, (p.sum(axis=-2) if colmean else None)
 

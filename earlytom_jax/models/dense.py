@@ -10,12 +10,19 @@ One more XLA:CPU detail: YNNPACK takes no single-row product, and XLA's own bf16
 vector-matrix code is slow (Qwen2-7B's LM head, 1 x 3584 x 152064: 805 ms, against 71 ms for
 two rows; one 3584 x 18944 MLP matrix: 86 against 15 ms; AMD EPYC, 2 threads). So on CPU a
 bf16 product of one row (the first token's logits, every decode step) is computed as two.
+
+On CPU the bf16 LLM's matrices are held transposed (`stack.OutIn`, see models/stack.py), which
+YNNPACK packs faster; `dense` rewrites the product's spec for them.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from earlytom_jax.models.stack import OutIn
 
 
 def rows(spec: str, x) -> int:
@@ -32,16 +39,66 @@ def rows(spec: str, x) -> int:
     return n
 
 
+def held_spec(spec: str, n_in: int) -> str:
+    """`spec` for a weight held as `stack.OutIn` (its n_in leading axes, the contracted ones,
+    moved last): "blc,chd->blhd" with n_in = 1 → "blc,hdc->blhd"."""
+    lhs, rest = spec.split(",", 1)
+    w, out = rest.split("->")
+    if any(ch in out for ch in w[:n_in]) or any(ch not in out for ch in w[n_in:]):
+        raise ValueError(f"{spec}: the weight's first {n_in} axes must be exactly its contracted ones")
+    return f"{lhs},{w[n_in:]}{w[:n_in]}->{out}"
+
+
+def _as_matmul(spec: str, x, w, w_held: bool):
+    """(x2 [R, K], w2, spec2, out_shape) when `spec` is a plain matmul after flattening: x's
+    contracted axes trailing, the weight's contracted axes leading (trailing when `w_held`),
+    and the output = x's row axes then the weight's other axes; else None."""
+    lhs, rest = spec.split(",", 1)
+    wl, out = rest.split("->")
+    named = lhs.replace("...", "")
+    rows_l = "".join(ch for ch in named if ch in out)
+    contracted = named[len(rows_l):]
+    if not contracted or named != rows_l + contracted or any(ch in out for ch in contracted):
+        return None
+    n_c = len(contracted)
+    w_c, w_out = (wl[-n_c:], wl[:-n_c]) if w_held else (wl[:n_c], wl[n_c:])
+    if w_c != contracted or out != ("..." if lhs.startswith("...") else "") + rows_l + w_out:
+        return None
+    k = math.prod(x.shape[x.ndim - n_c:])
+    x2 = x.reshape((-1, k))
+    w2 = w.reshape((-1, k)) if w_held else w.reshape((k, -1))
+    w_dims = w.shape[: w.ndim - n_c] if w_held else w.shape[n_c:]
+    return x2, w2, "rk,nk->rn" if w_held else "rk,kn->rn", x.shape[: x.ndim - n_c] + w_dims
+
+
 def dense(spec: str, x, w, b=None, out_dtype=None):
     """einsum(spec, x, w) (+ b), accumulated in f32, in `out_dtype` (default: x's dtype).
-    spec: starts with "..." or with a row axis of x that leads the output, as every layer's does."""
-    two = x.dtype == jnp.bfloat16 and rows(spec, x) == 1 and jax.default_backend() == "cpu"
-    if not two:
-        y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    elif spec.startswith("..."):  # a new leading axis of 2, dropped again
-        y = jnp.einsum(spec, jnp.stack([x, x]), w, preferred_element_type=jnp.float32)[0]
-    else:  # the leading row axis (of size 1) doubled, then cut back
-        y = jnp.einsum(spec, jnp.concatenate([x, x]), w, preferred_element_type=jnp.float32)[:1]
+    spec: starts with "..." or with a row axis of x that leads the output, as every layer's does.
+    w: an array laid out as `spec` says, or a `stack.OutIn` holding it transposed.
+
+    bf16 on CPU: the product is computed as one 2-D matmul [R, K] x [K, N] (rows and
+    contracted axes flattened, free reshapes): with more row axes XLA:CPU copies (transposes)
+    the weight for the dot, and inside a loop hoists those copies out of it (the 7B decode
+    loop: 11.6 GB). A single row is doubled (see the module docstring)."""
+    held = isinstance(w, OutIn)
+    cpu_bf16 = x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+    mm = _as_matmul(held_spec(spec, w.n_in) if held else spec, x, w.t if held else w, held) if cpu_bf16 else None
+    if held:
+        spec, w = held_spec(spec, w.n_in), w.t
+    if mm is not None:
+        x2, w2, spec2, out_shape = mm
+        r = x2.shape[0]
+        if r == 1:
+            x2 = jnp.concatenate([x2, x2])
+        y = jnp.einsum(spec2, x2, w2, preferred_element_type=jnp.float32)[:r].reshape(out_shape)
+    else:
+        two = cpu_bf16 and rows(spec, x) == 1
+        if not two:
+            y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+        elif spec.startswith("..."):  # a new leading axis of 2, dropped again
+            y = jnp.einsum(spec, jnp.stack([x, x]), w, preferred_element_type=jnp.float32)[0]
+        else:  # the leading row axis (of size 1) doubled, then cut back
+            y = jnp.einsum(spec, jnp.concatenate([x, x]), w, preferred_element_type=jnp.float32)[:1]
     if b is not None:
         y = y + b
     return y.astype(out_dtype or x.dtype)

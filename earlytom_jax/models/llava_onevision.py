@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.models import qwen2
 from earlytom_jax.models.dense import dense
 
 
@@ -77,7 +78,8 @@ def splice(embed, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=Non
     stays a real token). → h [1, P+Vc+Q, Ht], valid [1, L], positions [1, L] where positions
     count valid slots only (0..n_valid-1; padding gets the previous id).
     """
-    h = jnp.concatenate([embed[prefix_ids], visual.astype(embed.dtype), embed[suffix_ids]], axis=0)
+    pre, suf = qwen2.embed(embed, prefix_ids), qwen2.embed(embed, suffix_ids)
+    h = jnp.concatenate([pre, visual.astype(pre.dtype), suf], axis=0)
     if suffix_valid is None:
         suffix_valid = jnp.ones(suffix_ids.shape, bool)
     valid = jnp.concatenate([jnp.ones(prefix_ids.shape, bool), visual_valid, suffix_valid])

@@ -1,9 +1,10 @@
 """Qwen2 decoder as pure functions: GQA with q/k/v bias, RoPE (rotate-half), RMSNorm, SwiGLU.
 
-Layers are stacked on a leading axis and run with `lax.scan`. Prefill runs any layer range
-[start, stop) over a sequence with a key-validity mask (padding slots are never attended) and
-explicit position ids (gaps allowed, as EarlyTom's in-LLM merge leaves them); it returns the
-keys (after RoPE) and values to cache. A decode step writes one slot of a static-length cache
+Layers are stacked on a leading axis and run with `lax.scan` (`models.stack.scan`; on CPU in
+bf16 the stack is held per layer and the loop unrolled, see models/stack.py). Prefill runs
+any layer range [start, stop) over a sequence with a key-validity mask (padding slots are
+never attended) and explicit position ids (gaps allowed, as EarlyTom's in-LLM merge leaves
+them); it returns the keys (after RoPE) and values to cache. A decode step writes one slot of a static-length cache
 at a traced index, so it compiles once per cache length.
 """
 
@@ -24,6 +25,16 @@ def rms_norm(x, w, eps):
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
     return w * y.astype(x.dtype)
+
+
+def embed(table, ids):
+    """Rows `ids` (int, any shape) of the embedding table [V, C] → [*ids.shape, C]. The table
+    may be held as its uint16 bits (`stack.pack`, bf16 on CPU with an untied head): XLA:CPU
+    converts a whole bf16 table to f32 to gather from it (2.2 GB for Qwen2-7B, on every
+    prefill and decode loop), never a uint16 one."""
+    if table.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(table[ids], jnp.bfloat16)
+    return table[ids]
 
 
 def rope_tables(positions, head_dim: int, theta: float):
@@ -50,6 +61,14 @@ def qkv(p, h, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def out_proj(p, o):
+    """o [B, L, H, D] → [B, L, C]. The heads are flattened into one contracted axis: the same
+    sum, which XLA:CPU runs as a plain 2-D product (bf16, separate per-layer weights: 2x faster
+    than contracting two axes)."""
+    w = p["o_w"]
+    return dense("blk,kc->blc", o.reshape(o.shape[:2] + (-1,)), w.reshape((-1, w.shape[-1])))
+
+
 def mlp(p, h):
     g = jax.nn.silu(dense("...c,cm->...m", h, p["gate_w"])) * dense("...c,cm->...m", h, p["up_w"])
     g = constrain(g, None, None, "mlp")
@@ -64,7 +83,7 @@ def layer_prefill(p, h, cos, sin, key_valid, cfg: Qwen2Config, causal: bool = Tr
         o = causal_attention(q, k, v, key_valid, block=block)
     else:
         o = attention(q, k, v, jnp.broadcast_to(key_valid[:, None, :], (h.shape[0], h.shape[1], h.shape[1])))
-    h = h + dense("blhd,hdc->blc", o, p["o_w"])
+    h = h + out_proj(p, o)
     h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
     return h, k, v, q
 
@@ -103,7 +122,7 @@ def decode_layers(layers, h, position, cache_k, cache_v, key_valid, index, cfg: 
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
         o = attention(q, ck, cv, key_valid[:, None, :])
-        h = h + dense("blhd,hdc->blc", o, p["o_w"])
+        h = h + out_proj(p, o)
         h = h + mlp(p, rms_norm(h, p["ln2"], cfg.rms_norm_eps))
         return h, (ck, cv)
 
