@@ -49,10 +49,11 @@ def held_spec(spec: str, n_in: int) -> str:
     return f"{lhs},{w[n_in:]}{w[:n_in]}->{out}"
 
 
-def _as_matmul(spec: str, x, w, w_held: bool):
+def _as_matmul(spec: str, x, w):
     """(x2 [R, K], w2, spec2, out_shape) when `spec` is a plain matmul after flattening: x's
-    contracted axes trailing, the weight's contracted axes leading (trailing when `w_held`),
-    and the output = x's row axes then the weight's other axes; else None."""
+    contracted axes trailing, the weight's contracted axes leading ([K, N]) or trailing
+    ([N, K], as `stack.OutIn` holds them), and the output = x's row axes then the weight's
+    other axes; else None."""
     lhs, rest = spec.split(",", 1)
     wl, out = rest.split("->")
     named = lhs.replace("...", "")
@@ -61,14 +62,14 @@ def _as_matmul(spec: str, x, w, w_held: bool):
     if not contracted or named != rows_l + contracted or any(ch in out for ch in contracted):
         return None
     n_c = len(contracted)
-    w_c, w_out = (wl[-n_c:], wl[:-n_c]) if w_held else (wl[:n_c], wl[n_c:])
-    if w_c != contracted or out != ("..." if lhs.startswith("...") else "") + rows_l + w_out:
+    trailing = wl.endswith(contracted)
+    w_out = wl[:-n_c] if trailing else wl[n_c:]
+    if not (trailing or wl.startswith(contracted)) or out != ("..." if lhs.startswith("...") else "") + rows_l + w_out:
         return None
     k = math.prod(x.shape[x.ndim - n_c:])
-    x2 = x.reshape((-1, k))
-    w2 = w.reshape((-1, k)) if w_held else w.reshape((k, -1))
-    w_dims = w.shape[: w.ndim - n_c] if w_held else w.shape[n_c:]
-    return x2, w2, "rk,nk->rn" if w_held else "rk,kn->rn", x.shape[: x.ndim - n_c] + w_dims
+    w_dims = w.shape[: w.ndim - n_c] if trailing else w.shape[n_c:]
+    spec2 = "rk,nk->rn" if trailing else "rk,kn->rn"
+    return x.reshape((-1, k)), w.reshape((-1, k) if trailing else (k, -1)), spec2, x.shape[: x.ndim - n_c] + w_dims
 
 
 def dense(spec: str, x, w, b=None, out_dtype=None):
@@ -80,11 +81,10 @@ def dense(spec: str, x, w, b=None, out_dtype=None):
     contracted axes flattened, free reshapes): with more row axes XLA:CPU copies (transposes)
     the weight for the dot, and inside a loop hoists those copies out of it (the 7B decode
     loop: 11.6 GB). A single row is doubled (see the module docstring)."""
-    held = isinstance(w, OutIn)
-    cpu_bf16 = x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-    mm = _as_matmul(held_spec(spec, w.n_in) if held else spec, x, w.t if held else w, held) if cpu_bf16 else None
-    if held:
+    if isinstance(w, OutIn):
         spec, w = held_spec(spec, w.n_in), w.t
+    cpu_bf16 = x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+    mm = _as_matmul(spec, x, w) if cpu_bf16 else None
     if mm is not None:
         x2, w2, spec2, out_shape = mm
         r = x2.shape[0]
