@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from earlytom_jax.models.stack import bits, unbits
+
 NEG = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
 
@@ -74,6 +76,7 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
 
     def one(item):
         qi, ki, vi, ri = item  # qi [(B,) Lq, G, D]; ki, vi [(B,) Lk, D]
+        qi, ki, vi = (unbits(a) for a in (qi, ki, vi))
         qi = jnp.swapaxes(qi, -2, -3).reshape(qi.shape[:-3] + (g * lq, d))  # rows (g, q)
         # the scale on q, not on the scores: one pass fewer over [Lq, Lk]
         s = jnp.einsum("...qd,...kd->...qk", qi * jnp.asarray(scale, qi.dtype), ki,
@@ -86,15 +89,19 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
         if colmean:
             p = jax.nn.softmax(s, axis=-1)
             o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
-        else:  # normalised after the product: one pass fewer over [Lq, Lk]
-            e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-            o = jnp.einsum("...qk,...kd->...qd", e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
-            o = o / e.sum(axis=-1, keepdims=True)
+        else:  # normalised after the product: one pass fewer over [Lq, Lk]; in bf16, exp and
+            # rounding in one pass, and the sum taken over the rounded weights (64 → 55 ms)
+            e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))).astype(vi.dtype)
+            o = jnp.einsum("...qk,...kd->...qd", e, vi, preferred_element_type=jnp.float32)
+            o = o / e.sum(axis=-1, keepdims=True, dtype=jnp.float32)
         o = o.astype(vi.dtype)
         o = jnp.swapaxes(o.reshape(o.shape[:-2] + (g, lq, d)), -2, -3)  # [(B,) Lq, G, D]
-        return o, (p.sum(axis=-2) if colmean else None)
+        return bits(o), (p.sum(axis=-2) if colmean else None)
 
-    o, col = jax.lax.map(one, (qh, kh, vh, rows))
+    # bf16 in and out of the loop as uint16 bits (XLA:CPU would convert q, k, v and the
+    # output to f32 around the loop; SigLIP-so400m at 4 frames: 101 → 64 ms per block)
+    o, col = jax.lax.map(one, (bits(qh), bits(kh), bits(vh), rows))
+    o = unbits(o)
     o = o.reshape(hk, b, lq, g, d).transpose(1, 2, 0, 3, 4).reshape(b, lq, hq, d)
     if colmean:
         col = col.reshape(hk, b, lk).sum(0) / (hq * lq)

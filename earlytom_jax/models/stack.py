@@ -67,7 +67,14 @@ jax.tree_util.register_pytree_node(PerLayer, lambda s: (tuple(s), None), lambda 
 _LLM_IN_AXES = {"gate_w": 1, "up_w": 1, "down_w": 1}
 
 
-def _unbits(a):
+def bits(a):
+    """A bf16 array as its uint16 bits (other dtypes unchanged): the form in which XLA:CPU
+    passes it into or out of a loop without converting it to f32 around the loop."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == _BF16 else a
+
+
+def unbits(a):
+    """The inverse of `bits`."""
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
@@ -76,7 +83,7 @@ def layer(stack, index):
     int32 for a stacked (not `PerLayer`) tree."""
     if isinstance(stack, PerLayer):
         return stack[index]
-    return jax.tree.map(lambda a: _unbits(jax.lax.dynamic_index_in_dim(a, index, keepdims=False)), stack)
+    return jax.tree.map(lambda a: unbits(jax.lax.dynamic_index_in_dim(a, index, keepdims=False)), stack)
 
 
 def scan(step, carry, stack, start: int, stop: int, xs=None):
@@ -97,8 +104,8 @@ def scan(step, carry, stack, start: int, stop: int, xs=None):
     return jax.lax.scan(body, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs))
 
 
-_to_bits = jax.jit(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16), donate_argnums=0)
-_from_bits = jax.jit(lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16))
+_to_bits = jax.jit(bits, donate_argnums=0)
+_from_bits = jax.jit(unbits)
 
 
 @jax.jit
