@@ -32,9 +32,7 @@ def embed(table, ids):
     may be held as its uint16 bits (`stack.pack`, bf16 on CPU with an untied head): XLA:CPU
     converts a whole bf16 table to f32 to gather from it (2.2 GB for Qwen2-7B, on every
     prefill and decode loop), never a uint16 one."""
-    if table.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(table[ids], jnp.bfloat16)
-    return table[ids]
+    return stack.unbits(table[ids])
 
 
 def rope_tables(positions, head_dim: int, theta: float):
