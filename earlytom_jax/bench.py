@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from earlytom_jax import flops, pipeline
 from earlytom_jax.models import llava_onevision as lov
 
+STAGES = ("vision", "tokens", "llm")  # the staged breakdown's keys, in pipeline order
+
 
 @dataclasses.dataclass
 class BenchResult:
@@ -54,6 +56,7 @@ class BenchResult:
     peak_memory: dict | None = None
     ttft_over_reference: float | None = None
     first_token: int | None = None
+    at_full_rates: dict | None = None  # `at_full_stage_rates` against the run's full tokens
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -312,7 +315,7 @@ def measure(params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, rati
         fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16)
         same = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method, conditionals="largest")
         fx["analytic"] = same
-        fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in ("vision", "tokens", "llm", "total") if same[k]}
+        fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in STAGES + ("total",) if same[k]}
     return BenchResult(
         method=name, ratio=ratio, compile_s=compile_s, ttft_s=times, stages_s=stages,
         frames=int(stats["frames"]), visual_tokens=int(stats["visual_tokens"]),
@@ -321,6 +324,30 @@ def measure(params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, rati
         flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
         first_token=first,
     )
+
+
+def at_full_stage_rates(r: BenchResult, full: BenchResult) -> dict | None:
+    """Splits a shortfall of a method's speed-up against its FLOPs ratio into its two causes.
+
+    The FLOPs ratio (full's exact FLOPs over the method's) prices every FLOP alike. A device
+    has a FLOP rate per stage (on 2-core CPUs SigLIP's 729-token blocks run slower per FLOP
+    than a long LLM prefill), so a method whose savings lie mostly in the faster stage saves
+    less time per FLOP saved; and a stage left with fewer rows runs at a lower rate itself
+    (each weight matrix is streamed and packed once per pass, whatever the row count).
+
+    → None unless both have staged times; else {"seconds": {stage: s, "total": s}, the method's
+    exact FLOPs of each stage at full's FLOP rate in that stage; "flops_ratio"; "speedup": full's
+    staged total over that total, what the method would reach if none of its stages ran slower
+    per FLOP than full's; "stage_efficiency": that total over the method's own staged total (1.0:
+    as fast per FLOP as full's stages; below: smaller products, or overhead)}."""
+    if not (r.stages_s and full.stages_s):
+        return None
+    sec = {k: r.flops[k] * full.stages_s[k] / full.flops[k] if full.flops[k] else r.stages_s[k] for k in STAGES}
+    sec["total"] = sum(sec[k] for k in STAGES)
+    full_t = sum(full.stages_s[k] for k in STAGES)
+    own_t = sum(r.stages_s[k] for k in STAGES)
+    return {"seconds": sec, "flops_ratio": full.flops["total"] / r.flops["total"],
+            "speedup": full_t / sec["total"], "stage_efficiency": sec["total"] / own_t}
 
 
 def _n(x: float) -> str:
@@ -335,7 +362,7 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         vs = f"{full.ttft_mean / r.ttft_mean:.2f}x" if full else "-"
-        st = " / ".join(_n(r.stages_s[k]) for k in ("vision", "tokens", "llm")) if r.stages_s else "-"
+        st = " / ".join(_n(r.stages_s[k]) for k in STAGES) if r.stages_s else "-"
         vis = f"{r.visual_tokens}" + (f" → {r.llm_tokens_after_merge}" if r.llm_tokens_after_merge is not None else "")
         xla = _n(r.flops_xla["total"] / 1e9) if r.flops_xla else "-"
         dec = _n(r.decode_tokens_per_s) if r.decode else "-"
@@ -354,4 +381,15 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
         if full:
             rows.append("")
             rows.append(f"JAX full / PyTorch full TTFT (mean): {full.ttft_mean / reference['ttft_mean_s']:.2f}")
+    checks = [(r, r.at_full_rates) for r in results if r.at_full_rates]
+    if checks:
+        rows.append("")
+        rows.append("Speed-up against the FLOPs ratio, by stage rates (staged runs; see bench.at_full_stage_rates):")
+        for r, a in checks:
+            rows.append(
+                f"- {r.method} {r.ratio if r.ratio is not None else ''}: TTFT speed-up {full.ttft_mean / r.ttft_mean:.2f}x "
+                f"= {full.ttft_mean / r.ttft_mean / a['flops_ratio']:.2f} of the FLOPs ratio {a['flops_ratio']:.2f}x; "
+                f"at full's FLOP rate per stage its FLOPs would give {a['speedup']:.2f}x "
+                f"({a['speedup'] / a['flops_ratio']:.2f} of it); its stages ran at {a['stage_efficiency']:.2f} of those rates"
+            )
     return "\n".join(rows)

@@ -354,6 +354,10 @@ def cmd_bench(args) -> int:
             reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
             reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
+    full = next((r for r in results if r.method == "full"), None)
+    for r in results:
+        if full is not None and r is not full:
+            r.at_full_rates = bench.at_full_stage_rates(r, full)
     table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), **bench.host(), "weights": weights,

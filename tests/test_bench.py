@@ -54,6 +54,10 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
             assert all(r[key][s] > 0 for s in STAGES) and r[key]["total"] == pytest.approx(sum(r[key][s] for s in STAGES))
         assert r["flops"]["paper_llm"] > 0
     assert res[("earlytom", 0.25)]["visual_tokens"] < res[("full", None)]["visual_tokens"] == 4 * 16 + 1
+    assert res[("full", None)]["at_full_rates"] is None
+    a = res[("earlytom", 0.25)]["at_full_rates"]
+    assert a["flops_ratio"] == pytest.approx(res[("full", None)]["flops"]["total"] / res[("earlytom", 0.25)]["flops"]["total"])
+    assert a["speedup"] > 0 and a["stage_efficiency"] > 0 and "by stage rates" in p.stdout
     ref = d["reference"]
     assert ref["ttft_mean_s"] > 0 and ref["ttft_median_s"] > 0 and ref["visual_tokens"] == 65
     assert ref["jax_full_over_torch_full"] == pytest.approx(res[("full", None)]["ttft_mean_s"] / ref["ttft_mean_s"])
@@ -61,6 +65,30 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == chart.SIZE
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "clip.mp4", "ttft.png"]  # no temporary left
+
+
+def _result(method, stages, stage_flops):
+    f = dict(stage_flops, total=sum(stage_flops.values()), paper_llm=0)
+    return bench.BenchResult(method=method, ratio=None, compile_s=0.0, ttft_s=[sum(stages.values())], stages_s=stages,
+                             frames=1, visual_tokens=1, llm_tokens_after_merge=None, flops=f)
+
+
+def test_stage_rates_split_a_shortfall_into_stage_mix_and_efficiency():
+    # full: vision 100 GFLOP in 1 s (100 GF/s), LLM 900 GFLOP in 3 s (300 GF/s); a method that
+    # keeps the vision and cuts the LLM to 100 GFLOP: FLOPs ratio 1000 / 200 = 5x, but at full's
+    # rates its stages take 1 + 1/3 s, a speed-up of 4 / (4/3) = 3x; it took 1 + 0.5 s
+    full = _result("full", {"vision": 1.0, "tokens": 0.0, "llm": 3.0}, {"vision": 100e9, "tokens": 0.0, "llm": 900e9})
+    m = _result("m", {"vision": 1.0, "tokens": 0.0, "llm": 0.5}, {"vision": 100e9, "tokens": 0.0, "llm": 100e9})
+    a = bench.at_full_stage_rates(m, full)
+    assert a["flops_ratio"] == pytest.approx(5.0)
+    assert a["seconds"]["vision"] == pytest.approx(1.0) and a["seconds"]["llm"] == pytest.approx(1 / 3)
+    assert a["speedup"] == pytest.approx(3.0)
+    assert a["stage_efficiency"] == pytest.approx((4 / 3) / 1.5)
+    assert bench.at_full_stage_rates(m, _result("full", {}, {"vision": 1, "tokens": 0, "llm": 1})) is None
+    m.at_full_rates = a
+    table = bench.markdown([full, m])
+    assert "speed-up 2.67x = 0.53 of the FLOPs ratio 5.00x" in table and "give 3.00x (0.60 of it)" in table
+    assert "at 0.89 of those rates" in table
 
 
 def test_host_cpu_names_the_model_and_the_matmul_features():
