@@ -386,9 +386,10 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
         rows.append("")
         rows.append("Speed-up against the FLOPs ratio, by stage rates (staged runs; see bench.at_full_stage_rates):")
         for r, a in checks:
+            speedup = full.ttft_mean / r.ttft_mean
             rows.append(
-                f"- {r.method} {r.ratio if r.ratio is not None else ''}: TTFT speed-up {full.ttft_mean / r.ttft_mean:.2f}x "
-                f"= {full.ttft_mean / r.ttft_mean / a['flops_ratio']:.2f} of the FLOPs ratio {a['flops_ratio']:.2f}x; "
+                f"- {r.method} {r.ratio if r.ratio is not None else ''}: TTFT speed-up {speedup:.2f}x "
+                f"= {speedup / a['flops_ratio']:.2f} of the FLOPs ratio {a['flops_ratio']:.2f}x; "
                 f"at full's FLOP rate per stage its FLOPs would give {a['speedup']:.2f}x "
                 f"({a['speedup'] / a['flops_ratio']:.2f} of it); its stages ran at {a['stage_efficiency']:.2f} of those rates"
             )

@@ -346,15 +346,14 @@ def cmd_bench(args) -> int:
                                 not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops, mesh=mesh)
             results.append(res)
             print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
+    full = next((r for r in results if r.method == "full"), None)
     if reference is not None:
-        full = next((r for r in results if r.method == "full"), None)
         for r in results:
             r.ttft_over_reference = r.ttft_mean / reference["ttft_mean_s"]
         if full is not None:
             reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
             reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
-    full = next((r for r in results if r.method == "full"), None)
     for r in results:
         if full is not None and r is not full:
             r.at_full_rates = bench.at_full_stage_rates(r, full)
