@@ -1,6 +1,8 @@
 """TTFT measured the paper's way (spec: frame preprocessing excluded; vision encoding, token
 selection, LLM prefill and the first token included; warm-ups, then mean and median), with
 compile time apart, a per-stage breakdown, decode throughput, peak memory and FLOP counts.
+Several methods are timed interleaved by default (`measure_interleaved`: round i holds every
+method's i-th run), so that ratios between methods survive a host whose speed drifts.
 
 FLOPs come three ways (multiply and add counted as 2):
 
@@ -22,6 +24,7 @@ FLOPs come three ways (multiply and add counted as 2):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -32,11 +35,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from earlytom_jax import flops, pipeline
 from earlytom_jax.models import llava_onevision as lov
 
 STAGES = ("vision", "tokens", "llm")  # the staged breakdown's keys, in pipeline order
+NEVER = np.asarray([-1], np.int32)  # an EOS list no token id matches: timed decodes run their full length
 
 
 @dataclasses.dataclass
@@ -57,6 +62,7 @@ class BenchResult:
     ttft_over_reference: float | None = None
     first_token: int | None = None
     at_full_rates: dict | None = None  # `at_full_stage_rates` against the run's full tokens
+    paired: dict | None = None  # `paired_speedups` against the run's full tokens
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -251,79 +257,143 @@ def xla_stage_flops(params, cfg, t0: int, prefix_len: int, suffix_len: int, meth
     return out
 
 
-def measure(params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, ratio=None,
-            warmup: int = 2, runs: int = 5, staged: bool = True, decode_tokens: int = 32,
-            xla: bool = True, mesh=None) -> BenchResult:
-    """Compile (timed apart), `warmup` untimed calls, then `runs` timed TTFT calls of the one
-    fused prefill program (first token fetched to the host); then `runs` timed greedy decodes
-    of `decode_tokens` tokens in one on-device loop (EOS ignored, so the count is fixed),
-    compiled and warmed up apart; peak memory over the timed prefill and decode runs; then
-    one staged run for the breakdown; then the FLOP counts (see the module docstring).
+class MethodTimer:
+    """One method's share of a benchmark, in the phases `measure` and `measure_interleaved`
+    put in order: `prepare` (compile, timed apart; warm-ups), `time_once` (one timed TTFT call
+    of the fused prefill program, first token fetched to the host), `finish` (decode, peak
+    memory, staged breakdown, FLOP counts → BenchResult).
 
     mesh: run under `jax.set_mesh(mesh)` (params and pixels already placed on it)."""
-    import contextlib
 
-    pre = jnp.asarray(prefix_ids, jnp.int32)
-    suf = jnp.asarray(suffix_ids, jnp.int32)
-    max_new = max(16, decode_tokens)
-    ctx = (lambda: contextlib.nullcontext()) if mesh is None else (lambda: jax.set_mesh(mesh))
-    with ctx():
-        t = time.perf_counter()
-        compiled = pipeline.prefill_jit.lower(params, pixels, pre, suf, cfg, method, max_new).compile()
-        compile_s = time.perf_counter() - t
-        for _ in range(warmup):
-            jax.block_until_ready(compiled(params, pixels, pre, suf))
-        decode = None
-        if decode_tokens > 1:
-            logits, caches, pos, _ = compiled(params, pixels, pre, suf)
-            never = jnp.asarray([-1], jnp.int32)  # no token id is -1: EOS never stops the loop
+    def __init__(self, params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, ratio=None, mesh=None):
+        self.params, self.cfg, self.pixels, self.method, self.name, self.ratio = params, cfg, pixels, method, name, ratio
+        self.pre = jnp.asarray(prefix_ids, jnp.int32)
+        self.suf = jnp.asarray(suffix_ids, jnp.int32)
+        self.mesh = mesh
+        self.times: list[float] = []
+        self.compiled = self.compile_s = self.first = self.stats = self.decode = self.decode_compile_s = None
+
+    def _ctx(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _run(self):
+        return self.compiled(self.params, self.pixels, self.pre, self.suf)
+
+    def prepare(self, warmup: int, decode_tokens: int) -> None:
+        """Compile the prefill (timed apart), `warmup` untimed calls; and, when decoding is
+        timed, compile the decode loop on the last call's output and warm it up."""
+        with self._ctx():
             t = time.perf_counter()
-            dec = pipeline.decode_loop.lower(params, logits, pos, caches, cfg, decode_tokens, never).compile()
-            decode_compile_s = time.perf_counter() - t
-            for _ in range(max(1, warmup)):
-                jax.block_until_ready(dec(params, logits, pos, caches, never))
-        window = peak_memory_start()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            logits, caches, pos, stats = compiled(params, pixels, pre, suf)
-            first = int(jnp.argmax(logits))
-            times.append(time.perf_counter() - t)
-        if decode_tokens > 1:
-            dec_times = []
-            for _ in range(max(1, runs)):
+            self.compiled = pipeline.prefill_jit.lower(self.params, self.pixels, self.pre, self.suf, self.cfg,
+                                                       self.method, max(16, decode_tokens)).compile()
+            self.compile_s = time.perf_counter() - t
+            out = None
+            for _ in range(warmup):
+                out = jax.block_until_ready(self._run())
+            if decode_tokens > 1:
+                logits, caches, pos, _ = out if out is not None else self._run()
                 t = time.perf_counter()
-                toks, count = dec(params, logits, pos, caches, never)
-                count = int(count)
-                dec_times.append(time.perf_counter() - t)
-            steps = count - 1  # the first token came from the prefill
-            decode = {"new_tokens": count, "decode_steps": steps, "compile_s": decode_compile_s,
-                      "seconds": dec_times, "tokens_per_s": steps / statistics.mean(dec_times),
-                      "tokens_per_s_median": steps / statistics.median(dec_times),
-                      "note": "greedy, one on-device loop, EOS ignored; tokens/s = decode steps / wall time"}
-        peak = peak_memory_read(window)
-        stats = {k: jax.device_get(v).tolist() for k, v in stats.items() if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
-        stages = {}
-        if staged:
-            pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)  # compile the stages
-            _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)
-    text = pre.shape[0] + suf.shape[0]
-    f = flops.prefill_flops(cfg, pixels.shape[0], text, stats, method)
-    executed = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method)
-    fx = None
-    if xla:
-        fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16)
-        same = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method, conditionals="largest")
-        fx["analytic"] = same
-        fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in STAGES + ("total",) if same[k]}
-    return BenchResult(
-        method=name, ratio=ratio, compile_s=compile_s, ttft_s=times, stages_s=stages,
-        frames=int(stats["frames"]), visual_tokens=int(stats["visual_tokens"]),
-        llm_tokens_after_merge=stats.get("llm_kept"),
-        flops=dict(vision=f.vision, tokens=f.tokens, llm=f.llm, total=f.total, paper_llm=f.paper_llm),
-        flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
-        first_token=first,
-    )
+                self.decode = pipeline.decode_loop.lower(self.params, logits, pos, caches, self.cfg, decode_tokens,
+                                                         NEVER).compile()
+                self.decode_compile_s = time.perf_counter() - t
+                for _ in range(max(1, warmup)):
+                    jax.block_until_ready(self.decode(self.params, logits, pos, caches, NEVER))
+
+    def time_once(self) -> float:
+        with self._ctx():
+            t = time.perf_counter()
+            logits, _, _, stats = self._run()
+            first = int(jnp.argmax(logits))
+            dt = time.perf_counter() - t
+        self.times.append(dt)
+        self.first, self.stats = first, stats
+        return dt
+
+    def finish(self, runs: int, staged: bool, decode_tokens: int, xla: bool) -> BenchResult:
+        """One more prefill call (untimed) and `runs` timed greedy decodes of `decode_tokens`
+        tokens in one on-device loop (EOS ignored, so the count is fixed), inside a peak-memory
+        window; then one staged run for the breakdown; then the FLOP counts (see the module
+        docstring)."""
+        params, pixels, pre, suf, cfg, method = self.params, self.pixels, self.pre, self.suf, self.cfg, self.method
+        decode = None
+        with self._ctx():
+            window = peak_memory_start()
+            logits, caches, pos, _ = jax.block_until_ready(self._run())
+            if decode_tokens > 1:
+                dec_times = []
+                for _ in range(max(1, runs)):
+                    t = time.perf_counter()
+                    toks, count = self.decode(params, logits, pos, caches, NEVER)
+                    count = int(count)
+                    dec_times.append(time.perf_counter() - t)
+                steps = count - 1  # the first token came from the prefill
+                decode = {"new_tokens": count, "decode_steps": steps, "compile_s": self.decode_compile_s,
+                          "seconds": dec_times, "tokens_per_s": steps / statistics.mean(dec_times),
+                          "tokens_per_s_median": steps / statistics.median(dec_times),
+                          "note": "greedy, one on-device loop, EOS ignored; tokens/s = decode steps / wall time"}
+            peak = peak_memory_read(window)
+            del logits, caches
+            stages = {}
+            if staged:
+                pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)  # compile the stages
+                _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)
+        stats = {k: jax.device_get(v).tolist() for k, v in self.stats.items()
+                 if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
+        text = pre.shape[0] + suf.shape[0]
+        f = flops.prefill_flops(cfg, pixels.shape[0], text, stats, method)
+        executed = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method)
+        fx = None
+        if xla:
+            fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16)
+            same = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method, conditionals="largest")
+            fx["analytic"] = same
+            fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in STAGES + ("total",) if same[k]}
+        return BenchResult(
+            method=self.name, ratio=self.ratio, compile_s=self.compile_s, ttft_s=list(self.times), stages_s=stages,
+            frames=int(stats["frames"]), visual_tokens=int(stats["visual_tokens"]),
+            llm_tokens_after_merge=stats.get("llm_kept"),
+            flops=dict(vision=f.vision, tokens=f.tokens, llm=f.llm, total=f.total, paper_llm=f.paper_llm),
+            flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
+            first_token=self.first,
+        )
+
+
+def measure(timer: MethodTimer, warmup: int = 2, runs: int = 5, staged: bool = True,
+            decode_tokens: int = 32, xla: bool = True) -> BenchResult:
+    """One method on its own: `prepare`, `runs` timed TTFT calls, `finish`."""
+    timer.prepare(warmup, decode_tokens)
+    for _ in range(runs):
+        timer.time_once()
+    return timer.finish(runs, staged, decode_tokens, xla)
+
+
+def measure_interleaved(timers: list[MethodTimer], warmup: int = 2, runs: int = 5, staged: bool = True,
+                        decode_tokens: int = 32, xla: bool = True, progress=None) -> list[BenchResult]:
+    """Several methods timed in rounds: every method compiled and warmed up first, then `runs`
+    rounds of one timed TTFT call per method, so that a host whose speed drifts over minutes (a
+    shared VM; thermal limits) slows every method's i-th run alike and the ratios between
+    methods hold; then each method's `finish`. `progress(result)` is called as each finishes."""
+    for timer in timers:
+        timer.prepare(warmup, decode_tokens)
+    for _ in range(runs):
+        for timer in timers:
+            timer.time_once()
+    results = []
+    for timer in timers:
+        results.append(timer.finish(runs, staged, decode_tokens, xla))
+        if progress:
+            progress(results[-1])
+    return results
+
+
+def paired_speedups(r: BenchResult, full: BenchResult) -> dict | None:
+    """Full's i-th TTFT over the method's i-th: with interleaved timing the two ran within one
+    round, so the per-round ratio cancels a host's drift between rounds. → None unless both
+    have the same number of runs; else {"rounds": [...], "median": m, "min": a, "max": b}."""
+    if r is full or len(r.ttft_s) != len(full.ttft_s):
+        return None
+    rounds = [f / t for f, t in zip(full.ttft_s, r.ttft_s)]
+    return {"rounds": rounds, "median": statistics.median(rounds), "min": min(rounds), "max": max(rounds)}
 
 
 def at_full_stage_rates(r: BenchResult, full: BenchResult) -> dict | None:
@@ -381,6 +451,14 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
         if full:
             rows.append("")
             rows.append(f"JAX full / PyTorch full TTFT (mean): {full.ttft_mean / reference['ttft_mean_s']:.2f}")
+    paired = [r for r in results if r.paired]
+    if paired:
+        rows.append("")
+        rows.append("TTFT speed-up per round (full's i-th run over the method's i-th; see bench.paired_speedups):")
+        for r in paired:
+            p = r.paired
+            rows.append(f"- {r.method} {r.ratio if r.ratio is not None else ''}: median {p['median']:.2f}x "
+                        f"(rounds {p['min']:.2f}-{p['max']:.2f}x)")
     checks = [(r, r.at_full_rates) for r in results if r.at_full_rates]
     if checks:
         rows.append("")

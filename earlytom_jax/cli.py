@@ -337,15 +337,24 @@ def cmd_bench(args) -> int:
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
     if mesh is not None:
         pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
-    results = []
     scale = args.layers is None and args.preset is None and cfg.vision.num_layers < 24
-    for name in names:
-        for r in ([None] if name == "full" else list(args.ratios)):
-            method = _method_from_args(args, cfg, name, r, scale)
-            res = bench.measure(params, cfg, pixels, prefix, suffix, method, name, r, args.warmup, args.runs,
-                                not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops, mesh=mesh)
-            results.append(res)
-            print(f"{name} r={r}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)", file=sys.stderr, flush=True)
+    timers = [bench.MethodTimer(params, cfg, pixels, prefix, suffix, _method_from_args(args, cfg, name, r, scale),
+                                name, r, mesh)
+              for name in names for r in ([None] if name == "full" else list(args.ratios))]
+
+    def progress(res):
+        print(f"{res.method} r={res.ratio}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)",
+              file=sys.stderr, flush=True)
+
+    opts = dict(warmup=args.warmup, runs=args.runs, staged=not args.no_stages, decode_tokens=args.decode_tokens,
+                xla=not args.no_xla_flops)
+    if args.timing == "interleaved":
+        results = bench.measure_interleaved(timers, progress=progress, **opts)
+    else:
+        results = []
+        for timer in timers:
+            results.append(bench.measure(timer, **opts))
+            progress(results[-1])
     full = next((r for r in results if r.method == "full"), None)
     if reference is not None:
         for r in results:
@@ -357,11 +366,12 @@ def cmd_bench(args) -> int:
     for r in results:
         if full is not None and r is not full:
             r.at_full_rates = bench.at_full_stage_rates(r, full)
+            r.paired = bench.paired_speedups(r, full)
     table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), **bench.host(), "weights": weights,
             "video": args.video or "generated clip",
-            "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs,
+            "frames": args.frames, "dtype": args.dtype, "warmup": args.warmup, "runs": args.runs, "timing": args.timing,
             "decode_tokens": args.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
             "reference": args.reference, "command": " ".join(sys.argv),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -538,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ratios", type=_floats, default=(0.1,))
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--timing", default="interleaved", choices=["interleaved", "sequential"],
+                   help="interleaved (default): every method compiled and warmed up, then rounds of one timed run "
+                        "per method, so a host's drift hits all alike; sequential: one method's runs after another's")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--json", default=None, help="write results as JSON here")
     b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")

@@ -58,6 +58,10 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     a = res[("earlytom", 0.25)]["at_full_rates"]
     assert a["flops_ratio"] == pytest.approx(res[("full", None)]["flops"]["total"] / res[("earlytom", 0.25)]["flops"]["total"])
     assert a["speedup"] > 0 and a["stage_efficiency"] > 0 and "by stage rates" in p.stdout
+    assert d["meta"]["timing"] == "interleaved" and res[("full", None)]["paired"] is None
+    paired = res[("earlytom", 0.25)]["paired"]
+    assert paired["median"] == pytest.approx(res[("full", None)]["ttft_s"][0] / res[("earlytom", 0.25)]["ttft_s"][0])
+    assert "speed-up per round" in p.stdout
     ref = d["reference"]
     assert ref["ttft_mean_s"] > 0 and ref["ttft_median_s"] > 0 and ref["visual_tokens"] == 65
     assert ref["jax_full_over_torch_full"] == pytest.approx(res[("full", None)]["ttft_mean_s"] / ref["ttft_mean_s"])
@@ -89,6 +93,41 @@ def test_stage_rates_split_a_shortfall_into_stage_mix_and_efficiency():
     table = bench.markdown([full, m])
     assert "speed-up 2.67x = 0.53 of the FLOPs ratio 5.00x" in table and "give 3.00x (0.60 of it)" in table
     assert "at 0.89 of those rates" in table
+
+
+def test_interleaved_timing_runs_rounds_after_every_method_is_ready():
+    calls = []
+
+    class Timer:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, warmup, decode_tokens):
+            calls.append(("prepare", self.name))
+
+        def time_once(self):
+            calls.append(("time", self.name))
+
+        def finish(self, runs, staged, decode_tokens, xla):
+            calls.append(("finish", self.name))
+            return self.name
+
+    done = []
+    out = bench.measure_interleaved([Timer("a"), Timer("b")], warmup=2, runs=3, progress=done.append)
+    assert out == done == ["a", "b"]
+    assert calls == ([("prepare", "a"), ("prepare", "b")] + [("time", "a"), ("time", "b")] * 3
+                     + [("finish", "a"), ("finish", "b")])
+
+
+def test_paired_speedups_divide_round_by_round():
+    full = _result("full", {"vision": 1.0, "tokens": 0.0, "llm": 1.0}, {"vision": 1, "tokens": 0, "llm": 1})
+    fast = _result("x", {"vision": 1.0, "tokens": 0.0, "llm": 1.0}, {"vision": 1, "tokens": 0, "llm": 1})
+    full.ttft_s, fast.ttft_s = [4.0, 8.0, 6.0], [2.0, 2.0, 4.0]  # the host slowed down in round 2
+    p = bench.paired_speedups(fast, full)
+    assert p["rounds"] == [2.0, 4.0, 1.5] and p["median"] == 2.0 and (p["min"], p["max"]) == (1.5, 4.0)
+    assert bench.paired_speedups(full, full) is None
+    fast.ttft_s = [1.0]
+    assert bench.paired_speedups(fast, full) is None  # runs that cannot be paired
 
 
 def test_host_cpu_names_the_model_and_the_matmul_features():
