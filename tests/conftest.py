@@ -9,6 +9,20 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet test logs; not configuration
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. XLA:CPU maps ~3 memory regions per
+    compiled program and the kernel allows 65530 per process (vm.max_map_count): the whole
+    suite in one process reached it and crashed inside XLA's compiler (SIGSEGV)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Untied head, GQA group 2, 4x4 vision grid (pooled 2x2): (transformers model, directory)."""
