@@ -169,9 +169,10 @@ def llm_layer_executed(cfg: LlavaOVConfig, L: int, entries: int) -> int:
 def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
                            conditionals: str = "executed") -> dict:
     """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks
-    on the frame bucket they ran on, projector and pooling over the whole frame buffer, LLM
-    layers over every slot of the static sequence (padding included), attention as the kernels
-    compute it (masked squares, diagonal blocks; see `attention_entries`). conditionals
+    and then projector and pooling on the frame bucket they ran on (the whole frame buffer
+    without frame merging), LLM layers over every slot of the static sequence (padding
+    included), attention as the kernels compute it (masked squares, diagonal blocks; see
+    `attention_entries`). conditionals
     "largest" counts each `lax.switch`/`lax.cond` at its largest branch (the largest frame
     bucket, every key block), as XLA's cost analysis does. Elementwise work (norms, softmax,
     activations, RoPE) is not counted here; XLA counts it (see bench.xla_stage_flops).
@@ -195,7 +196,8 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
     else:  # patch embedding on t_in frames, then every block
-        vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_in)
+        last = bucket(int(stats["frames"])) if layers and getattr(method, "pooled", True) else t_in
+        vis, tok = vision(cfg, frames), projector_and_pool(cfg, last)
     tok += method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
 
     span = method.capacity(t0, cfg.tokens_per_frame) + 1 if hasattr(method, "capacity") else t0 * cfg.tokens_per_frame + 1

@@ -99,7 +99,9 @@ def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token."""
     if method.pooled:
-        tokens = lov.video_tokens(params, feats, cfg)  # [T0, S, H]
+        # on the smallest frame bucket that holds the n frames left after the encoder's merges
+        buckets = method.frame_buckets(feats.shape[0]) if method.encoder_layers else (feats.shape[0],)
+        (tokens,) = _bucketed(lambda f: (lov.video_tokens(params, f, cfg),), feats, n, buckets)  # [T0, S, H]
     else:
         tokens = lov.project(params["projector"], feats)  # [T0, N', H]
     h = tokens.shape[-1]

@@ -56,3 +56,20 @@ def test_prefill_flops_follow_the_statistics():
     assert abs(f.vision - frame_blocks * flops.siglip_block(cfg, 1)) / f.vision < 0.01  # embed is small
     n = 39 + 631
     assert f.llm == sum(flops.llm_layer(cfg, n if i < 18 else n - 631 + 316) for i in range(24)) + 2 * 896 * 152000
+
+
+def test_executed_projector_runs_on_the_bucket_of_the_frames_left():
+    """EarlyTom on 16 frames has frame buckets 4, 8, 12, 16: 3 frames left after its merges
+    are projected and pooled as a bucket of 4 (XLA's count: the largest branch, 16)."""
+    cfg = architecture("llava-ov-0.5b")
+    from earlytom_jax.compression.earlytom import EarlyTom
+
+    m = EarlyTom(ratio=0.1, layers=(6, 21, 23), llm_layer=18)
+    assert m.frame_buckets(16) == (4, 8, 12, 16)
+    stats = {"frames": 3, "frames_after_layer": [9, 5, 3], "visual_tokens": 314, "llm_kept": 157}
+    sel = m.select_flops(cfg, 16)
+    run = flops.executed_prefill_flops(cfg, 16, 39, stats, m)
+    assert run["tokens"] == flops.projector_and_pool(cfg, 4) + sel
+    largest = flops.executed_prefill_flops(cfg, 16, 39, stats, m, conditionals="largest")
+    assert largest["tokens"] == flops.projector_and_pool(cfg, 16) + sel
+    assert flops.prefill_flops(cfg, 16, 39, stats, m).tokens == flops.projector_and_pool(cfg, 3) + sel
