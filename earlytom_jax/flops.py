@@ -168,13 +168,12 @@ def llm_layer_executed(cfg: LlavaOVConfig, L: int, entries: int) -> int:
 
 def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
                            conditionals: str = "executed") -> dict:
-    """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks
-    and then projector and pooling on the frame bucket they ran on (the whole frame buffer
-    without frame merging), LLM layers over every slot of the static sequence (padding
-    included), attention as the kernels compute it (masked squares, diagonal blocks; see
-    `attention_entries`). conditionals
-    "largest" counts each `lax.switch`/`lax.cond` at its largest branch (the largest frame
-    bucket, every key block), as XLA's cost analysis does. Elementwise work (norms, softmax,
+    """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks,
+    then projector and pooling, on the frame bucket they ran on (the whole frame buffer without
+    frame merging), LLM layers over every slot of the static sequence (padding included),
+    attention as the kernels compute it (masked squares, diagonal blocks; see
+    `attention_entries`). conditionals "largest" counts each `lax.switch`/`lax.cond` at its
+    largest branch (the largest frame bucket, every key block), as XLA's cost analysis does. Elementwise work (norms, softmax,
     activations, RoPE) is not counted here; XLA counts it (see bench.xla_stage_flops).
 
     → {"vision", "tokens", "llm", "total"} (Python ints)."""

@@ -6,10 +6,10 @@
         layers k.. ─► logits of the last prompt token, KV caches for decoding.
 
 Shapes stay static: frames live in a buffer of capacity T0 with a valid count `n`; after a
-frame merge the following encoder blocks run on the smallest bucket of frames that holds
-`n` (chosen on device with `lax.switch`, so no host round trip); visual tokens live in a buffer
-of the method's static capacity with a validity mask; the in-LLM merge compacts the sequence
-into a shorter static capacity. Positions count valid slots only, so padding never moves a
+frame merge the following encoder blocks, and then the projector and pooling, run on the
+smallest bucket of frames that holds `n` (chosen on device with `lax.switch`, so no host
+round trip); visual tokens live in a buffer of the method's static capacity with a validity
+mask; the in-LLM merge compacts the sequence into a shorter static capacity. Positions count valid slots only, so padding never moves a
 RoPE id and is never attended.
 
 A method is a frozen dataclass with the hooks of compression/base.py; `FullTokens()` (the
