@@ -1,8 +1,8 @@
 """TTFT measured the paper's way (spec: frame preprocessing excluded; vision encoding, token
 selection, LLM prefill and the first token included; warm-ups, then mean and median), with
 compile time apart, a per-stage breakdown, decode throughput, peak memory and FLOP counts.
-Several methods are timed interleaved by default (`measure_interleaved`: round i holds every
-method's i-th run), so that ratios between methods survive a host whose speed drifts.
+Methods are timed one after another (`measure`), or interleaved (`measure_interleaved`: round
+i holds every method's i-th run) so that per-round ratios survive a host whose speed drifts.
 
 FLOPs come three ways (multiply and add counted as 2):
 

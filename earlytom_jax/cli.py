@@ -548,9 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ratios", type=_floats, default=(0.1,))
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--runs", type=int, default=5)
-    b.add_argument("--timing", default="interleaved", choices=["interleaved", "sequential"],
-                   help="interleaved (default): every method compiled and warmed up, then rounds of one timed run "
-                        "per method, so a host's drift hits all alike; sequential: one method's runs after another's")
+    b.add_argument("--timing", default="sequential", choices=["sequential", "interleaved"],
+                   help="sequential (default, the paper's protocol): one method's warm-ups and runs after another's; "
+                        "interleaved: every method compiled and warmed up, then rounds of one timed run per method, "
+                        "so a host's drift between rounds hits all alike (per-round speed-ups: see `paired`)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     b.add_argument("--json", default=None, help="write results as JSON here")
     b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")

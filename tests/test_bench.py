@@ -33,7 +33,7 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "earlytom_jax.cli", "bench", "--arch", "tiny", "--video", video, "--frames", "4",
          "--methods", "full,earlytom", "--ratios", "0.25", "--warmup", "0", "--runs", "1",
-         "--json", out, "--chart", png, "--reference", "torch"],
+         "--json", out, "--chart", png, "--reference", "torch", "--timing", "interleaved"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
