@@ -63,10 +63,21 @@ class BenchResult:
     first_token: int | None = None
     at_full_rates: dict | None = None  # `at_full_stage_rates` against the run's full tokens
     paired: dict | None = None  # `paired_speedups` against the run's full tokens
+    host_cpu_s: list[float] | None = None  # the process's CPU time (all threads) during each timed TTFT run
 
     @property
     def decode_tokens_per_s(self) -> float | None:
         return None if not self.decode else self.decode["tokens_per_s"]
+
+    @property
+    def host_cores_busy(self) -> float | None:
+        """The process's CPU time over wall time across the timed TTFT runs: how many host cores
+        were working, on average. On CPU, well below the core count means the program waits
+        (host round trips, a serial stretch); XLA:CPU's workers spin briefly before they sleep,
+        so a short wait can still count as busy. On accelerators: the host's share only."""
+        if not self.host_cpu_s:
+            return None
+        return sum(self.host_cpu_s) / sum(self.ttft_s)
 
     @property
     def ttft_mean(self) -> float:
@@ -79,7 +90,7 @@ class BenchResult:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(ttft_mean_s=self.ttft_mean, ttft_median_s=self.ttft_median,
-                 decode_tokens_per_s=self.decode_tokens_per_s,
+                 decode_tokens_per_s=self.decode_tokens_per_s, host_cores_busy=self.host_cores_busy,
                  peak_memory_bytes=None if not self.peak_memory else self.peak_memory["bytes"])
         return d
 
@@ -271,6 +282,7 @@ class MethodTimer:
         self.suf = jnp.asarray(suffix_ids, jnp.int32)
         self.mesh = mesh
         self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU seconds of each timed run
         self.compiled = self.compile_s = self.first = self.stats = self.decode = self.decode_compile_s = None
 
     def _ctx(self):
@@ -301,10 +313,11 @@ class MethodTimer:
 
     def time_once(self) -> float:
         with self._ctx():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             logits, _, _, stats = self._run()
             first = int(jnp.argmax(logits))
             dt = time.perf_counter() - t
+            self.cpu.append(time.process_time() - c)
         self.times.append(dt)
         self.first, self.stats = first, stats
         return dt
@@ -354,7 +367,7 @@ class MethodTimer:
             llm_tokens_after_merge=stats.get("llm_kept"),
             flops=dict(vision=f.vision, tokens=f.tokens, llm=f.llm, total=f.total, paper_llm=f.paper_llm),
             flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
-            first_token=self.first,
+            first_token=self.first, host_cpu_s=list(self.cpu),
         )
 
 
@@ -459,6 +472,13 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
             p = r.paired
             rows.append(f"- {r.method} {r.ratio if r.ratio is not None else ''}: median {p['median']:.2f}x "
                         f"(rounds {p['min']:.2f}-{p['max']:.2f}x)")
+    busy = [r for r in results if r.host_cores_busy is not None]
+    if busy:
+        rows.append("")
+        rows.append(f"Host CPU cores busy during the timed TTFT runs (process CPU time / wall time, "
+                    f"{os.cpu_count()} logical cores here): "
+                    + ", ".join(f"{r.method}{'' if r.ratio is None else f' {r.ratio}'} {r.host_cores_busy:.2f}"
+                                for r in busy))
     checks = [(r, r.at_full_rates) for r in results if r.at_full_rates]
     if checks:
         rows.append("")

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import jax.numpy as jnp
 import pytest
 
 from earlytom_jax import bench, flops, pipeline
@@ -53,6 +55,8 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
         for key in ("flops", "flops_executed", "flops_xla"):
             assert all(r[key][s] > 0 for s in STAGES) and r[key]["total"] == pytest.approx(sum(r[key][s] for s in STAGES))
         assert r["flops"]["paper_llm"] > 0
+        assert len(r["host_cpu_s"]) == 1 and 0 < r["host_cores_busy"] <= os.cpu_count() + 0.25
+    assert "cores busy during the timed TTFT runs" in p.stdout
     assert res[("earlytom", 0.25)]["visual_tokens"] < res[("full", None)]["visual_tokens"] == 4 * 16 + 1
     assert res[("full", None)]["at_full_rates"] is None
     a = res[("earlytom", 0.25)]["at_full_rates"]
@@ -128,6 +132,29 @@ def test_paired_speedups_divide_round_by_round():
     assert bench.paired_speedups(full, full) is None
     fast.ttft_s = [1.0]
     assert bench.paired_speedups(fast, full) is None  # runs that cannot be paired
+
+
+def test_cores_busy_is_cpu_time_over_wall_time():
+    full = _result("full", {"vision": 1.0, "tokens": 0.0, "llm": 1.0}, {"vision": 1, "tokens": 0, "llm": 1})
+    full.ttft_s, full.host_cpu_s = [2.0, 2.0], [4.0, 2.0]
+    assert full.host_cores_busy == pytest.approx(1.5) and full.to_json()["host_cores_busy"] == pytest.approx(1.5)
+    assert "full 1.50" in bench.markdown([full])
+    assert _result("x", {}, {"vision": 1, "tokens": 0, "llm": 1}).host_cores_busy is None
+
+
+def test_a_run_that_waits_shows_idle_cores():
+    """time_once counts the process's CPU time, not the wall time: a prefill that mostly waits
+    (here: sleeps, as a host round trip would) reports far less than one busy core."""
+    timer = bench.MethodTimer(None, None, None, [1], [2], pipeline.FULL, "full")
+
+    def waits(*_):
+        time.sleep(0.3)
+        return jnp.zeros(4), None, None, {}
+
+    timer.compiled = waits
+    timer.time_once()  # the first call also compiles the argmax
+    timer.time_once()
+    assert timer.times[1] >= 0.3 and timer.cpu[1] < 0.1
 
 
 def test_host_cpu_names_the_model_and_the_matmul_features():
