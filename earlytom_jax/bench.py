@@ -409,6 +409,17 @@ def paired_speedups(r: BenchResult, full: BenchResult) -> dict | None:
     return {"rounds": rounds, "median": statistics.median(rounds), "min": min(rounds), "max": max(rounds)}
 
 
+def relate_to_full(results: list[BenchResult], interleaved: bool) -> None:
+    """Set every other method's `at_full_rates` against the run's full tokens, and its `paired`
+    per-round speed-ups only when the methods were timed interleaved: one after another, full's
+    i-th run and the method's i-th lie minutes apart and a per-round ratio cancels nothing."""
+    full = next((r for r in results if r.method == "full"), None)
+    for r in results:
+        if full is not None and r is not full:
+            r.at_full_rates = at_full_stage_rates(r, full)
+            r.paired = paired_speedups(r, full) if interleaved else None
+
+
 def at_full_stage_rates(r: BenchResult, full: BenchResult) -> dict | None:
     """Splits a shortfall of a method's speed-up against its FLOPs ratio into its two causes.
 

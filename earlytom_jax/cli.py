@@ -363,10 +363,7 @@ def cmd_bench(args) -> int:
             reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
             reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
-    for r in results:
-        if full is not None and r is not full:
-            r.at_full_rates = bench.at_full_stage_rates(r, full)
-            r.paired = bench.paired_speedups(r, full)
+    bench.relate_to_full(results, interleaved=args.timing == "interleaved")
     table = bench.markdown(results, reference)
     print(table)
     meta = {"date": datetime.date.today().isoformat(), **bench.host(), "weights": weights,

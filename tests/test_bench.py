@@ -134,6 +134,17 @@ def test_paired_speedups_divide_round_by_round():
     assert bench.paired_speedups(fast, full) is None  # runs that cannot be paired
 
 
+def test_per_round_ratios_only_for_interleaved_timing():
+    full = _result("full", {"vision": 1.0, "tokens": 0.0, "llm": 3.0}, {"vision": 100e9, "tokens": 0.0, "llm": 900e9})
+    m = _result("m", {"vision": 1.0, "tokens": 0.0, "llm": 0.5}, {"vision": 100e9, "tokens": 0.0, "llm": 100e9})
+    bench.relate_to_full([full, m], interleaved=False)
+    assert m.paired is None and m.at_full_rates["speedup"] == pytest.approx(3.0) and full.at_full_rates is None
+    assert "per round" not in bench.markdown([full, m])
+    bench.relate_to_full([full, m], interleaved=True)
+    assert m.paired["median"] == pytest.approx(4.0 / 1.5) and full.paired is None
+    assert "per round" in bench.markdown([full, m])
+
+
 def test_cores_busy_is_cpu_time_over_wall_time():
     full = _result("full", {"vision": 1.0, "tokens": 0.0, "llm": 1.0}, {"vision": 1, "tokens": 0, "llm": 1})
     full.ttft_s, full.host_cpu_s = [2.0, 2.0], [4.0, 2.0]
