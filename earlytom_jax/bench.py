@@ -488,8 +488,10 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
         rows.append("")
         rows.append(f"Host CPU cores busy during the timed TTFT runs (process CPU time / wall time, "
                     f"{os.cpu_count()} logical cores here): "
-                    + ", ".join(f"{r.method}{'' if r.ratio is None else f' {r.ratio}'} {r.host_cores_busy:.2f}"
-                                for r in busy))
+                    + ", ".join([f"{r.method}{'' if r.ratio is None else f' {r.ratio}'} {r.host_cores_busy:.2f}"
+                                 for r in busy]
+                                + ([f"PyTorch full {reference['host_cores_busy']:.2f}"]
+                                   if reference and "host_cores_busy" in reference else [])))
     checks = [(r, r.at_full_rates) for r in results if r.at_full_rates]
     if checks:
         rows.append("")

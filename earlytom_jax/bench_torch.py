@@ -195,11 +195,12 @@ def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfi
 
     for _ in range(warmup):
         one()
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         tok = one()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     return {
         "label": "transformers full (PyTorch)",
         "library": f"torch {torch.__version__}, transformers {transformers.__version__}",
@@ -212,4 +213,6 @@ def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfi
         "ttft_mean_s": statistics.mean(times),
         "ttft_median_s": statistics.median(times),
         "first_token": tok,
+        "host_cpu_s": cpu,
+        "host_cores_busy": sum(cpu) / sum(times),  # as bench.BenchResult.host_cores_busy
     }

@@ -68,6 +68,8 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     assert "speed-up per round" in p.stdout
     ref = d["reference"]
     assert ref["ttft_mean_s"] > 0 and ref["ttft_median_s"] > 0 and ref["visual_tokens"] == 65
+    assert len(ref["host_cpu_s"]) == 1 and 0 < ref["host_cores_busy"] <= os.cpu_count() + 0.25
+    assert f"PyTorch full {ref['host_cores_busy']:.2f}" in p.stdout
     assert ref["jax_full_over_torch_full"] == pytest.approx(res[("full", None)]["ttft_mean_s"] / ref["ttft_mean_s"])
     assert ref["same_first_token_as_jax_full"]  # the same weights and inputs on both sides
     with Image.open(png) as img:
