@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import time
 
 
 def load_trace(out_dir: str) -> dict:
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from earlytom_jax import pipeline
+    from earlytom_jax import bench, pipeline
     from earlytom_jax.architectures import architecture, random_params
     from earlytom_jax.compression import registry
     from earlytom_jax.models import stack
@@ -122,19 +121,20 @@ def main(argv=None) -> int:
     frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
     pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     pixels = jnp.asarray(pre(frames), args.dtype)
-    prefix, suffix = jnp.arange(14, dtype=jnp.int32), jnp.arange(100, 125, dtype=jnp.int32)  # bench's prompt lengths
+    prefix, suffix = (jnp.asarray(ids, jnp.int32) for ids in bench.prompt_ids())
     run = pipeline.prefill_jit.lower(params, pixels, prefix, suffix, cfg, method, 16).compile()
-    int(jnp.argmax(run(params, pixels, prefix, suffix)[0]))  # warm: nothing compiles inside the trace
+
+    def first_token():
+        return int(jnp.argmax(run(params, pixels, prefix, suffix)[0]))
+
+    first_token()  # warm: nothing compiles inside the trace
     jax.profiler.start_trace(args.out)
-    c, t = time.process_time(), time.perf_counter()
-    logits = run(params, pixels, prefix, suffix)[0]
-    int(jnp.argmax(logits))
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    _, wall, cpu = bench.timed(first_token)
     jax.profiler.stop_trace()
     s = summarise(load_trace(args.out), args.top)
     print(f"{args.arch} {args.dtype}, {args.frames} frames, {args.method}"
           f"{'' if args.method == 'full' else f' r={args.ratio}'}: TTFT {wall:.3f} s, "
-          f"host cores busy {cpu / wall:.2f} of {os.cpu_count()}")
+          f"host cores busy {bench.cores_busy([cpu], [wall]):.2f} of {os.cpu_count()}")
     for name, b in sorted(s["thread_busy_s"].items()):
         print(f"  thread {name}: inside an op {b / wall:.0%} of the wall time")
     if s["dot_overlap"] is not None:

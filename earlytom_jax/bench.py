@@ -44,6 +44,28 @@ STAGES = ("vision", "tokens", "llm")  # the staged breakdown's keys, in pipeline
 NEVER = np.asarray([-1], np.int32)  # an EOS list no token id matches: timed decodes run their full length
 
 
+def prompt_ids() -> tuple[list[int], list[int]]:
+    """Token ids standing in for the paper's prompt around the video, as the qwen_1_5 template
+    lays it out: 14 before the video, 25 after (speed depends on the lengths only)."""
+    return list(range(14)), list(range(100, 125))
+
+
+def timed(fn):
+    """fn() → (its result, wall seconds, the process's CPU seconds over all its threads)."""
+    c, t = time.process_time(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t
+    return out, wall, time.process_time() - c
+
+
+def cores_busy(cpu_s, wall_s) -> float:
+    """CPU time over wall time, summed over runs: how many host cores were working, on average.
+    On CPU, well below the core count means the program waits (host round trips, a serial
+    stretch); XLA:CPU's workers spin briefly before they sleep, so a short wait can still count
+    as busy. On accelerators: the host's share only."""
+    return sum(cpu_s) / sum(wall_s)
+
+
 @dataclasses.dataclass
 class BenchResult:
     method: str
@@ -71,13 +93,8 @@ class BenchResult:
 
     @property
     def host_cores_busy(self) -> float | None:
-        """The process's CPU time over wall time across the timed TTFT runs: how many host cores
-        were working, on average. On CPU, well below the core count means the program waits
-        (host round trips, a serial stretch); XLA:CPU's workers spin briefly before they sleep,
-        so a short wait can still count as busy. On accelerators: the host's share only."""
-        if not self.host_cpu_s:
-            return None
-        return sum(self.host_cpu_s) / sum(self.ttft_s)
+        """`cores_busy` over the timed TTFT runs."""
+        return cores_busy(self.host_cpu_s, self.ttft_s) if self.host_cpu_s else None
 
     @property
     def ttft_mean(self) -> float:
@@ -312,14 +329,14 @@ class MethodTimer:
                     jax.block_until_ready(self.decode(self.params, logits, pos, caches, NEVER))
 
     def time_once(self) -> float:
-        with self._ctx():
-            c, t = time.process_time(), time.perf_counter()
+        def run():
             logits, _, _, stats = self._run()
-            first = int(jnp.argmax(logits))
-            dt = time.perf_counter() - t
-            self.cpu.append(time.process_time() - c)
+            return int(jnp.argmax(logits)), stats
+
+        with self._ctx():
+            (self.first, self.stats), dt, cpu = timed(run)
         self.times.append(dt)
-        self.first, self.stats = first, stats
+        self.cpu.append(cpu)
         return dt
 
     def finish(self, runs: int, staged: bool, decode_tokens: int, xla: bool) -> BenchResult:
@@ -409,11 +426,16 @@ def paired_speedups(r: BenchResult, full: BenchResult) -> dict | None:
     return {"rounds": rounds, "median": statistics.median(rounds), "min": min(rounds), "max": max(rounds)}
 
 
+def find_full(results: list[BenchResult]) -> BenchResult | None:
+    """The run's full-token result, if it has one."""
+    return next((r for r in results if r.method == "full"), None)
+
+
 def relate_to_full(results: list[BenchResult], interleaved: bool) -> None:
     """Set every other method's `at_full_rates` against the run's full tokens, and its `paired`
     per-round speed-ups only when the methods were timed interleaved: one after another, full's
     i-th run and the method's i-th lie minutes apart and a per-round ratio cancels nothing."""
-    full = next((r for r in results if r.method == "full"), None)
+    full = find_full(results)
     for r in results:
         if full is not None and r is not full:
             r.at_full_rates = at_full_stage_rates(r, full)
@@ -444,6 +466,10 @@ def at_full_stage_rates(r: BenchResult, full: BenchResult) -> dict | None:
             "speedup": full_t / sec["total"], "stage_efficiency": sec["total"] / own_t}
 
 
+def _label(r: BenchResult) -> str:
+    return r.method if r.ratio is None else f"{r.method} {r.ratio}"
+
+
 def _n(x: float) -> str:
     """3 significant digits, thousands separated (65.6, 0.00791, 6,418)."""
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
@@ -451,7 +477,7 @@ def _n(x: float) -> str:
 
 def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
     """The paper-style table; `reference` (bench_torch.measure's dict) adds its line."""
-    full = next((r for r in results if r.method == "full"), None)
+    full = find_full(results)
     rows = ["| method | ratio | frames left | visual tokens | GFLOPs (exact) | GFLOPs (XLA) | LLM GFLOPs (paper form) | TTFT mean s | median s | vs full | compile s | vision / tokens / LLM s | decode tok/s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -483,15 +509,13 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
             p = r.paired
             rows.append(f"- {r.method} {r.ratio if r.ratio is not None else ''}: median {p['median']:.2f}x "
                         f"(rounds {p['min']:.2f}-{p['max']:.2f}x)")
-    busy = [r for r in results if r.host_cores_busy is not None]
+    busy = [f"{_label(r)} {r.host_cores_busy:.2f}" for r in results if r.host_cores_busy is not None]
+    if reference and "host_cores_busy" in reference:
+        busy.append(f"PyTorch full {reference['host_cores_busy']:.2f}")
     if busy:
         rows.append("")
         rows.append(f"Host CPU cores busy during the timed TTFT runs (process CPU time / wall time, "
-                    f"{os.cpu_count()} logical cores here): "
-                    + ", ".join([f"{r.method}{'' if r.ratio is None else f' {r.ratio}'} {r.host_cores_busy:.2f}"
-                                 for r in busy]
-                                + ([f"PyTorch full {reference['host_cores_busy']:.2f}"]
-                                   if reference and "host_cores_busy" in reference else [])))
+                    f"{os.cpu_count()} logical cores here): " + ", ".join(busy))
     checks = [(r, r.at_full_rates) for r in results if r.at_full_rates]
     if checks:
         rows.append("")

@@ -12,10 +12,10 @@ both sides load the same files. torch and transformers are imported only here, l
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
+from earlytom_jax import bench
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
@@ -197,10 +197,9 @@ def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfi
         one()
     times, cpu = [], []
     for _ in range(runs):
-        c, t = time.process_time(), time.perf_counter()
-        tok = one()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
+        tok, wall, cpu_s = bench.timed(one)
+        times.append(wall)
+        cpu.append(cpu_s)
     return {
         "label": "transformers full (PyTorch)",
         "library": f"torch {torch.__version__}, transformers {transformers.__version__}",
@@ -214,5 +213,5 @@ def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfi
         "ttft_median_s": statistics.median(times),
         "first_token": tok,
         "host_cpu_s": cpu,
-        "host_cores_busy": sum(cpu) / sum(times),  # as bench.BenchResult.host_cores_busy
+        "host_cores_busy": bench.cores_busy(cpu, times),
     }

@@ -296,8 +296,7 @@ def cmd_bench(args) -> int:
 
         bench_torch._require()  # fail before any work when torch is missing
     frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
-    # the paper's prompt, as token ids of the right length for the qwen_1_5 template
-    prefix, suffix = list(range(14)), list(range(100, 100 + 25))
+    prefix, suffix = bench.prompt_ids()
     # The PyTorch reference runs first, alone in memory, so that the 7B shape (15 GB in bf16)
     # never needs two models on a 24 GB host; its weights then move into our tree.
     reference = None
@@ -355,7 +354,7 @@ def cmd_bench(args) -> int:
         for timer in timers:
             results.append(bench.measure(timer, **opts))
             progress(results[-1])
-    full = next((r for r in results if r.method == "full"), None)
+    full = bench.find_full(results)
     if reference is not None:
         for r in results:
             r.ttft_over_reference = r.ttft_mean / reference["ttft_mean_s"]

@@ -173,8 +173,9 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     frame merging), LLM layers over every slot of the static sequence (padding included),
     attention as the kernels compute it (masked squares, diagonal blocks; see
     `attention_entries`). conditionals "largest" counts each `lax.switch`/`lax.cond` at its
-    largest branch (the largest frame bucket, every key block), as XLA's cost analysis does. Elementwise work (norms, softmax,
-    activations, RoPE) is not counted here; XLA counts it (see bench.xla_stage_flops).
+    largest branch (the largest frame bucket, every key block), as XLA's cost analysis does.
+    Elementwise work (norms, softmax, activations, RoPE) is not counted here; XLA counts it
+    (see bench.xla_stage_flops).
 
     → {"vision", "tokens", "llm", "total"} (Python ints)."""
     v, t = cfg.vision, cfg.text

@@ -9,8 +9,8 @@ Shapes stay static: frames live in a buffer of capacity T0 with a valid count `n
 frame merge the following encoder blocks, and then the projector and pooling, run on the
 smallest bucket of frames that holds `n` (chosen on device with `lax.switch`, so no host
 round trip); visual tokens live in a buffer of the method's static capacity with a validity
-mask; the in-LLM merge compacts the sequence into a shorter static capacity. Positions count valid slots only, so padding never moves a
-RoPE id and is never attended.
+mask; the in-LLM merge compacts the sequence into a shorter static capacity. Positions count
+valid slots only, so padding never moves a RoPE id and is never attended.
 
 A method is a frozen dataclass with the hooks of compression/base.py; `FullTokens()` (the
 default) is the uncompressed model exactly as transformers runs it.
