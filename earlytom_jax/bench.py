@@ -115,11 +115,12 @@ class BenchResult:
 # ----------------------------------------------------------------------------- peak memory
 
 
-def peak_memory_start() -> dict:
-    """Start a peak-memory window. On accelerators: the devices' `peak_bytes_in_use` (not
-    resettable: peak since the process started). On CPU: the process's peak resident set
-    (VmHWM), reset through /proc/self/clear_refs where the kernel allows it, else
-    getrusage's ru_maxrss (peak since the process started)."""
+def peak_memory_start(scope: str = "the timed prefills and decodes") -> dict:
+    """Start a peak-memory window over `scope` (what runs in it, for the JSON). On
+    accelerators: the devices' `peak_bytes_in_use` (not resettable: peak since the process
+    started). On CPU: the process's peak resident set (VmHWM), reset through
+    /proc/self/clear_refs where the kernel allows it, else getrusage's ru_maxrss (peak since
+    the process started)."""
     dev = jax.local_devices()
     if dev[0].platform != "cpu":
         stats = [d.memory_stats() or {} for d in dev]
@@ -129,7 +130,7 @@ def peak_memory_start() -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         _vmhwm()
-        return {"kind": "host_vmhwm", "scope": "peak resident set of the process during the timed runs (reset before them)"}
+        return {"kind": "host_vmhwm", "scope": f"peak resident set of the process during {scope} (reset before them)"}
     except (OSError, ValueError):
         return {"kind": "host_ru_maxrss", "scope": "peak resident set of the process since it started"}
 
@@ -301,6 +302,7 @@ class MethodTimer:
         self.times: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds of each timed run
         self.compiled = self.compile_s = self.first = self.stats = self.decode = self.decode_compile_s = None
+        self.kept = None  # (logits, caches, position) of the last timed run, when asked to keep it
 
     def _ctx(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -328,27 +330,38 @@ class MethodTimer:
                 for _ in range(max(1, warmup)):
                     jax.block_until_ready(self.decode(self.params, logits, pos, caches, NEVER))
 
-    def time_once(self) -> float:
+    def time_once(self, keep: bool = False) -> float:
+        """One timed TTFT call; keep: hold its output (logits, caches, position) for `finish`'s
+        decode, so that no further prefill is needed."""
+        out = None
+
         def run():
-            logits, _, _, stats = self._run()
-            return int(jnp.argmax(logits)), stats
+            nonlocal out
+            out = self._run()
+            return int(jnp.argmax(out[0])), out[3]
 
         with self._ctx():
             (self.first, self.stats), dt, cpu = timed(run)
+        self.kept = out[:3] if keep else None
         self.times.append(dt)
         self.cpu.append(cpu)
         return dt
 
-    def finish(self, runs: int, staged: bool, decode_tokens: int, xla: bool) -> BenchResult:
-        """One more prefill call (untimed) and `runs` timed greedy decodes of `decode_tokens`
-        tokens in one on-device loop (EOS ignored, so the count is fixed), inside a peak-memory
-        window; then one staged run for the breakdown; then the FLOP counts (see the module
-        docstring)."""
+    def finish(self, runs: int, staged: bool, decode_tokens: int, xla: bool, window: dict | None = None) -> BenchResult:
+        """`runs` timed greedy decodes of `decode_tokens` tokens in one on-device loop (EOS
+        ignored, so the count is fixed), inside the peak-memory `window` that `measure` opened
+        before the timed runs, from the last timed run's kept output; without them (interleaved
+        timing, where other methods ran in between) inside a window of their own after one more
+        untimed prefill. Then one staged run for the breakdown; then the FLOP counts (see the
+        module docstring)."""
         params, pixels, pre, suf, cfg, method = self.params, self.pixels, self.pre, self.suf, self.cfg, self.method
         decode = None
         with self._ctx():
-            window = peak_memory_start()
-            logits, caches, pos, _ = jax.block_until_ready(self._run())
+            if window is not None and self.kept is not None:
+                (logits, caches, pos), self.kept = self.kept, None
+            else:
+                window = peak_memory_start(scope="one untimed prefill and the timed decodes")
+                logits, caches, pos, _ = jax.block_until_ready(self._run())
             if decode_tokens > 1:
                 dec_times = []
                 for _ in range(max(1, runs)):
@@ -392,9 +405,10 @@ def measure(timer: MethodTimer, warmup: int = 2, runs: int = 5, staged: bool = T
             decode_tokens: int = 32, xla: bool = True) -> BenchResult:
     """One method on its own: `prepare`, `runs` timed TTFT calls, `finish`."""
     timer.prepare(warmup, decode_tokens)
-    for _ in range(runs):
-        timer.time_once()
-    return timer.finish(runs, staged, decode_tokens, xla)
+    window = peak_memory_start(scope="the timed prefills and decodes")
+    for i in range(runs):
+        timer.time_once(keep=i == runs - 1)
+    return timer.finish(runs, staged, decode_tokens, xla, window=window if runs else None)
 
 
 def measure_interleaved(timers: list[MethodTimer], warmup: int = 2, runs: int = 5, staged: bool = True,

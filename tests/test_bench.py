@@ -251,3 +251,36 @@ def test_reference_weights_move_into_our_tree(dtype):
         moved = stack.unpack(stack.pack(moved, backend="cpu"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), moved, kept)
     assert sum(p.numel() for p in model.parameters()) == 0
+
+
+def test_sequential_timing_decodes_from_the_last_timed_run():
+    """`measure` runs no prefill beyond the warm-ups and the timed runs: the decode continues
+    from the last timed run's output, inside a peak-memory window opened before the timed runs
+    (interleaved timing, where other methods run in between, needs one prefill more)."""
+    import jax
+
+    from earlytom_jax.architectures import random_params
+
+    cfg = architecture("tiny")
+    s = cfg.vision.image_size
+    pixels = jax.random.normal(jax.random.key(0), (2, 3, s, s), jnp.float32)
+
+    class Counting(bench.MethodTimer):
+        calls = 0
+
+        def _run(self):
+            Counting.calls += 1
+            return super()._run()
+
+    def timer():
+        return Counting(random_params(cfg), cfg, pixels, [1, 2], [3, 4, 5], pipeline.FULL, "full")
+
+    r = bench.measure(timer(), warmup=1, runs=3, staged=False, decode_tokens=4, xla=False)
+    assert Counting.calls == 1 + 3
+    assert r.decode["new_tokens"] == 4 and "timed prefills and decodes" in r.peak_memory["scope"]
+    assert r.peak_memory["bytes"] > 0
+
+    Counting.calls = 0
+    [r2] = bench.measure_interleaved([timer()], warmup=1, runs=3, staged=False, decode_tokens=4, xla=False)
+    assert Counting.calls == 1 + 3 + 1 and "one untimed prefill" in r2.peak_memory["scope"]
+    assert r2.decode["new_tokens"] == 4 and r2.first_token == r.first_token
