@@ -72,10 +72,14 @@ def _as_matmul(spec: str, x, w):
     return x.reshape((-1, k)), w.reshape((-1, k) if trailing else (k, -1)), spec2, x.shape[: x.ndim - n_c] + w_dims
 
 
-def dense(spec: str, x, w, b=None, out_dtype=None):
+def dense(spec: str, x, w, b=None, out_dtype=None, act=None):
     """einsum(spec, x, w) (+ b), accumulated in f32, in `out_dtype` (default: x's dtype).
     spec: starts with "..." or with a row axis of x that leads the output, as every layer's does.
     w: an array laid out as `spec` says, or a `stack.OutIn` holding it transposed.
+    act: an elementwise activation applied to the rounded result in f32 and rounded once, as
+    PyTorch's bf16 kernels do. Handed a bf16 array, XLA:CPU instead rounds after every op of the
+    activation's formula, which is less exact and slower (SigLIP's tanh GELU on 2916 x 4304:
+    20 ms against 11; AMD EPYC, 2 threads).
 
     bf16 on CPU: the product is computed as one 2-D matmul [R, K] x [K, N] (rows and
     contracted axes flattened, free reshapes): with more row axes XLA:CPU copies (transposes)
@@ -101,4 +105,5 @@ def dense(spec: str, x, w, b=None, out_dtype=None):
             y = jnp.einsum(spec, jnp.concatenate([x, x]), w, preferred_element_type=jnp.float32)[:1]
     if b is not None:
         y = y + b
-    return y.astype(out_dtype or x.dtype)
+    y = y.astype(out_dtype or x.dtype)
+    return y if act is None else act(y.astype(jnp.float32)).astype(y.dtype)

@@ -60,7 +60,7 @@ def pool(x, grid: int, out: int):
 
 def project(params, feats):
     """Projector: linear, exact (erf) GELU, linear. feats [..., C] → [..., Ht]."""
-    h = jax.nn.gelu(dense("...c,ch->...h", feats, params["w1"], params["b1"]), approximate=False)
+    h = dense("...c,ch->...h", feats, params["w1"], params["b1"], act=functools.partial(jax.nn.gelu, approximate=False))
     return dense("...h,hk->...k", h, params["w2"], params["b2"])
 
 

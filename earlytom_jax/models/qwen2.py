@@ -68,7 +68,7 @@ def out_proj(p, o):
 
 
 def mlp(p, h):
-    g = jax.nn.silu(dense("...c,cm->...m", h, p["gate_w"])) * dense("...c,cm->...m", h, p["up_w"])
+    g = dense("...c,cm->...m", h, p["gate_w"], act=jax.nn.silu) * dense("...c,cm->...m", h, p["up_w"])
     g = constrain(g, None, None, "mlp")
     return dense("...m,mc->...c", g, p["down_w"])
 

@@ -7,6 +7,8 @@ block before it for its attention (mean over heads and queries).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -64,7 +66,7 @@ def attention_half(p, x, cfg: SiglipConfig, with_attention: bool = False, key_bi
 def mlp_half(p, x, cfg: SiglipConfig):
     """The block's MLP residual. x [B, N, C] → [B, N, C]."""
     h = layer_norm(x, p["ln2_s"], p["ln2_b"], cfg.layer_norm_eps)
-    h = jax.nn.gelu(dense("...c,cm->...m", h, p["fc1_w"], p["fc1_b"]), approximate=True)
+    h = dense("...c,cm->...m", h, p["fc1_w"], p["fc1_b"], act=partial(jax.nn.gelu, approximate=True))
     h = constrain(h, "frames", None, "mlp")
     return x + dense("...m,mc->...c", h, p["fc2_w"], p["fc2_b"])
 
