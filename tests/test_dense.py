@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from earlytom_jax.models.dense import dense, held_spec, rows
 from earlytom_jax.models.stack import OutIn
@@ -79,7 +80,6 @@ def test_a_weight_held_transposed_gives_the_same_product(spec, xshape, wshape, n
 def test_bf16_activation_is_torchs_computed_in_f32_and_rounded_once(name):
     """With an identity weight the product is exact, so `act` alone decides the result: it
     must be PyTorch's bf16 activation (computed in f32 and rounded once)."""
-    torch = pytest.importorskip("torch")
     acts = {
         "gelu_tanh": (lambda y: jax.nn.gelu(y, approximate=True), lambda t: torch.nn.functional.gelu(t, approximate="tanh")),
         "gelu": (lambda y: jax.nn.gelu(y, approximate=False), torch.nn.functional.gelu),
