@@ -37,3 +37,47 @@ def test_block_attention_colmean_matches_eager(tiny_dir):
     ref = out.attentions[2].mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(colmean), ref, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(x), out.hidden_states[3].numpy(), atol=1e-5, rtol=0)
+
+
+def test_bf16_block_runs_frame_by_frame_on_cpu_with_the_same_result(tiny_dir):
+    """bf16 on CPU: one frame at a time (a loop of B steps), equal bit for bit to the whole
+    batch at these sizes, for the plain block and the hooks' variants (attention received,
+    keys); fp32 keeps the batch."""
+    import jax.numpy as jnp
+
+    _, d = tiny_dir
+    cfg, params = load_hf(d, dtype="bfloat16")
+    x = siglip.embed(params["vision"], jnp.asarray(random_pixels(3, 56, seed=7), jnp.bfloat16), cfg.vision)
+    p = jax.tree.map(lambda a: a[1], params["vision"]["blocks"])
+    for kw in ({}, {"with_attention": True}, {"with_attention": True, "with_keys": True}):
+        got = jax.jit(lambda p, x: siglip.block(p, x, cfg.vision, **kw))(p, x)
+        want = jax.jit(lambda p, x: siglip._block(p, x, cfg.vision, kw.get("with_attention", False),
+                                                   kw.get("with_keys", False)))(p, x)
+        assert len(got) == len(want) == 2 + kw.get("with_keys", False)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:
+                assert g.shape == w.shape and g.dtype == w.dtype
+                np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    loops = [e for e in jax.make_jaxpr(lambda p, x: siglip.block(p, x, cfg.vision))(p, x).jaxpr.eqns
+             if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in loops] == [3]
+    f32 = jax.make_jaxpr(lambda p, x: siglip.block(p, x, cfg.vision))(
+        jax.tree.map(lambda a: a.astype(jnp.float32), p), x.astype(jnp.float32))
+    assert not [e for e in f32.jaxpr.eqns if e.primitive.name == "scan"]
+
+
+def test_encoder_frames_benchmark_prints_both_forms(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "encoder_frames.py"
+    spec = importlib.util.spec_from_file_location("encoder_frames", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--frames", "2", "--layers", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 frames: max abs diff 0," in out
+    row = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(row) == 1 and len(row[0].split("|")) == 6, out
