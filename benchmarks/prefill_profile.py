@@ -107,21 +107,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from earlytom_jax import bench, pipeline
-    from earlytom_jax.architectures import architecture, random_params
-    from earlytom_jax.compression import registry
-    from earlytom_jax.models import stack
-    from earlytom_jax.synthetic import make_clip
-    from earlytom_jax.video import Preprocessor, load_video
 
-    cfg = architecture(args.arch)
-    name = registry.canonical(args.method)
-    kw = {"scale_layers_for_depth": True} if name == "earlytom" and cfg.vision.num_layers < 24 else {}  # as `bench`
-    method = registry.build(name, None if name == "full" else args.ratio, cfg, **kw)
-    params = stack.pack(random_params(cfg, dtype=jnp.dtype(args.dtype)))
-    frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
-    pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
-    pixels = jnp.asarray(pre(frames), args.dtype)
-    prefix, suffix = (jnp.asarray(ids, jnp.int32) for ids in bench.prompt_ids())
+    cfg, params, pixels, prefix, suffix = bench.random_inputs(args.arch, args.dtype, args.frames, args.video)
+    method = bench.named_method(args.method, args.ratio, cfg)
     run = pipeline.prefill_jit.lower(params, pixels, prefix, suffix, cfg, method, 16).compile()
 
     def first_token():

@@ -50,6 +50,34 @@ def prompt_ids() -> tuple[list[int], list[int]]:
     return list(range(14)), list(range(100, 125))
 
 
+def random_inputs(arch: str, dtype: str, frames: int, video: str | None = None):
+    """What the benchmark scripts run on: the named architecture with random weights in
+    `dtype` (packed as the pipeline holds them), `frames` frames of `video` (default: a
+    generated clip) preprocessed, and the prompt ids. → (cfg, params, pixels, prefix, suffix)."""
+    from earlytom_jax.architectures import architecture, random_params
+    from earlytom_jax.models import stack
+    from earlytom_jax.synthetic import make_clip
+    from earlytom_jax.video import Preprocessor, load_video
+
+    cfg = architecture(arch)
+    params = stack.pack(random_params(cfg, dtype=jnp.dtype(dtype)))
+    clip = load_video(video, frames).frames if video else make_clip(frames, 112)
+    pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    pixels = jnp.asarray(pre(clip), dtype)
+    prefix, suffix = (jnp.asarray(ids, jnp.int32) for ids in prompt_ids())
+    return cfg, params, pixels, prefix, suffix
+
+
+def named_method(name: str, ratio: float, cfg):
+    """A method by name at `ratio` (full tokens: none), with EarlyTom's layers scaled to a
+    shallow encoder as `earlytom bench` does."""
+    from earlytom_jax.compression import registry
+
+    name = registry.canonical(name)
+    kw = {"scale_layers_for_depth": True} if name == "earlytom" and cfg.vision.num_layers < 24 else {}
+    return registry.build(name, None if name == "full" else ratio, cfg, **kw)
+
+
 def timed(fn):
     """fn() → (its result, wall seconds, the process's CPU seconds over all its threads)."""
     c, t = time.process_time(), time.perf_counter()
