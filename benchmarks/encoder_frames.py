@@ -1,12 +1,12 @@
 """SigLIP-so400m's blocks in bf16 on CPU: the frames as one batch, or one frame at a time.
 
-`models.siglip.block` runs bf16 blocks on CPU as a loop over the frames (same result, bit for
-bit). This times both forms on the encoder's own code: a `lax.scan` over `--layers` blocks of
-random so400m weights, held as the pipeline holds them (`stack.pack`: uint16 bits), for each
-frame count; median ms per block over interleaved rounds (one call of each form per round,
-after two warm-ups), and the blocks' FLOP rate (the analytic count: weight products and
-attention, 2 FLOPs per multiply-add). Before timing, it prints how far the two forms' outputs
-differ (from 8 frames the batched products round differently; see `siglip.block`).
+`models.siglip.block` runs bf16 blocks on CPU as a loop over the frames (the same result: bit
+for bit at 3-4 frames, within bf16 rounding from 8). This times both forms on the encoder's
+own code: a `lax.scan` over `--layers` blocks of random so400m weights, held as the pipeline
+holds them (`stack.pack`: uint16 bits), for each frame count; median ms per block over
+interleaved rounds (one call of each form per round, after two warm-ups), and the blocks'
+FLOP rate (the analytic count: weight products and attention, 2 FLOPs per multiply-add).
+Before timing, it prints how far the two forms' outputs differ.
 
     python benchmarks/encoder_frames.py [--frames 3,4,8,16] [--layers 4] [--rounds 5]
 """
@@ -40,10 +40,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="blocks per timed call (a scan, as the encoder runs them)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    v = architecture("llava-ov-7b").vision
+    cfg = architecture("llava-ov-7b")
+    v = cfg.vision
     rng = np.random.default_rng(0)
     blocks = {}
-    for name, sd in param_shapes(architecture("llava-ov-7b"))["vision"]["blocks"].items():
+    for name, sd in param_shapes(cfg)["vision"]["blocks"].items():
         shape = (args.layers,) + sd.shape[1:]
         a = np.ones(shape, np.float32) if name.endswith("_s") else rng.standard_normal(shape, dtype=np.float32) * 0.02
         blocks[name] = jnp.asarray(a, jnp.bfloat16)

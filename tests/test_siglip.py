@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from earlytom_jax.checkpoint.load import load_hf
+from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.models import siglip
 from tests.helpers import random_pixels
 
@@ -81,3 +82,33 @@ def test_encoder_frames_benchmark_prints_both_forms(capsys):
     assert "2 frames: max abs diff 0," in out
     row = [line for line in out.splitlines() if line.startswith("| 2 |")]
     assert len(row) == 1 and len(row[0].split("|")) == 6, out
+
+
+def test_bf16_earlytom_and_visionzip_prefill_frame_by_frame_as_batched(tiny_dir, monkeypatch):
+    """The whole bf16 prefill with the frame loop (EarlyTom: attention received through the
+    loop, merged frames on a bucket; VisionZip: keys) gives the batched form's tokens, kept
+    indices and logits bit for bit at the tiny sizes."""
+    import jax.numpy as jnp
+
+    from earlytom_jax.compression import registry
+    from earlytom_jax.generate import generate
+
+    _, d = tiny_dir
+    cfg, params = load_hf(d, dtype="bfloat16")
+    pix = jnp.asarray(random_pixels(6, cfg.vision.image_size, seed=8), jnp.bfloat16)
+    methods = [EarlyTom(ratio=0.3, layers=(1, 2), llm_layer=2), registry.build("visionzip", 0.3, cfg)]
+    seen, by_frame = [], siglip._frame_by_frame
+    monkeypatch.setattr(siglip, "_frame_by_frame", lambda x: seen.append(by_frame(x)) or seen[-1])
+    jax.clear_caches()  # traced afresh, so that every block asks
+    loop = [generate(params, cfg, pix, [1, 2, 3], [4, 5, 6], m, 4) for m in methods]
+    assert seen and all(seen)
+    monkeypatch.setattr(siglip, "_frame_by_frame", lambda x: False)
+    jax.clear_caches()
+    batched = [generate(params, cfg, pix, [1, 2, 3], [4, 5, 6], m, 4) for m in methods]
+    for a, b in zip(loop, batched):
+        assert a.tokens == b.tokens
+        assert a.stats.keys() == b.stats.keys() and "kept_index" in a.stats
+        for k in a.stats:
+            np.testing.assert_array_equal(np.asarray(a.stats[k]), np.asarray(b.stats[k]), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(a.first_logits), np.asarray(b.first_logits))
+    jax.clear_caches()
