@@ -19,13 +19,10 @@ import sys
 
 
 def main(argv=None) -> int:
+    from earlytom_jax import bench  # starts no JAX backend: the CPU flags below still apply
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="llava-ov-0.5b")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--frames", type=int, default=4)
-    ap.add_argument("--video", default=None, help="a video file (default: a generated clip)")
-    ap.add_argument("--method", default="earlytom")
-    ap.add_argument("--ratio", type=float, default=0.1)
+    bench.add_input_args(ap)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
@@ -33,7 +30,6 @@ def main(argv=None) -> int:
     from earlytom_jax import xla_setup
 
     xla_setup.apply_cpu_flags(args.dtype)
-    from earlytom_jax import bench
 
     cfg, params, pixels, prefix, suffix = bench.random_inputs(args.arch, args.dtype, args.frames, args.video)
     timers = [bench.MethodTimer(params, cfg, pixels, prefix, suffix, bench.named_method(name, args.ratio, cfg), name)

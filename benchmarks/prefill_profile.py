@@ -89,13 +89,10 @@ def _dot_overlap(workers) -> float | None:
 
 
 def main(argv=None) -> int:
+    from earlytom_jax import bench  # starts no JAX backend: the CPU flags below still apply
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="llava-ov-0.5b")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--frames", type=int, default=4)
-    ap.add_argument("--video", default=None, help="a video file (default: a generated clip)")
-    ap.add_argument("--method", default="earlytom")
-    ap.add_argument("--ratio", type=float, default=0.1)
+    bench.add_input_args(ap)
     ap.add_argument("--out", required=True, help="directory for the trace")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
@@ -106,7 +103,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from earlytom_jax import bench, pipeline
+    from earlytom_jax import pipeline
 
     cfg, params, pixels, prefix, suffix = bench.random_inputs(args.arch, args.dtype, args.frames, args.video)
     method = bench.named_method(args.method, args.ratio, cfg)

@@ -50,6 +50,17 @@ def prompt_ids() -> tuple[list[int], list[int]]:
     return list(range(14)), list(range(100, 125))
 
 
+def add_input_args(ap) -> None:
+    """The benchmark scripts' shared flags (an argparse parser): --arch, --dtype, --frames,
+    --video, --method, --ratio; see `random_inputs` and `named_method`."""
+    ap.add_argument("--arch", default="llava-ov-0.5b")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--video", default=None, help="a video file (default: a generated clip)")
+    ap.add_argument("--method", default="earlytom")
+    ap.add_argument("--ratio", type=float, default=0.1)
+
+
 def random_inputs(arch: str, dtype: str, frames: int, video: str | None = None):
     """What the benchmark scripts run on: the named architecture with random weights in
     `dtype` (packed as the pipeline holds them), `frames` frames of `video` (default: a
