@@ -61,20 +61,38 @@ def add_input_args(ap) -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
 
 
+def clip_frames(video: str | None, frames: int):
+    """The frames a benchmark times: `frames` sampled from `video`, or a generated clip."""
+    from earlytom_jax.synthetic import make_clip
+    from earlytom_jax.video import load_video
+
+    return load_video(video, frames).frames if video else make_clip(frames, 112)
+
+
+def random_preprocessor(cfg):
+    """SigLIP's preprocessing for a named architecture with random weights (a checkpoint
+    directory brings its own: `Preprocessor.from_dir`)."""
+    from earlytom_jax.video import Preprocessor
+
+    return Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def shallow_encoder(cfg) -> bool:
+    """Whether EarlyTom's default layers are mapped onto this encoder's depth when none are
+    given (`scale_layers_for_depth`): the tiny and toy encoders, not SigLIP's 26 blocks."""
+    return cfg.vision.num_layers < 24
+
+
 def random_inputs(arch: str, dtype: str, frames: int, video: str | None = None):
     """What the benchmark scripts run on: the named architecture with random weights in
     `dtype` (packed as the pipeline holds them), `frames` frames of `video` (default: a
     generated clip) preprocessed, and the prompt ids. → (cfg, params, pixels, prefix, suffix)."""
     from earlytom_jax.architectures import architecture, random_params
     from earlytom_jax.models import stack
-    from earlytom_jax.synthetic import make_clip
-    from earlytom_jax.video import Preprocessor, load_video
 
     cfg = architecture(arch)
     params = stack.pack(random_params(cfg, dtype=jnp.dtype(dtype)))
-    clip = load_video(video, frames).frames if video else make_clip(frames, 112)
-    pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
-    pixels = jnp.asarray(pre(clip), dtype)
+    pixels = jnp.asarray(random_preprocessor(cfg)(clip_frames(video, frames)), dtype)
     prefix, suffix = (jnp.asarray(ids, jnp.int32) for ids in prompt_ids())
     return cfg, params, pixels, prefix, suffix
 
@@ -85,7 +103,7 @@ def named_method(name: str, ratio: float, cfg):
     from earlytom_jax.compression import registry
 
     name = registry.canonical(name)
-    kw = {"scale_layers_for_depth": True} if name == "earlytom" and cfg.vision.num_layers < 24 else {}
+    kw = {"scale_layers_for_depth": True} if name == "earlytom" and shallow_encoder(cfg) else {}
     return registry.build(name, None if name == "full" else ratio, cfg, **kw)
 
 

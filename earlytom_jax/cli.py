@@ -280,8 +280,7 @@ def cmd_bench(args) -> int:
     from earlytom_jax.checkpoint.load import load_hf
     from earlytom_jax.models import stack
     from earlytom_jax.pipeline import FULL
-    from earlytom_jax.synthetic import make_clip
-    from earlytom_jax.video import Preprocessor, load_video
+    from earlytom_jax.video import Preprocessor
 
     from earlytom_jax import sharding as shd
     from earlytom_jax.architectures import param_shapes
@@ -295,7 +294,7 @@ def cmd_bench(args) -> int:
         from earlytom_jax import bench_torch
 
         bench_torch._require()  # fail before any work when torch is missing
-    frames = load_video(args.video, args.frames).frames if args.video else make_clip(args.frames, 112)
+    frames = bench.clip_frames(args.video, args.frames)
     prefix, suffix = bench.prompt_ids()
     # The PyTorch reference runs first, alone in memory, so that the 7B shape (15 GB in bf16)
     # never needs two models on a 24 GB host; its weights then move into our tree.
@@ -315,8 +314,7 @@ def cmd_bench(args) -> int:
         weights = args.model
     else:
         cfg = architecture(args.arch)
-        pre = Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
-        pix_np = pre(frames)
+        pix_np = bench.random_preprocessor(cfg)(frames)
         shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
         if args.reference == "torch":
             # the random transformers model first; our tree gets its very weights
@@ -336,7 +334,7 @@ def cmd_bench(args) -> int:
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
     if mesh is not None:
         pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
-    scale = args.layers is None and args.preset is None and cfg.vision.num_layers < 24
+    scale = args.layers is None and args.preset is None and bench.shallow_encoder(cfg)
     timers = [bench.MethodTimer(params, cfg, pixels, prefix, suffix, _method_from_args(args, cfg, name, r, scale),
                                 name, r, mesh)
               for name in names for r in ([None] if name == "full" else list(args.ratios))]
