@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from earlytom_jax import pipeline
 from earlytom_jax.checkpoint.load import load_hf
@@ -61,6 +62,35 @@ def _kl(p_logits, q_logits):
     p = jax.nn.log_softmax(jnp.asarray(p_logits, jnp.float32), -1)
     q = jax.nn.log_softmax(jnp.asarray(q_logits, jnp.float32), -1)
     return float(jnp.max(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def test_long_video_logits_every_position(tmp_path):
+    """The real token layout at length: a 27 x 27 patch grid (196 tokens a frame, as SigLIP-so400m
+    at 384 px) and 16 frames, 3145 positions (25 key blocks of the blockwise attention, RoPE
+    angles past 3000), fp32 against transformers at every position, 8 greedy tokens, and bf16
+    by KL. The other cases stop at a few dozen positions."""
+    model = build_tiny_model(seed=523, image_size=378, vision_layers=2, text_layers=2)
+    with torch.no_grad():  # sharp attention, so that positions matter (at the init's scale a score is ~0.1)
+        for name, w in model.named_parameters():
+            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                w.mul_(8.0)
+    d = save_tiny_checkpoint(model, str(tmp_path / "ckpt"))
+    cfg, params = load_hf(d)
+    assert cfg.tokens_per_frame == 196
+    pix = random_pixels(16, 378, seed=1277)
+    ref, ids = hf_logits(model, pix, PREFIX, SUFFIX)
+    assert len(ids) == 3145
+    ours = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, pipeline.FULL, 8)
+    toks, _ = pipeline.decode_loop(params, logits, pos, caches, cfg, 8, _ids([-1]))
+    assert np.asarray(toks).tolist() == hf_generate(model, pix, ids, 8)
+
+    cfg16, p16 = load_hf(d, dtype="bfloat16")
+    o16 = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(
+        p16, jnp.asarray(pix, jnp.bfloat16), _ids(PREFIX), _ids(SUFFIX), cfg16
+    )
+    assert _kl(ref, o16) <= 1e-2
 
 
 def test_bf16_logits_close_by_kl(tiny_dir):
