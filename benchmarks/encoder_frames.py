@@ -25,13 +25,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from earlytom_jax import flops  # noqa: E402
 from earlytom_jax.architectures import architecture, param_shapes  # noqa: E402
 from earlytom_jax.models import siglip, stack  # noqa: E402
-
-
-def block_flops(v, frames: int) -> float:
-    n, c, m = v.grid**2, v.hidden_size, v.intermediate_size
-    return frames * (2 * n * (4 * c * c + 2 * c * m) + 4 * n * n * c)
 
 
 def main(argv=None) -> int:
@@ -76,7 +72,7 @@ def main(argv=None) -> int:
                 jax.block_until_ready(f(blocks, x))
                 times[k].append((time.perf_counter() - t0) / args.layers)
         med = {k: statistics.median(t) for k, t in times.items()}
-        cells = [f"{med[k] * 1e3:.1f}, {block_flops(v, frames) / med[k] / 1e9:.0f}" for k in forms]
+        cells = [f"{med[k] * 1e3:.1f}, {flops.siglip_block(cfg, frames) / med[k] / 1e9:.0f}" for k in forms]
         print(f"| {frames} | {cells[0]} | {cells[1]} | {med['frame by frame'] / med['one batch']:.2f} |", flush=True)
     return 0
 

@@ -1,8 +1,21 @@
-"""Run transformers and our pipeline on the same inputs."""
+"""Run transformers and our pipeline on the same inputs; load the benchmark scripts."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark(name: str):
+    """The module of `benchmarks/<name>.py` (a script, not a package), for calling its functions."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def hf_logits(model, pixels: np.ndarray, prefix, suffix):

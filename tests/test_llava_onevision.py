@@ -36,15 +36,21 @@ def test_logits_every_position_and_greedy_tokens(case, tmp_path):
     d = save_tiny_checkpoint(model, str(tmp_path / "ckpt"))
     cfg, params = load_hf(d)
     assert cfg.text.tie_word_embeddings == case["tie"]
-    pix = random_pixels(frames, case["image_size"], seed=frames)
+    _assert_full_token_parity(model, cfg, params, random_pixels(frames, case["image_size"], seed=frames), 20)
+
+
+def _assert_full_token_parity(model, cfg, params, pix, n_new: int):
+    """fp32: our logits at every prompt position and the prefill's last ones within 1e-4 of
+    transformers', and n_new greedy tokens identical. → transformers' logits [L, V], ids."""
     ref, ids = hf_logits(model, pix, PREFIX, SUFFIX)
     ours = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
-    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, pipeline.FULL, 20)
+    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, pipeline.FULL, n_new)
     np.testing.assert_allclose(np.asarray(logits), ref[-1], atol=1e-4, rtol=0)
-    toks, _ = pipeline.decode_loop(params, logits, pos, caches, cfg, 20, _ids([-1]))
-    assert np.asarray(toks).tolist() == hf_generate(model, pix, ids, 20)
+    toks, _ = pipeline.decode_loop(params, logits, pos, caches, cfg, n_new, _ids([-1]))
+    assert np.asarray(toks).tolist() == hf_generate(model, pix, ids, n_new)
+    return ref, ids
 
 
 def test_sharded_checkpoint_loads_identically(tiny_dir, tmp_path):
@@ -78,13 +84,8 @@ def test_long_video_logits_every_position(tmp_path):
     cfg, params = load_hf(d)
     assert cfg.tokens_per_frame == 196
     pix = random_pixels(16, 378, seed=1277)
-    ref, ids = hf_logits(model, pix, PREFIX, SUFFIX)
+    ref, ids = _assert_full_token_parity(model, cfg, params, pix, 8)
     assert len(ids) == 3145
-    ours = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg)
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
-    logits, caches, pos, _ = pipeline.prefill_jit(params, pix, _ids(PREFIX), _ids(SUFFIX), cfg, pipeline.FULL, 8)
-    toks, _ = pipeline.decode_loop(params, logits, pos, caches, cfg, 8, _ids([-1]))
-    assert np.asarray(toks).tolist() == hf_generate(model, pix, ids, 8)
 
     cfg16, p16 = load_hf(d, dtype="bfloat16")
     o16 = jax.jit(pipeline.sequence_logits, static_argnames="cfg")(

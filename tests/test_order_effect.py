@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "order_effect.py")
+from tests.helpers import load_benchmark
 
 
 def test_rounds_time_the_method_after_full_and_after_itself(capsys):
-    spec = importlib.util.spec_from_file_location("order_effect", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--arch", "tiny", "--frames", "4", "--method", "earlytom", "--rounds", "2", "--warmup", "1"]) == 0
+    argv = ["--arch", "tiny", "--frames", "4", "--method", "earlytom", "--rounds", "2", "--warmup", "1"]
+    assert load_benchmark("order_effect").main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(r[0]) for r in rows] == [1, 2]

@@ -3,22 +3,16 @@ end to end on the tiny architecture."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "prefill_profile.py")
+from tests.helpers import BENCHMARKS, load_benchmark
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("prefill_profile", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+ROOT = os.path.dirname(BENCHMARKS)
+SCRIPT = os.path.join(BENCHMARKS, "prefill_profile.py")
 
 
 def _x(tid, name, ts, dur):
@@ -37,7 +31,7 @@ def test_self_time_subtracts_children_and_skips_the_caller():
         _x(2, "ThunkExecutor::Execute", 40, 50),  # thread b: a product overlapping a's by 30 µs
         _x(2, "ynn_fusion.7.clone", 40, 40),
     ]}
-    s = _module().summarise(trace)
+    s = load_benchmark("prefill_profile").summarise(trace)
     assert s["self_s"] == pytest.approx({"ynn_fusion": 100e-6, "add_convert_fusion": 20e-6,
                                          "ThunkExecutor::Execute": 30e-6})
     assert s["total_self_s"] == pytest.approx(150e-6)

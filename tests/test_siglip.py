@@ -9,7 +9,7 @@ import torch
 from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.models import siglip
-from tests.helpers import random_pixels
+from tests.helpers import load_benchmark, random_pixels
 
 
 def test_every_block_hidden_state(tiny_dir):
@@ -70,14 +70,7 @@ def test_bf16_block_runs_frame_by_frame_on_cpu_with_the_same_result(tiny_dir):
 
 
 def test_encoder_frames_benchmark_prints_both_forms(capsys):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "encoder_frames.py"
-    spec = importlib.util.spec_from_file_location("encoder_frames", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--frames", "2", "--layers", "1", "--rounds", "1"]) == 0
+    assert load_benchmark("encoder_frames").main(["--frames", "2", "--layers", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "2 frames: max abs diff 0," in out
     row = [line for line in out.splitlines() if line.startswith("| 2 |")]
