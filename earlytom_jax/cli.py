@@ -41,43 +41,41 @@ def _compression_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="published settings: TASK or TASK@RATIO, e.g. videomme@0.1")
 
 
-def _ratio_from_args(args, name: str):
-    """--ratio, else the ratio of --preset TASK@R (EarlyTom), else the method's default
-    (0.5 for FastV, as its paper runs it; 0.1 for the others)."""
-    if args.ratio is not None:
-        return args.ratio
-    if name == "earlytom" and args.preset and "@" in args.preset:
-        from earlytom_jax.compression.presets import preset
+def _ratio_from_args(args):
+    """--ratio, else the ratio of --preset TASK@R, else the one default (`registry.default_ratio`)."""
+    from earlytom_jax.compression import registry
 
-        return preset(args.preset)["ratio"]
-    return 0.5 if name == "fastv" else 0.1
+    return args.ratio if args.ratio is not None else registry.default_ratio(args.preset)
+
+
+# compression flag → the settings it sets, the first of them that a method takes
+FLAG_SETTINGS = (("tau", ("tau",)), ("layers", ("layers",)), ("llm_merge_layer", ("llm_layer", "layer")),
+                 ("llm_merge_ratio", ("llm_ratio",)), ("preset", ("preset",)))
 
 
 def _method_from_args(args, cfg, name: str | None = None, ratio: float | None = None, scale: bool = False):
     """The method `name` (default --method) at `ratio` (default from the flags), built by the
-    registry with the compression flags that apply to it. scale: map EarlyTom's default
-    layers onto a shallower model (tiny and toy architectures)."""
+    registry with the compression flags that apply to it (the settings it takes,
+    `registry.SETTINGS`). scale: map EarlyTom's default layers onto a shallower model (tiny and
+    toy architectures)."""
     from earlytom_jax.compression import registry
 
     name = registry.canonical(name or args.method)
     if name == "full":
         return registry.build("full", None, cfg)
-    r = ratio if ratio is not None else _ratio_from_args(args, name)
+    takes = registry.SETTINGS[name]
     kw: dict = {}
-    if name == "earlytom":
-        kw = dict(scale_layers_for_depth=scale and args.layers is None and args.preset is None,
-                  llm_noncausal=args.llm_noncausal, quirks=not args.paper_prose)
-        if args.preset:
-            kw["preset"] = args.preset
-        for flag, key in (("tau", "tau"), ("layers", "layers"), ("llm_merge_layer", "llm_layer"),
-                          ("llm_merge_ratio", "llm_ratio")):
-            if getattr(args, flag) is not None:
-                kw[key] = getattr(args, flag)
-    elif name == "fastv" and args.llm_merge_layer is not None:
-        kw["layer"] = args.llm_merge_layer
-    elif name == "visionzip":
+    if "scale_layers_for_depth" in takes:
+        kw["scale_layers_for_depth"] = scale and args.layers is None and args.preset is None
+    if "llm_noncausal" in takes:
+        kw["llm_noncausal"] = args.llm_noncausal
+    if "quirks" in takes:
         kw["quirks"] = not args.paper_prose
-    return registry.build(name, r, cfg, **kw)
+    for flag, keys in FLAG_SETTINGS:
+        key = next((k for k in keys if k in takes), None)
+        if key is not None and getattr(args, flag) is not None:
+            kw[key] = getattr(args, flag)
+    return registry.build(name, ratio if ratio is not None else _ratio_from_args(args), cfg, **kw)
 
 
 def _stats_line(ans, n_frames: int) -> str:

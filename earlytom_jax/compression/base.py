@@ -36,6 +36,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from earlytom_jax.compression.registration import register
 from earlytom_jax.errors import ConfigError
 
 
@@ -105,6 +106,7 @@ class NoHooks:
         return h, valid
 
 
+@register(name="full", label="full tokens", takes_ratio=False)
 @dataclasses.dataclass(frozen=True)
 class FullTokens(NoHooks):
     """The uncompressed model: every pooled token of every frame, as transformers runs it."""

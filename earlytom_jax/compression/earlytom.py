@@ -20,11 +20,16 @@ import numpy as np
 from earlytom_jax.compression import llm_merge, segments
 from earlytom_jax.compression import select as sel
 from earlytom_jax.compression.base import NoHooks, frame_buckets
+from earlytom_jax.compression.presets import preset as published
+from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import llava_onevision as lov
 
 
+@register(name="earlytom", label="EarlyTom",
+          settings=("preset", "scale_layers_for_depth", "tau", "layers", "alpha", "max_window", "quirks",
+                    "llm_layer", "llm_ratio", "llm_noncausal", "buckets"))
 @dataclasses.dataclass(frozen=True)
 class EarlyTom(NoHooks):
     """EarlyTom settings (defaults: the spec's task-free defaults with stage III on).
@@ -37,7 +42,7 @@ class EarlyTom(NoHooks):
     the official code does; buckets: frame-count buckets after a merge (None: max(4, T0 // 4)).
     """
 
-    ratio: float = 0.25
+    ratio: float = DEFAULT_RATIO
     tau: float = 0.6
     layers: tuple[int, ...] = (6, 21, 23)
     alpha: float = 0.9
@@ -50,8 +55,7 @@ class EarlyTom(NoHooks):
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"ratio {self.ratio} is outside (0, 1]")
+        check_ratio(self.ratio)
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"tau {self.tau} is outside [0, 1]")
         if not self.layers:
@@ -62,6 +66,27 @@ class EarlyTom(NoHooks):
             raise ConfigError(f"llm ratio {self.llm_ratio} is outside [0, 1)")
         if self.max_window < 2 or (self.buckets is not None and self.buckets < 1):
             raise ConfigError("max_window must be >= 2 and buckets >= 1")
+
+    @classmethod
+    def from_ratio(cls, ratio, cfg, preset: str | None = None, scale_layers_for_depth: bool = False, **kw) -> "EarlyTom":
+        """As the command line builds it (`registry.build`): the preset first (at this ratio), explicit settings
+        override it; scale_layers_for_depth maps the default layers 6, 21, 23 of 26 onto the
+        encoder's depth when neither layers nor a preset are given, and the llm layer 18 of 24
+        onto the LLM's when llm_layer is not given. llm_layer None or < 0 turns stage III off."""
+        out = dict(published(preset, ratio)) if preset else {}
+        out["ratio"] = ratio
+        if "layers" in kw:
+            out["layers"] = tuple(kw.pop("layers"))
+        elif scale_layers_for_depth and not preset:
+            depth = cfg.vision.num_layers
+            out["layers"] = tuple(sorted({min(depth - 1, round(x * depth / 26)) for x in (6, 21, 23)}))
+        if "llm_layer" in kw:
+            k = kw.pop("llm_layer")
+            out["llm_layer"] = None if k is None or k < 0 else k
+        elif scale_layers_for_depth:
+            out["llm_layer"] = max(1, round(18 * cfg.text.num_layers / 24))
+        out.update(kw)
+        return cls(**out).check(cfg)
 
     def check(self, cfg: LlavaOVConfig) -> "EarlyTom":
         """Reject settings the model cannot run (one clear message)."""

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 
 from earlytom_jax.compression.base import NoHooks
 from earlytom_jax.compression.llm_merge import keep_count_table, keep_mask
+from earlytom_jax.compression.registration import register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
 
+@register(name="fastv", label="FastV", settings=("layer",))
 @dataclasses.dataclass(frozen=True)
 class FastV(NoHooks):
     """layer: K (tokens are dropped from layer K on); drop: share of the visual span
@@ -26,6 +28,11 @@ class FastV(NoHooks):
     def __post_init__(self):
         if not 0.0 <= self.drop < 1.0:
             raise ConfigError(f"FastV drop ratio {self.drop} is outside [0, 1)")
+
+    @classmethod
+    def from_ratio(cls, ratio, cfg, layer: int = 2) -> "FastV":
+        """At retention `ratio` of the visual span: drop = 1 - ratio."""
+        return cls(layer=layer, drop=1.0 - ratio).check(cfg)
 
     def check(self, cfg: LlavaOVConfig) -> "FastV":
         if not 1 <= self.layer < cfg.text.num_layers:

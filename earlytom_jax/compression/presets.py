@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from earlytom_jax.compression.registration import DEFAULT_RATIO
 from earlytom_jax.errors import ConfigError
 
 RATIOS = (0.10, 0.15, 0.20, 0.25)
@@ -29,7 +30,7 @@ def preset(name: str, ratio: float | None = None) -> dict:
             ratio = float(r)
         except ValueError:
             raise ConfigError(f"preset {name!r}: {r!r} is not a ratio") from None
-    ratio = 0.1 if ratio is None else ratio
+    ratio = DEFAULT_RATIO if ratio is None else ratio
     matches = [i for i, x in enumerate(RATIOS) if abs(x - ratio) < 1e-9]
     if not matches:
         raise ConfigError(f"preset {task}: published ratios are {', '.join(map(str, RATIOS))}, not {ratio}")

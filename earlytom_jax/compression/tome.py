@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax.compression.base import NoHooks
+from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import siglip, stack
@@ -80,18 +81,18 @@ def bipartite_merge(x, size, idx, metric, r: int):
     return x, size, jnp.concatenate([take(ia, unm), ib], 1)
 
 
+@register(name="tome", label="ToMe")
 @dataclasses.dataclass(frozen=True)
 class ToMe(NoHooks):
     """ratio: retention r; each frame keeps round(r · tokens per frame) merged tokens."""
 
-    ratio: float = 0.1
+    ratio: float = DEFAULT_RATIO
     name = "tome"
     token_merging = True
     pooled = False
 
     def __post_init__(self):
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"ratio {self.ratio} is outside (0, 1]")
+        check_ratio(self.ratio)
 
     def per_frame(self, s: int) -> int:
         """Tokens per frame entering the LLM, from the pooled tokens per frame `s`."""

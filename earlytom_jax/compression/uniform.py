@@ -25,13 +25,9 @@ import numpy as np
 
 from earlytom_jax.compression import select as sel
 from earlytom_jax.compression.base import NoHooks, frame_budgets
+from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
-
-
-def _check_ratio(ratio: float) -> None:
-    if not 0.0 < ratio <= 1.0:
-        raise ConfigError(f"ratio {ratio} is outside (0, 1]")
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,17 +47,18 @@ def cells(s: int, b: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, centre
 
 
+@register(name="uniform_tokens", label="uniform tokens", settings=("mode",), group="uniform")
 @dataclasses.dataclass(frozen=True)
 class UniformTokens(NoHooks):
     """ratio: retention r of T0·196 tokens; mode: "pool" (cell means) or "sample" (cell
     centres)."""
 
-    ratio: float = 0.1
+    ratio: float = DEFAULT_RATIO
     mode: str = "pool"
     name = "uniform_tokens"
 
     def __post_init__(self):
-        _check_ratio(self.ratio)
+        check_ratio(self.ratio)
         if self.mode not in ("pool", "sample"):
             raise ConfigError(f"uniform tokens mode {self.mode!r}: choose pool or sample")
 
@@ -109,15 +106,16 @@ class UniformTokens(NoHooks):
         return (t0 * s + self.capacity(t0, s)) * h
 
 
+@register(name="uniform_frames", label="uniform frames", group="uniform")
 @dataclasses.dataclass(frozen=True)
 class UniformFrames(NoHooks):
     """ratio: share r of the T0 frames kept (max(1, round(r · T0)) frames, all tokens)."""
 
-    ratio: float = 0.1
+    ratio: float = DEFAULT_RATIO
     name = "uniform_frames"
 
     def __post_init__(self):
-        _check_ratio(self.ratio)
+        check_ratio(self.ratio)
 
     def input_frames(self, t0: int) -> tuple[int, ...]:
         k = max(1, round(self.ratio * t0))

@@ -44,18 +44,20 @@ import numpy as np
 
 from earlytom_jax.compression import select as sel
 from earlytom_jax.compression.base import NoHooks, frame_budgets
+from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import llava_onevision as lov
 
 
+@register(name="visionzip", label="VisionZip", settings=("per_frame", "dominant_ratio", "quirks"))
 @dataclasses.dataclass(frozen=True)
 class VisionZip(NoHooks):
     """ratio: retention r of T0·196 tokens; per_frame: fixed tokens per frame (overrides
     ratio); dominant_ratio: share K/(K+C) (54/64, the official default); quirks: contextual
     token = target + mean(assigned) as the official code computes it (False: true average)."""
 
-    ratio: float = 0.1
+    ratio: float = DEFAULT_RATIO
     per_frame: int | None = None
     dominant_ratio: float = 54 / 64
     quirks: bool = True
@@ -64,8 +66,7 @@ class VisionZip(NoHooks):
     encoder_keys = True
 
     def __post_init__(self):
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"ratio {self.ratio} is outside (0, 1]")
+        check_ratio(self.ratio)
         if not 0.0 <= self.dominant_ratio <= 1.0:
             raise ConfigError(f"VisionZip dominant ratio {self.dominant_ratio} is outside [0, 1]")
         if self.per_frame is not None and self.per_frame < 1:
