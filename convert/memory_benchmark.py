@@ -53,12 +53,12 @@ def _hf_name(canon: str) -> str:
 
 def hf_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
     """(llava-hf name, shape) of every stored tensor of the released checkpoint of `cfg`."""
-    from earlytom_jax.checkpoint.hf import _specs, canonical_name
+    from earlytom_jax.checkpoint import table
+    from earlytom_jax.checkpoint.hf import canonical_name
 
     out = []
-    for s in _specs(cfg):
-        names = [s.source.format(i=i) for i in range(s.layers)] if s.layers else [s.source]
-        out += [(n, s.shape) for n in names]
+    for row in table.rows(cfg):
+        out += [(n, row.source_shape) for n in row.sources()]
     C = cfg.vision.hidden_size
     out += [("vision.post_layernorm.weight", (C,)), ("vision.post_layernorm.bias", (C,))]  # stored, unused
     hf = [(_hf_name(n), shape) for n, shape in out]

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from earlytom_jax.checkpoint.hf import set_path
-from earlytom_jax.checkpoint.load import param_paths_and_shapes
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import params as model_params
+from earlytom_jax.models.llava_onevision import LlavaOneVision
 
 ARCHITECTURES = {
     "tiny": LlavaOVConfig(
@@ -40,25 +40,24 @@ def architecture(name: str) -> LlavaOVConfig:
 
 
 def param_shapes(cfg: LlavaOVConfig) -> dict:
-    """The parameter tree of `cfg` as fp32 ShapeDtypeStructs (the loader's layout)."""
-    tree: dict = {}
-    for path, shape in param_paths_and_shapes(cfg).items():
-        set_path(tree, path, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return tree
+    """The parameter tree of `cfg` as fp32 ShapeDtypeStructs (the module's state, as nested dicts)."""
+    shapes = model_params.shapes(LlavaOneVision, cfg)
+    return model_params.tree({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
 
 
 def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0) -> dict:
-    """Random weights: N(0, 0.02) matrices and biases, ones for norm scales (numpy's PCG64 in
-    fp32, several times faster than threefry on CPU for the 7B shape). Stacked leaves are drawn
-    one layer at a time straight into `dtype`, so the 7B shape in bf16 (15 GB) never holds a
-    whole stacked leaf in fp32 beside it; the values do not depend on `dtype` beyond rounding."""
+    """Random weights as each parameter's declaration says (`models.params.param`): N(0, 0.02),
+    or ones for norm scales; numpy's PCG64 in fp32, several times faster than threefry on CPU
+    for the 7B shape. Stacked leaves are drawn one layer at a time straight into `dtype`, so the
+    7B shape in bf16 (15 GB) never holds a whole stacked leaf in fp32 beside it; the values do
+    not depend on `dtype` beyond rounding."""
     rng = np.random.default_rng(seed)
+    inits = model_params.metadata(LlavaOneVision, cfg, "init")
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = []
     for path, sd in leaves:
-        name = jax.tree_util.keystr(path)
-        if any(n in name for n in ("ln1", "ln2", "norm")) and not name.endswith("_b']"):
+        if inits[tuple(str(k.key) for k in path)] == "ones":
             out.append(jnp.ones(sd.shape, dtype))
             continue
         a = np.empty(sd.shape, np_dtype)

@@ -138,13 +138,15 @@ def params_from_torch(model, cfg: LlavaOVConfig, dtype: str = "float32", shardin
     import jax
     import jax.numpy as jnp
 
-    from earlytom_jax.checkpoint.hf import iter_params, set_path
-    from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
+    from earlytom_jax.checkpoint import table
+    from earlytom_jax.checkpoint.hf import iter_params
+    from earlytom_jax.checkpoint.placement import resolve_dtype, sharding_lookup
     from earlytom_jax.models import stack
+    from earlytom_jax.models.params import set_path
 
     sd = _StateDict(model, release)
     files = {name: sd for name in sd.names()}
-    lookup = sharding_lookup(shardings, param_paths_and_shapes(cfg)) if shardings is not None else None
+    lookup = sharding_lookup(shardings, table.shapes(cfg)) if shardings is not None else None
     params: dict = {}
     split = held and lookup is None and jax.default_backend() == "cpu"
     for path, arr in iter_params(files, cfg, resolve_dtype(dtype)):

@@ -11,3 +11,9 @@ class CheckpointError(EarlyTomError):
 
 class ConfigError(EarlyTomError):
     """A setting is outside its valid range."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,7 +2,8 @@
 
 A mesh has two axes: `data` (frames of a video inside the encoder, and videos in evaluation
 loops) and `model` (tensor parallelism over attention heads and MLP width, in SigLIP and
-Qwen2 alike). Each parameter gets logical axis names; `LOGICAL_RULES` maps them to mesh axes.
+Qwen2 alike). Each parameter has logical axis names, declared with it in its module; `LOGICAL_RULES` maps
+them to mesh axes.
 A dimension that the mesh axis does not divide is replicated instead (reported by
 `plan_shardings`), so every mesh runs, and results equal the single-device ones.
 Activations carry logical names too (`constrain`, called inside the models): frames of the
@@ -15,6 +16,7 @@ the mesh over `jax.devices()` as here; params placed with these shardings span h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -26,33 +28,20 @@ from earlytom_jax.errors import ConfigError
 # logical axis → mesh axis
 LOGICAL_RULES = {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model", "frames": "data"}
 
-# parameter path (joined by "/") → logical names of its dimensions (layer stacks lead with None)
-_LOGICAL = {
-    "vision/blocks/q_w": (None, None, "heads", None),
-    "vision/blocks/k_w": (None, None, "heads", None),
-    "vision/blocks/v_w": (None, None, "heads", None),
-    "vision/blocks/q_b": (None, "heads", None),
-    "vision/blocks/k_b": (None, "heads", None),
-    "vision/blocks/v_b": (None, "heads", None),
-    "vision/blocks/o_w": (None, "heads", None, None),
-    "vision/blocks/fc1_w": (None, None, "mlp"),
-    "vision/blocks/fc1_b": (None, "mlp"),
-    "vision/blocks/fc2_w": (None, "mlp", None),
-    "projector/w1": (None, "mlp"),
-    "projector/b1": ("mlp",),
-    "projector/w2": ("mlp", None),
-    "text/layers/q_w": (None, None, "heads", None),
-    "text/layers/q_b": (None, "heads", None),
-    "text/layers/k_w": (None, None, "kv_heads", None),
-    "text/layers/k_b": (None, "kv_heads", None),
-    "text/layers/v_w": (None, None, "kv_heads", None),
-    "text/layers/v_b": (None, "kv_heads", None),
-    "text/layers/o_w": (None, "heads", None, None),
-    "text/layers/gate_w": (None, None, "mlp"),
-    "text/layers/up_w": (None, None, "mlp"),
-    "text/layers/down_w": (None, "mlp", None),
-    "text/lm_head": ("vocab", None),
-}
+
+
+@functools.lru_cache(maxsize=1)
+def logical_axes() -> dict[str, tuple[str | None, ...]]:
+    """Parameter path (joined by "/") → the logical names of its dimensions, as the model's
+    modules declare them (models/params.py; stacked layers lead with None). Names and axes do
+    not depend on the sizes, so a one-layer model with an untied head (every parameter there
+    is) stands for all."""
+    from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
+    from earlytom_jax.models import params
+    from earlytom_jax.models.llava_onevision import LlavaOneVision
+
+    cfg = LlavaOVConfig(vision=SiglipConfig(num_layers=1), text=Qwen2Config(num_layers=1, tie_word_embeddings=False))
+    return {"/".join(p): names for p, names in params.logical_axes(LlavaOneVision, cfg).items()}
 
 
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
@@ -76,8 +65,8 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
 
 
 def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fallbacks: list[str]) -> PartitionSpec:
-    names = _LOGICAL.get(path)
-    if names is None:
+    names = logical_axes().get(path)
+    if names is None or all(n is None for n in names):
         return PartitionSpec()
     axes = []
     for dim, name in zip(shape, names):

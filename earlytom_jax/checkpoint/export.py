@@ -1,8 +1,9 @@
 """Our parameter tree → a HuggingFace `llava_onevision` checkpoint (transformers 5 names), so
 that a model trained here loads in transformers as well as in this project.
 
-The inverse of `hf._specs`: every tensor goes back to its torch layout ([out, in] linears,
-flat head dimensions, [C, 3, p, p] patch kernel) and per-layer stacks are split again.
+The inverse of loading (`checkpoint.table`): every tensor goes back to its torch layout
+([out, in] linears, flat head dimensions, [C, 3, p, p] patch kernel) and per-layer stacks are
+split again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import numpy as np
 
-from earlytom_jax.checkpoint import hf
+from earlytom_jax.checkpoint import table
 from earlytom_jax.config import LlavaOVConfig
 
 # canonical prefix → transformers 5 `save_pretrained` prefix
@@ -34,34 +35,18 @@ def hf_name(canonical: str, prefixes=_HF_PREFIX) -> str:
     raise ValueError(f"no HF name for {canonical!r}")
 
 
-def _inverse(fn, source_shape: tuple[int, ...]):
-    """The inverse of a spec transform (a pure re-indexing: transpose, reshape), found by
-    pushing element indices through it: our layout → the source layout."""
-    where = np.asarray(fn(np.arange(int(np.prod(source_shape))).reshape(source_shape)))
-
-    def inverse(x: np.ndarray) -> np.ndarray:
-        out = np.empty(where.size, x.dtype)
-        out[where.ravel()] = np.asarray(x).ravel()
-        return out.reshape(source_shape)
-
-    return inverse
-
-
 def hf_tensors(params: dict, cfg: LlavaOVConfig) -> dict[str, np.ndarray]:
     """name → fp32 numpy tensor in the HF layout (SigLIP post-layernorm as identity, unused by
     the video path's features but expected by transformers)."""
     out = {}
-    for spec in hf._specs(cfg):
+    for row in table.rows(cfg):
         value = params
-        for k in spec.path:
+        for k in row.path:
             value = value[k]
         value = np.asarray(value, np.float32)
-        inverse = _inverse(spec.fn, spec.shape)
-        if spec.layers:
-            for i in range(spec.layers):
-                out[hf_name(spec.source.format(i=i))] = inverse(value[i])
-        else:
-            out[hf_name(spec.source)] = inverse(value)
+        layers = [value[i] for i in range(row.layers)] if row.layers else [value]
+        for name, layer in zip(row.sources(), layers):
+            out[hf_name(name)] = np.ascontiguousarray(row.to_source(layer))
     c = cfg.vision.hidden_size
     out[hf_name("vision.post_layernorm.weight")] = np.ones((c,), np.float32)
     out[hf_name("vision.post_layernorm.bias")] = np.zeros((c,), np.float32)

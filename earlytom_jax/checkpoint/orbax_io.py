@@ -1,11 +1,7 @@
 """HF safetensors checkpoint → converted directory (orbax parameter tree + our config), and back.
 
-A converted directory holds:
-
-    earlytom_config.json       our LlavaOVConfig (dataclasses.asdict), stored dtype, format version
-    params/                    an orbax checkpoint of our parameter tree (orbax v1 layout)
-    hf_config.json             the source config.json, verbatim
-    tokenizer.json, preprocessor_config.json, tokenizer_config.json (when the source has one)
+The directory's layout and config file: checkpoint/converted.py. The parameters' paths, shapes
+and sources: the model module and checkpoint/table.py.
 
 Streaming. `iter_params` yields one tensor (or one layer stack) at a time from memory-mapped
 safetensors. Leaves are gathered into small groups (at most `_GROUP_BYTES`, or one tensor when
@@ -27,7 +23,6 @@ temporary directory: DST either appears complete or not at all.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -38,18 +33,20 @@ import time
 import jax
 import numpy as np
 
-from earlytom_jax.checkpoint.hf import iter_params, map_tensors, mismatch, set_path
-from earlytom_jax.checkpoint.load import param_paths_and_shapes, resolve_dtype, sharding_lookup
-from earlytom_jax.checkpoint.safetensors_io import SafetensorsFile, open_checkpoint_files
-from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig, load_config
-from earlytom_jax.errors import CheckpointError
-from earlytom_jax.io_utils import read_json
+from earlytom_jax.checkpoint import table
+from earlytom_jax.checkpoint.converted import (
+    CONFIG_FILE, PARAMS_DIR, config_dict, config_from_json, is_converted, read_config_file, stored_dtype,
+)
+from earlytom_jax.checkpoint.hf import iter_params, map_tensors, mismatch
+from earlytom_jax.checkpoint.placement import resolve_dtype, sharding_lookup
+from earlytom_jax.checkpoint.safetensors_io import fresh_maps, open_checkpoint_files
+from earlytom_jax.config import LlavaOVConfig, load_config
+from earlytom_jax.errors import CheckpointError, one_line
+from earlytom_jax.models.params import set_path
 from earlytom_jax.progress import Progress, human_bytes as _human
 
-FORMAT = "earlytom-jax-orbax"
-FORMAT_VERSION = 1
-CONFIG_FILE = "earlytom_config.json"
-PARAMS_DIR = "params"
+__all__ = ["config_from_json", "convert_checkpoint", "is_converted", "load_converted"]
+
 # (source name, name in the converted directory, required)
 _COPIES = (
     ("config.json", "hf_config.json", True),
@@ -71,11 +68,6 @@ _SPOT = (
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _proc_status_kb(key: str) -> int | None:
@@ -128,95 +120,6 @@ def _bit_equal(a, b) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
-class _FreshMap:
-    """A SafetensorsFile whose `get` maps the file anew for every tensor.
-
-    A long-lived memory map keeps every page it has touched resident (and counted in the RSS)
-    until it is unmapped, so converting through one would end with the whole source in memory.
-    Here each tensor's map is released as soon as its view is dropped: the resident set holds
-    the tensor in flight, not the source. (Re-reading the header costs well under 1 ms.)"""
-
-    def __init__(self, f: SafetensorsFile):
-        self._f = f
-        self.path = f.path
-
-    def keys(self):
-        return self._f.keys()
-
-    def shape(self, key):
-        return self._f.shape(key)
-
-    def dtype(self, key):
-        return self._f.dtype(key)
-
-    def nbytes(self, key):
-        return self._f.nbytes(key)
-
-    def get(self, key):
-        return SafetensorsFile(self.path).get(key)
-
-
-def _fresh_maps(files: dict) -> dict:
-    wrapped: dict[int, _FreshMap] = {}
-    return {name: wrapped.setdefault(id(f), _FreshMap(f)) for name, f in files.items()}
-
-
-# ----------------------------------------------------------------------------- config file
-
-
-def _config_dict(cfg: LlavaOVConfig, dtype: np.dtype) -> dict:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dtype": np.dtype(dtype).name,
-        "config": dataclasses.asdict(cfg),
-    }
-
-
-def _read_config_file(path: str) -> dict:
-    if os.path.isdir(path):
-        path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found; this is not a converted checkpoint directory")
-    d = read_json(path)
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an {FORMAT} config (format={d.get('format') if isinstance(d, dict) else None!r})")
-    if d.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
-            "convert the HF checkpoint again"
-        )
-    return d
-
-
-def config_from_json(path: str) -> LlavaOVConfig:
-    """Our config from `earlytom_config.json` (the file, or the converted directory holding it)."""
-    d = _read_config_file(path)
-    try:
-        c = dict(d["config"])
-        return LlavaOVConfig(
-            vision=SiglipConfig(**c.pop("vision")),
-            text=Qwen2Config(**c.pop("text")),
-            **c,
-        )
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: config does not match this version's fields ({_one_line(e)})") from None
-
-
-def _stored_dtype(d: dict, path: str) -> np.dtype:
-    try:
-        return resolve_dtype(d["dtype"])
-    except (KeyError, CheckpointError):
-        raise CheckpointError(f"{path}: unknown stored dtype {d.get('dtype')!r}") from None
-
-
-def is_converted(directory: str) -> bool:
-    """True when `directory` looks like the output of `convert_checkpoint`."""
-    return os.path.isfile(os.path.join(directory, CONFIG_FILE)) and os.path.isdir(
-        os.path.join(directory, PARAMS_DIR)
-    )
-
-
 # ----------------------------------------------------------------------------- orbax glue
 
 
@@ -263,7 +166,7 @@ def _stored_metadata(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, 
     try:
         meta = _ocp().metadata(params_dir).metadata
     except Exception as e:  # orbax raises several types for a missing or broken checkpoint
-        raise CheckpointError(f"{params_dir}: cannot read the orbax checkpoint metadata ({_one_line(e)})") from None
+        raise CheckpointError(f"{params_dir}: cannot read the orbax checkpoint metadata ({one_line(e)})") from None
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
 
 
@@ -293,36 +196,28 @@ def _restore(params_dir: str, abstract: dict, partial_load: bool = False) -> dic
         with ctx:
             return ocp.load(params_dir, abstract)
     except Exception as e:
-        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({_one_line(e)})") from None
+        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({one_line(e)})") from None
 
 
 def _spot_check(params_dir: str, cfg: LlavaOVConfig, files: dict, dtype: np.dtype) -> int:
     """Compare the first and last layer of a few stored tensors with the source, bit for bit."""
-    from earlytom_jax.checkpoint.hf import _specs
-
-    canon, _ = map_tensors(files, cfg)
-    specs = {s.path: s for s in _specs(cfg) if s.path in _SPOT}
+    canon, rows = map_tensors(files, cfg)
+    rows = {r.path: r for r in rows if r.path in _SPOT}
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     abstract: dict = {}
-    for path, s in specs.items():
-        one = jax.eval_shape(s.fn, jax.ShapeDtypeStruct(s.shape, np.float32)).shape
-        shape = ((s.layers,) if s.layers else ()) + tuple(one)
+    for path, r in rows.items():
+        shape = ((r.layers,) if r.layers else ()) + r.shape
         set_path(abstract, path, jax.ShapeDtypeStruct(shape, dtype, sharding=dev))
     got = _flatten(_restore(params_dir, abstract, partial_load=True))
     checked = 0
-    for path, s in specs.items():
+    for path, r in rows.items():
         stored = np.asarray(got[path])
-        if s.layers:
-            for i in sorted({0, s.layers - 1}):
-                f, n = canon[s.source.format(i=i)]
-                want = s.fn(f.get(n)).astype(dtype)
-                if not _bit_equal(stored[i], want):
-                    raise CheckpointError(f"{params_dir}: {'/'.join(path)}[{i}] differs from the source after writing")
-                checked += 1
-        else:
-            f, n = canon[s.source]
-            if not _bit_equal(stored, s.fn(f.get(n)).astype(dtype)):
-                raise CheckpointError(f"{params_dir}: {'/'.join(path)} differs from the source after writing")
+        names = r.sources()
+        for i in sorted({0, len(names) - 1}):
+            f, n = canon[names[i]]
+            if not _bit_equal(stored[i] if r.layers else stored, r.to_ours(f.get(n)).astype(dtype)):
+                where = f"{'/'.join(path)}[{i}]" if r.layers else "/".join(path)
+                raise CheckpointError(f"{params_dir}: {where} differs from the source after writing")
             checked += 1
     return checked
 
@@ -363,7 +258,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
         raise CheckpointError(f"{dst}: SRC and DST are the same directory")
     # Everything about SRC is checked before anything is written.
     cfg = load_config(src)
-    files = _fresh_maps(open_checkpoint_files(src))
+    files = fresh_maps(open_checkpoint_files(src))
     map_tensors(files, cfg)  # names and shapes against the config
     for name, _, required in _COPIES:
         if required and not os.path.isfile(os.path.join(src, name)):
@@ -371,7 +266,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
                 f"{os.path.join(src, name)}: not found; the converted checkpoint needs it to be usable "
                 "(add it to SRC and convert again)"
             )
-    expected = param_paths_and_shapes(cfg)
+    expected = table.shapes(cfg)
     total = sum(int(np.prod(s)) * dt.itemsize for s in expected.values())
     largest = max(int(np.prod(s)) * dt.itemsize for s in expected.values())
     parent = os.path.dirname(dst)
@@ -379,7 +274,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
         os.makedirs(parent, exist_ok=True)
         free = shutil.disk_usage(parent).free
     except OSError as e:
-        raise CheckpointError(f"{parent}: cannot create or inspect the destination's parent ({_one_line(e)})") from None
+        raise CheckpointError(f"{parent}: cannot create or inspect the destination's parent ({one_line(e)})") from None
     if free < total + (64 << 20):
         raise CheckpointError(
             f"{parent}: {_human(free)} free but the converted checkpoint needs {_human(total)}; free some space "
@@ -421,7 +316,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
         _check_stored(params_dir, expected, dt)
         spot = _spot_check(params_dir, cfg, files, dt)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(_config_dict(cfg, dt), f, indent=1)
+            json.dump(config_dict(cfg, dt), f, indent=1)
         for name, out, _ in _COPIES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, out))
@@ -439,7 +334,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
                 f"free at least {_human(total)} on {parent} and convert again"
             ) from None
         if isinstance(e, OSError):
-            raise CheckpointError(f"{dst}: writing failed, nothing was kept ({_one_line(e)})") from None
+            raise CheckpointError(f"{dst}: writing failed, nothing was kept ({one_line(e)})") from None
         raise
     bar.close()
     return {
@@ -470,14 +365,14 @@ def load_converted(directory: str, dtype=None, shardings=None) -> tuple[LlavaOVC
     its sharding (every device reads only its own chunks; no full host copy first).
     """
     path = os.path.join(directory, CONFIG_FILE)
-    d = _read_config_file(path)
+    d = read_config_file(path)
     cfg = config_from_json(path)
-    stored = _stored_dtype(d, path)
+    stored = stored_dtype(d, path)
     target = stored if dtype is None else resolve_dtype(dtype)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{params_dir}: missing; convert the HF checkpoint again")
-    expected = param_paths_and_shapes(cfg)
+    expected = table.shapes(cfg)
     _check_stored(params_dir, expected, stored)
     lookup = sharding_lookup(shardings, expected)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -1,4 +1,6 @@
-"""LLaVA-OneVision video path pieces: projector, 2x bilinear pooling, the prompt splice.
+"""LLaVA-OneVision: the whole model's parameters as a Flax NNX module (`LlavaOneVision`: SigLIP,
+projector, newline, Qwen2), and the video path pieces: projector, 2x bilinear pooling, the
+prompt splice.
 
 Pooling is `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` from the
 g x g patch grid to ceil(g/2) x ceil(g/2), written as two small interpolation matrices
@@ -13,10 +15,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.models import qwen2
 from earlytom_jax.models.dense import dense
+from earlytom_jax.models.params import param
+from earlytom_jax.models.qwen2 import Qwen2
+from earlytom_jax.models.siglip import SiglipEncoder
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,3 +91,29 @@ def splice(embed, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=Non
     valid = jnp.concatenate([jnp.ones(prefix_ids.shape, bool), visual_valid, suffix_valid])
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
     return h[None], valid[None], positions[None]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class Projector(nnx.Module):
+    """Two linears with a GELU between: w1 [C, Ht], b1 [Ht], w2 [Ht, Ht], b2 [Ht]."""
+
+    def __init__(self, c: int, ht: int, *, rngs: nnx.Rngs):
+        self.w1 = param(rngs, (c, ht), (None, "mlp"))
+        self.b1 = param(rngs, (ht,), ("mlp",))
+        self.w2 = param(rngs, (ht, ht), ("mlp", None))
+        self.b2 = param(rngs, (ht,), (None,))
+
+
+class LlavaOneVision(nnx.Module):
+    """The video model: `vision` (SigLIP), `projector`, `newline` [Ht] (the token after the
+    last kept visual token) and `text` (Qwen2). Its state as nested dicts
+    (`nnx.to_pure_dict(nnx.state(model))`) is the parameter tree the pipeline runs on."""
+
+    def __init__(self, cfg: LlavaOVConfig, *, rngs: nnx.Rngs):
+        ht = cfg.text.hidden_size
+        self.vision = SiglipEncoder(cfg.vision, rngs=rngs)
+        self.projector = Projector(cfg.vision.hidden_size, ht, rngs=rngs)
+        self.newline = param(rngs, (ht,), (None,))
+        self.text = Qwen2(cfg.text, rngs=rngs)

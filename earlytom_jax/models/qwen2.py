@@ -1,4 +1,6 @@
-"""Qwen2 decoder as pure functions: GQA with q/k/v bias, RoPE (rotate-half), RMSNorm, SwiGLU.
+"""Qwen2 decoder: GQA with q/k/v bias, RoPE (rotate-half), RMSNorm, SwiGLU. Its parameters are
+declared as Flax NNX modules (`Qwen2Layer`, `Qwen2`), its computation is pure functions of
+(params, inputs) over their state (models/params.py).
 
 Layers are stacked on a leading axis and run with `lax.scan` (`models.stack.scan`; on CPU in
 bf16 the stack is held per layer and the loop unrolled, see models/stack.py). Prefill runs
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from earlytom_jax.config import Qwen2Config
 from earlytom_jax.models import stack
+from earlytom_jax.models.params import param, stacked
 from earlytom_jax.models.attention import attention, causal_attention
 from earlytom_jax.models.dense import dense
 from earlytom_jax.sharding import constrain
@@ -133,3 +137,40 @@ def logits(params, h, cfg: Qwen2Config):
     x = rms_norm(h, params["norm"], cfg.rms_norm_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     return dense("...c,vc->...v", x, head, out_dtype=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class Qwen2Layer(nnx.Module):
+    """One decoder layer's parameters (einsum layouts): ln1, ln2 [C]; q_w [C, Hq, D], q_b
+    [Hq, D]; k_w, v_w [C, Hk, D], k_b, v_b [Hk, D]; o_w [Hq, D, C]; gate_w, up_w [C, F];
+    down_w [F, C]."""
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        c, f, hq, hk, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.ln1 = param(rngs, (c,), (None,), "ones")
+        self.ln2 = param(rngs, (c,), (None,), "ones")
+        self.q_w = param(rngs, (c, hq, d), (None, "heads", None))
+        self.q_b = param(rngs, (hq, d), ("heads", None))
+        self.k_w = param(rngs, (c, hk, d), (None, "kv_heads", None))
+        self.k_b = param(rngs, (hk, d), ("kv_heads", None))
+        self.v_w = param(rngs, (c, hk, d), (None, "kv_heads", None))
+        self.v_b = param(rngs, (hk, d), ("kv_heads", None))
+        self.o_w = param(rngs, (hq, d, c), ("heads", None, None))
+        self.gate_w = param(rngs, (c, f), (None, "mlp"))
+        self.up_w = param(rngs, (c, f), (None, "mlp"))
+        self.down_w = param(rngs, (f, c), ("mlp", None))
+
+
+class Qwen2(nnx.Module):
+    """Token embedding embed [V, C], final norm [C], the head lm_head [V, C] (absent when tied
+    to the embedding), and `num_layers` layers stacked on a leading axis (`layers`)."""
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        c, v = cfg.hidden_size, cfg.vocab_size
+        self.embed = param(rngs, (v, c), (None, None))
+        self.norm = param(rngs, (c,), (None,), "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (v, c), ("vocab", None))
+        self.layers = stacked(lambda r: Qwen2Layer(cfg, rngs=r), cfg.num_layers, rngs)

@@ -1,4 +1,6 @@
-"""SigLIP vision encoder (pre-LN ViT, no CLS), as pure functions of (params, inputs).
+"""SigLIP vision encoder (pre-LN ViT, no CLS): its parameters declared as Flax NNX modules
+(`SiglipBlock`, `SiglipEncoder`), its computation as pure functions of (params, inputs) over
+their state (models/params.py).
 
 Blocks are stacked on a leading layer axis and run with `lax.scan`, so any range of blocks
 [start, stop) is one compiled loop; a compression hook sits between two ranges and asks the
@@ -11,9 +13,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from earlytom_jax.config import SiglipConfig
 from earlytom_jax.models import stack
+from earlytom_jax.models.params import param, stacked
 from earlytom_jax.models.attention import attention, attention_colmean
 from earlytom_jax.models.dense import dense
 from earlytom_jax.sharding import constrain
@@ -120,3 +124,41 @@ def encode(params, pixels, cfg: SiglipConfig):
     """All `cfg.num_layers` blocks, no post-LayerNorm (LLaVA's feature). [B,3,S,S] → [B, N, C]."""
     x = embed(params, pixels, cfg)
     return run_blocks(params["blocks"], x, 0, cfg.num_layers, cfg)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class SiglipBlock(nnx.Module):
+    """One encoder block's parameters (einsum layouts): ln1_s, ln1_b [C]; q_w, k_w, v_w
+    [C, H, D]; q_b, k_b, v_b [H, D]; o_w [H, D, C]; o_b [C]; ln2_s, ln2_b [C]; fc1_w [C, F];
+    fc1_b [F]; fc2_w [F, C]; fc2_b [C]."""
+
+    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
+        c, f, h, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+        self.ln1_s = param(rngs, (c,), (None,), "ones")
+        self.ln1_b = param(rngs, (c,), (None,))
+        for n in "qkv":
+            setattr(self, f"{n}_w", param(rngs, (c, h, d), (None, "heads", None)))
+            setattr(self, f"{n}_b", param(rngs, (h, d), ("heads", None)))
+        self.o_w = param(rngs, (h, d, c), ("heads", None, None))
+        self.o_b = param(rngs, (c,), (None,))
+        self.ln2_s = param(rngs, (c,), (None,), "ones")
+        self.ln2_b = param(rngs, (c,), (None,))
+        self.fc1_w = param(rngs, (c, f), (None, "mlp"))
+        self.fc1_b = param(rngs, (f,), ("mlp",))
+        self.fc2_w = param(rngs, (f, c), ("mlp", None))
+        self.fc2_b = param(rngs, (c,), (None,))
+
+
+class SiglipEncoder(nnx.Module):
+    """Patch embedding patch_w [3·p·p, C], patch_b [C], position embedding pos [N, C], and
+    `num_layers` blocks stacked on a leading axis (`blocks`: each `SiglipBlock` parameter with
+    a leading [L])."""
+
+    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
+        c, p = cfg.hidden_size, cfg.patch_size
+        self.patch_w = param(rngs, (3 * p * p, c), (None, None))
+        self.patch_b = param(rngs, (c,), (None,))
+        self.pos = param(rngs, (cfg.num_patches, c), (None, None))
+        self.blocks = stacked(lambda r: SiglipBlock(cfg, rngs=r), cfg.num_layers, rngs)
