@@ -5,6 +5,7 @@ parallel over 4 devices equal to one device, and the compare table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +90,17 @@ def test_resume_runs_only_the_rest_and_refuses_other_settings(tiny_dir, llm, mvb
     assert rows[:5] == head  # the resumed run did not redo them
     with pytest.raises(ConfigError, match="holds results for method"):
         run_eval(s_all, pipeline.FULL, llm)
+
+
+def test_progress_bar_on_stderr_counts_resumed_samples(tiny_dir, llm, mvbench_root, tmp_path, capsys):
+    """The bar (tqdm, on stderr) names the task and starts from the samples a resumed run
+    found done; progress=False draws none."""
+    run_eval(_settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "out", limit=3), pipeline.FULL, llm)
+    assert "mvbench" not in capsys.readouterr().err
+    s = _settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "out", limit=5)
+    run_eval(dataclasses.replace(s, progress=True), pipeline.FULL, llm)
+    err = capsys.readouterr().err
+    assert "mvbench:" in err and "3/5" in err and "5/5" in err and "sample" in err
 
 
 def test_unreadable_video_is_set_aside_and_retried(tiny_dir, llm, tmp_path):

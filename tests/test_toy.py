@@ -319,7 +319,7 @@ def test_training_continues_until_every_type_is_learned(monkeypatch):
     `start_stage`."""
     from earlytom_jax.toy import train
 
-    def fake_stage(st, params, stage, steps, enc, log, on_eval):
+    def fake_stage(st, params, stage, steps, enc, log, on_eval, progress=True):
         acc = script[stage]
         return params, [{"step": steps, "validation": {k: acc for k in data.KINDS}}], 0.0
 

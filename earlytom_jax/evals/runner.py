@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -34,13 +35,14 @@ import threading
 import time
 
 import jax
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from earlytom_jax import flops, sharding
 from earlytom_jax.bench import host
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
+from earlytom_jax.evals.bars import bar as progress_bar
 from earlytom_jax.io_utils import atomic_write_text, read_json
-from earlytom_jax.progress import Progress
 from earlytom_jax.video import load_frame_dir, load_video
 
 # lmms-eval let EgoSchema generate up to 1024 tokens (no generation_kwargs in its yaml); the
@@ -155,26 +157,25 @@ def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int) -
 class _Writer:
     """Thread-safe: append a record (or an error), advance the progress bar."""
 
-    def __init__(self, path: str, err_path: str, bar: Progress, done: int):
+    def __init__(self, path: str, err_path: str, bar):
         self.log = rec.RecordLog(path)
         self.err_path = err_path
-        self.bar, self.done = bar, done
+        self.bar = bar
         self.errors = 0
         self.lock = threading.Lock()
 
     def put(self, record: dict) -> None:
         with self.lock:
             self.log.append(record)
-            self.done += 1
-            self.bar.update(self.done)
+            self.bar.update()
 
     def error(self, sample, exc: Exception) -> None:
         with self.lock:
             with rec.RecordLog(self.err_path) as log:
                 log.append({"id": sample.id, "video": sample.video, "error": str(exc)})
             self.errors += 1
-            self.done += 1
-            self.bar.update(self.done, note=f"{self.errors} unreadable")
+            self.bar.set_postfix_str(f"{self.errors} unreadable", refresh=False)
+            self.bar.update()
 
     def close(self):
         self.log.close()
@@ -257,12 +258,14 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
     todo = sum(len(v) for v in per_group.values())
     if n_done:
         print(f"resuming {s.out}: {n_done} of {len(samples)} samples done, {todo} to run here", flush=True)
-    bar = Progress(len(samples), s.progress, s.task, start=n_done, unit=" samples")
-    writer = _Writer(own, os.path.join(s.out, "errors.jsonl"), bar, n_done)
+    bar = progress_bar(len(samples), s.task, "sample", s.progress, initial=n_done)
+    writer = _Writer(own, os.path.join(s.out, "errors.jsonl"), bar)
     stop = threading.Event()
     t_start = time.perf_counter()
     try:
-        with cf.ThreadPoolExecutor(max(1, s.prefetch), thread_name_prefix="video") as pool, \
+        # warnings logged meanwhile (a truncated video) print above the bar, not through it
+        with logging_redirect_tqdm() if s.progress else contextlib.nullcontext(), \
+                cf.ThreadPoolExecutor(max(1, s.prefetch), thread_name_prefix="video") as pool, \
                 cf.ThreadPoolExecutor(len(models), thread_name_prefix="device") as workers:
             futs = [workers.submit(_worker, m, task, method, per_group[g], s, max_new, pool, writer, stop)
                     for m, g in zip(models, index)]

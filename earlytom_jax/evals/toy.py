@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from earlytom_jax.evals.bars import bar, say
 from earlytom_jax.toy import data
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
@@ -45,14 +46,15 @@ def parse_letter(text: str) -> str | None:
     return t[0] if t and t[0] in data.LETTERS else None
 
 
-def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=print) -> dict:
+def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=say, progress: bool = True) -> dict:
     """Full tokens; then per ratio r: EarlyTom (with and without stage III), and each baseline
     at exactly EarlyTom's budget *per clip*: EarlyTom's stage II hands the LLM a data-dependent
     number c of tokens, so a baseline answers that clip at ratio c / (T0·S) (uniform frames
     at the nearest whole number of frames; FastV keeps c tokens from its layer on).
 
     → {"rows": [{label, name, ratio, accuracy: {kind: acc}, mean, visual_tokens, llm_tokens,
-    seconds}], "per_type": n, "model": dir}."""
+    seconds}], "per_type": n, "model": dir}. `log` gets one line per row; `progress`: a bar
+    over each row's clips (stderr)."""
     from earlytom_jax.api import VideoLLM
     from earlytom_jax.compression import registry
 
@@ -73,11 +75,13 @@ def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=
         t = time.time()
         right = {k: 0 for k in data.KINDS}
         vis, kept = [], []
-        for i, (s, px) in enumerate(zip(samples, pixels)):
-            ans = llm.answer(px, s.prompt, pick(i), max_new_tokens=2, pad_multiple=64)
-            right[s.kind] += parse_letter(ans.text) == s.answer
-            vis.append(int(ans.stats["visual_tokens"]) - 1)  # without the newline
-            kept.append(int(ans.stats.get("llm_kept", ans.stats["visual_tokens"])) - 1)
+        with bar(len(samples), label, "clip", progress, leave=False) as clips:
+            for i, (s, px) in enumerate(zip(samples, pixels)):
+                ans = llm.answer(px, s.prompt, pick(i), max_new_tokens=2, pad_multiple=64)
+                right[s.kind] += parse_letter(ans.text) == s.answer
+                vis.append(int(ans.stats["visual_tokens"]) - 1)  # without the newline
+                kept.append(int(ans.stats.get("llm_kept", ans.stats["visual_tokens"])) - 1)
+                clips.update()
         acc = {k: v / per_type for k, v in right.items()}
         row = {"label": label, "name": name, "ratio": ratio, "accuracy": acc,
                "mean": float(np.mean(list(acc.values()))), "visual_tokens": float(np.mean(vis)),
@@ -124,8 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.1")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
-    res = run(a.model, a.per_type, tuple(float(x) for x in a.ratios.split(",")))
+    res = run(a.model, a.per_type, tuple(float(x) for x in a.ratios.split(",")), progress=not a.quiet)
     md = markdown(res)
     print(md)
     if a.json:

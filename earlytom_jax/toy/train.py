@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from earlytom_jax.architectures import random_params
+from earlytom_jax.evals.bars import bar, say
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models import qwen2, siglip, stack
 from earlytom_jax.prompt import chat_prompt
@@ -339,13 +340,14 @@ def evaluate(params, enc: Encoder, per_kind: int, predict, split=data.validation
     return acc
 
 
-def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dict, dict]:
+def train(st: TrainSettings, out_dir: str | None = None, log=say, progress: bool = True) -> tuple[dict, dict]:
     """→ (params, record). Stage 0 starts from `initial_params` (or, with `st.init`, stage
     `st.start_stage` from that checkpoint) and runs `st.steps`; stage 1 always follows a stage
     0; later stages (`st.second_stage_steps` each, fresh schedule) follow while some type's
     validation accuracy at the end of the last stage is below `st.until`, up to
     `st.max_stages` stages in all. Saves the checkpoint to `out_dir` at each evaluation from
-    stage 1 on and at the end."""
+    stage 1 on and at the end. `log` gets the validation lines; `progress`: a bar over each
+    stage's steps (stderr) with the loss and accuracy of the last 50."""
     enc = Encoder()
     init_record = _read_record(st.init) if st.init else None
     params, records, t0 = None, [], time.time()
@@ -362,7 +364,7 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
                 record = _record(st, records + [_stage(stage, steps, history, seconds)], time.time() - t0, False, init_record)
                 save_checkpoint(p, out_dir, record)
 
-        params, history, seconds = _train_stage(st, params, stage, steps, enc, log, on_eval)
+        params, history, seconds = _train_stage(st, params, stage, steps, enc, log, on_eval, progress)
         records.append(_stage(stage, steps, history, seconds))
         learned = min(history[-1]["validation"].values()) >= st.until
         stage, steps = stage + 1, st.second_stage_steps
@@ -376,7 +378,7 @@ def train(st: TrainSettings, out_dir: str | None = None, log=print) -> tuple[dic
     return params, record
 
 
-def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
+def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval, progress: bool = True):
     """One stage of `steps` optimizer steps from `params`; `on_eval(params, history, seconds)`
     after each validation evaluation. → (params, history, seconds)."""
     prefix = jnp.asarray(enc.prefix)
@@ -401,16 +403,17 @@ def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
     t0 = time.time()
     history = []
     losses, accs = [], []
+    steps_bar = bar(steps, f"stage {stage + 1}", "step", progress)
     try:
         for step in range(steps):
             batch = q.get()
             params, opt_state, loss, acc = step_fn(params, opt_state, batch)
             losses.append(loss)
             accs.append(acc)
+            steps_bar.update()
             if (step + 1) % 50 == 0:
-                log(f"  stage {stage + 1} step {step + 1}  {(time.time() - t0) / 60:.1f} min  "
-                    f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f}  "
-                    f"acc {float(np.mean(jax.device_get(accs[-50:]))):.2f}", flush=True)
+                steps_bar.set_postfix_str(f"loss {float(np.mean(jax.device_get(losses[-50:]))):.3f}  "
+                                          f"acc {float(np.mean(jax.device_get(accs[-50:]))):.2f}", refresh=False)
             if (step + 1) % st.eval_every == 0 or step + 1 == steps:
                 l, a = float(np.mean(jax.device_get(losses))), float(np.mean(jax.device_get(accs)))
                 losses, accs = [], []
@@ -422,6 +425,7 @@ def _train_stage(st, params, stage: int, steps: int, enc, log, on_eval):
                 on_eval(params, history, time.time() - t0)
     finally:
         stop.set()
+        steps_bar.close()
     return params, history, time.time() - t0
 
 
@@ -458,6 +462,7 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(TrainSettings):
         kw = {"action": argparse.BooleanOptionalAction} if f.type in ("bool", bool) else {"type": type(f.default)}
         ap.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     from earlytom_jax.errors import ConfigError
 
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
         st = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
     except ConfigError as e:
         ap.error(str(e))
-    train(st, args.out)
+    train(st, args.out, progress=not args.quiet)
     return 0
 
 

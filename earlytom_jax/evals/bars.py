@@ -1,0 +1,35 @@
+"""tqdm progress bars for the loops a user waits on (evaluation, the toy benchmark, toy
+training), and printing beside them.
+
+Bars go to stderr. On a terminal they redraw in place; anywhere else (a log file, a pipe)
+they still report, but at most once every `QUIET_INTERVAL` seconds, so a long run does not
+fill its log with redraws. `say` prints a line to stdout without tearing a bar.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+QUIET_INTERVAL = 30.0  # seconds between redraws when stderr is not a terminal
+
+
+def bar(total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0, leave: bool = True) -> tqdm:
+    """A tqdm bar on stderr; `initial` counts work done before this run (e.g. resumed samples),
+    shown but left out of the rate; `enabled=False` draws nothing."""
+    stderr = sys.stderr
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, leave=leave,
+                file=stderr, dynamic_ncols=True, mininterval=0.1 if stderr.isatty() else QUIET_INTERVAL)
+
+
+def say(*parts, **_) -> None:
+    """print(*parts) to stdout, flushed, with any bar on the terminal lifted out of the way (a
+    drop-in for the `log=print` callbacks: keyword arguments such as flush=True are accepted
+    and ignored). Off a terminal the bars are not in the way, and clearing them would only
+    write noise into the log."""
+    if not sys.stderr.isatty():
+        print(*parts, flush=True)
+        return
+    with tqdm.external_write_mode(file=sys.stdout):
+        print(*parts, flush=True)
