@@ -267,6 +267,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _bench_ratios(args) -> tuple[float, ...]:
+    """`bench`'s ratios: --ratios, or --ratio (one), else the default (--preset TASK@R's ratio,
+    else 0.1); both flags: one-line error."""
+    if args.ratio is not None and args.ratios is not None:
+        raise ConfigError("--ratio and --ratios exclude each other; give one (--ratios takes a list)")
+    return args.ratios or (_ratio_from_args(args),)
+
+
 def cmd_bench(args) -> int:
     import dataclasses as dc
     import datetime
@@ -287,6 +295,7 @@ def cmd_bench(args) -> int:
     if args.frames < 1 or args.runs < 1 or args.warmup < 0 or args.decode_tokens < 0:
         raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
     names = registry.resolve(args.methods)  # before any loading: a misspelt name fails at once
+    ratios = _bench_ratios(args)
     mesh = shd.parse_mesh(args.mesh) if args.mesh else None
     if args.reference == "torch":
         from earlytom_jax import bench_torch
@@ -335,7 +344,7 @@ def cmd_bench(args) -> int:
     scale = args.layers is None and args.preset is None and bench.shallow_encoder(cfg)
     timers = [bench.MethodTimer(params, cfg, pixels, prefix, suffix, _method_from_args(args, cfg, name, r, scale),
                                 name, r, mesh)
-              for name in names for r in ([None] if name == "full" else list(args.ratios))]
+              for name in names for r in ([None] if name == "full" else list(ratios))]
 
     def progress(res):
         print(f"{res.method} r={res.ratio}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)",
@@ -395,19 +404,13 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize()  # cluster environments (TPU pods, Slurm, ...) detect the rest
 
 
-def cmd_eval(args) -> int:
-    from earlytom_jax.checkpoint.load import load_any_config
+def _eval_runs(args, cfg) -> list:
+    """The (name, ratio, method) runs of `earlytom eval`: every --compare method at every ratio
+    of --ratios, or --method; a ratio not given is --ratio's, else --preset TASK@R's, else the
+    default. EarlyTom at a published ratio without --preset, --tau or --layers takes the
+    task's published settings."""
     from earlytom_jax.compression.presets import PUBLISHED, RATIOS
-    from earlytom_jax.evals import compare, runner
 
-    _init_distributed(args)
-
-    s = runner.EvalSettings(
-        model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
-        limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
-        prefetch=args.prefetch, progress=not args.quiet,
-    )
-    cfg = load_any_config(args.model)
     preset_task = "egoschema" if args.task == "egoschema_subset" else args.task
 
     def build(name, ratio):
@@ -417,18 +420,31 @@ def cmd_eval(args) -> int:
         if name == "earlytom" and not a.preset and a.tau is None and a.layers is None and preset_task in PUBLISHED and published:
             a.preset = f"{preset_task}@{ratio:g}"
             print(f"note: EarlyTom with the published {a.preset} settings (--tau/--layers override)", file=sys.stderr)
-        return _method_from_args(a, cfg)
+        return name, ratio, _method_from_args(a, cfg)
 
+    ratio = _ratio_from_args(args)
     if args.compare:
-        runs = []
-        for name in args.compare:
-            for r in ([None] if name == "full" else list(args.ratios or (0.1,))):
-                runs.append((name, r, build(name, r)))
+        return [build(name, r) for name in args.compare for r in ([None] if name == "full" else list(args.ratios or (ratio,)))]
+    return [build(args.method, None if args.method == "full" else ratio)]
+
+
+def cmd_eval(args) -> int:
+    from earlytom_jax.checkpoint.load import load_any_config
+    from earlytom_jax.evals import compare, runner
+
+    _init_distributed(args)
+
+    s = runner.EvalSettings(
+        model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
+        limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
+        prefetch=args.prefetch, progress=not args.quiet,
+    )
+    runs = _eval_runs(args, load_any_config(args.model))
+    if args.compare:
         rows = compare.compare(s, runs)
         print(compare.markdown(args.task, rows))
         return 0
-    ratio = args.ratio if args.ratio is not None else (None if args.method == "full" else 0.1)
-    results = runner.run_eval(s, build(args.method, ratio))
+    results = runner.run_eval(s, runs[0][2])
     if results:
         print("\n".join(runner.summary_lines(results)))
         print(f"wrote {os.path.join(args.out, 'results.json')} and samples.jsonl")
@@ -537,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", default=None, help="video file (default: a generated clip)")
     b.add_argument("--frames", type=int, default=32)
     b.add_argument("--methods", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()), default=("full", "earlytom"))
-    b.add_argument("--ratios", type=_floats, default=(0.1,))
+    b.add_argument("--ratios", type=_floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--timing", default="sequential", choices=["sequential", "interleaved"],
