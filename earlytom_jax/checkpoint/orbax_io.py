@@ -26,14 +26,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import shutil
 import time
 
 import jax
 import numpy as np
 
-from earlytom_jax.checkpoint import table
+from earlytom_jax.checkpoint import staging, table
 from earlytom_jax.checkpoint.converted import (
     CONFIG_FILE, PARAMS_DIR, config_dict, config_from_json, is_converted, read_config_file, stored_dtype,
 )
@@ -56,6 +55,7 @@ _COPIES = (
 )
 _GROUP_BYTES = 256 << 20  # leaves per orbax partial save: flush once this much is gathered
 _CHUNK_BYTES = 64 << 20  # zarr chunk size of stored arrays
+_HEADROOM_BYTES = 64 << 20  # free space asked for beyond the parameters: orbax metadata, temporary files
 # Leaves compared with the source after writing (first and last layer of the stacked ones).
 _SPOT = (
     ("vision", "patch_w"),
@@ -241,9 +241,13 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
     tensors, bytes (parameter bytes written), disk_bytes, seconds, largest_tensor_bytes,
     rss_start_bytes and peak_rss_bytes (this process's peak so far; None when unknown).
 
+    Also: removed_leftovers (staging directories of killed conversions to DST, removed first)
+    and other_staging_dirs (ones kept, with the reason: see checkpoint/staging.py).
+
     Raises CheckpointError (one line) when DST exists, SRC is not a usable checkpoint, the
-    tensors do not match the config, the disk fills up, or the written result fails validation;
-    in every failure case no DST and no temporary directory is left behind.
+    tensors do not match the config, DST's parent is not writable or lacks the space, the disk
+    fills up, or the written result fails validation; in every failure case, Ctrl-C and SIGTERM
+    included, no DST and no temporary directory is left behind.
     """
     t0 = time.perf_counter()
     rss_start = _proc_status_kb("VmRSS")
@@ -272,70 +276,75 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
     parent = os.path.dirname(dst)
     try:
         os.makedirs(parent, exist_ok=True)
-        free = shutil.disk_usage(parent).free
     except OSError as e:
-        raise CheckpointError(f"{parent}: cannot create or inspect the destination's parent ({one_line(e)})") from None
-    if free < total + (64 << 20):
-        raise CheckpointError(
-            f"{parent}: {_human(free)} free but the converted checkpoint needs {_human(total)}; free some space "
-            "or choose another DST"
-        )
+        raise CheckpointError(f"{parent}: cannot create the destination's parent ({one_line(e)})") from None
+    with staging.terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
+        removed, kept = staging.sweep(dst)
+        try:  # writable? (before the free-space figure, which a read-only disk also reports)
+            tmp = staging.create(dst)
+        except OSError as e:
+            raise CheckpointError(f"{parent}: cannot write there ({one_line(e)}); choose a writable DST") from None
+        bar = Progress(total, progress, "converting", _human)
+        done = 0
+        try:
+            free = shutil.disk_usage(parent).free
+            if free < total + _HEADROOM_BYTES:
+                raise CheckpointError(
+                    f"{parent}: {_human(free)} free but the conversion needs {_human(total + _HEADROOM_BYTES)} "
+                    f"({_human(total)} of {dt.name} parameters and {_human(_HEADROOM_BYTES)} for orbax's metadata "
+                    "and temporary files); free some space or choose another DST"
+                )
+            params_dir = os.path.join(tmp, PARAMS_DIR)
+            count = 0
+            with _save_context():
+                group: dict = {}
+                gbytes = 0
 
-    tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
-    bar = Progress(total, progress, "converting", _human)
-    done = 0
-    try:
-        os.mkdir(tmp)
-        params_dir = os.path.join(tmp, PARAMS_DIR)
-        count = 0
-        with _save_context():
-            group: dict = {}
-            gbytes = 0
+                def flush():
+                    nonlocal group, gbytes, done
+                    _write_group(params_dir, group)
+                    done += gbytes
+                    group, gbytes = {}, 0
+                    bar.update(done)
 
-            def flush():
-                nonlocal group, gbytes, done
-                _write_group(params_dir, group)
-                done += gbytes
-                group, gbytes = {}, 0
-                bar.update(done)
-
-            for path, arr in iter_params(files, cfg, dt):
-                if group and gbytes + arr.nbytes > _GROUP_BYTES:
-                    flush()  # keep a big tensor out of a group of small ones
-                set_path(group, path, arr)
-                gbytes += arr.nbytes
-                count += 1
-                del arr
-                if gbytes >= _GROUP_BYTES:
+                for path, arr in iter_params(files, cfg, dt):
+                    if group and gbytes + arr.nbytes > _GROUP_BYTES:
+                        flush()  # keep a big tensor out of a group of small ones
+                    set_path(group, path, arr)
+                    gbytes += arr.nbytes
+                    count += 1
+                    del arr
+                    if gbytes >= _GROUP_BYTES:
+                        flush()
+                if group:
                     flush()
-            if group:
-                flush()
-            bar.update(done, "finalizing", force=True)
-            _finalize(params_dir)
-        bar.update(done, "validating", force=True)
-        _check_stored(params_dir, expected, dt)
-        spot = _spot_check(params_dir, cfg, files, dt)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config_dict(cfg, dt), f, indent=1)
-        for name, out, _ in _COPIES:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, out))
-        if os.path.lexists(dst):
-            raise CheckpointError(f"{dst} already exists (created during the conversion); choose another path or remove it")
-        os.rename(tmp, dst)
-    except BaseException as e:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, CheckpointError):
+                bar.update(done, "finalizing", force=True)
+                _finalize(params_dir)
+            bar.update(done, "validating", force=True)
+            _check_stored(params_dir, expected, dt)
+            spot = _spot_check(params_dir, cfg, files, dt)
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(config_dict(cfg, dt), f, indent=1)
+            for name, out, _ in _COPIES:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(tmp, out))
+            os.remove(os.path.join(tmp, staging.OWNER_FILE))
+            if os.path.lexists(dst):
+                raise CheckpointError(f"{dst} already exists (created during the conversion); choose another path or remove it")
+            os.rename(tmp, dst)
+        except BaseException as e:
+            bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, CheckpointError):
+                raise
+            if _no_space(e):
+                raise CheckpointError(
+                    f"{dst}: no space left on device after {_human(done)} of {_human(total)}; nothing was kept, "
+                    f"free at least {_human(total)} on {parent} and convert again"
+                ) from None
+            if isinstance(e, OSError):
+                raise CheckpointError(f"{dst}: writing failed, nothing was kept ({one_line(e)})") from None
             raise
-        if _no_space(e):
-            raise CheckpointError(
-                f"{dst}: no space left on device after {_human(done)} of {_human(total)}; nothing was kept, "
-                f"free at least {_human(total)} on {parent} and convert again"
-            ) from None
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{dst}: writing failed, nothing was kept ({one_line(e)})") from None
-        raise
     bar.close()
     return {
         "src": os.path.abspath(src),
@@ -349,6 +358,8 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
         "seconds": round(time.perf_counter() - t0, 3),
         "rss_start_bytes": rss_start,
         "peak_rss_bytes": _peak_rss(),
+        "removed_leftovers": [{"path": p, "bytes": n} for p, n in removed],
+        "other_staging_dirs": [{"path": p, "why": why} for p, why in kept],
     }
 
 
