@@ -136,13 +136,14 @@ def test_train_step_learns_a_fixed_batch():
     import optax
 
     from earlytom_jax.architectures import random_params
-    from earlytom_jax.toy import train
+    from earlytom_jax.toy.batch import Encoder, make_batch
+    from earlytom_jax.toy.loss import loss_fn
     from earlytom_jax.toy.model import TOY_CONFIG
 
-    enc = train.Encoder()
+    enc = Encoder()
     rng = np.random.default_rng(0)
     samples = [data.make_sample(k, i) for i, k in enumerate(data.KINDS)]
-    batch = {k: jnp.asarray(v) for k, v in train.make_batch(samples, enc, rng, augment=True).items()}
+    batch = {k: jnp.asarray(v) for k, v in make_batch(samples, enc, rng, augment=True).items()}
     vis = (batch["seg_start"] & batch["frame_keep"])[:, :, None] & batch["token_keep"]
     assert bool(vis.any(axis=(1, 2)).all())
     prefix = jnp.asarray(enc.prefix)
@@ -152,7 +153,7 @@ def test_train_step_learns_a_fixed_batch():
 
     @jax.jit
     def step(params, state):
-        (loss, _), g = jax.value_and_grad(train.loss_fn, has_aux=True)(params, batch, prefix, enc.eos)
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, prefix, enc.eos)
         u, state = opt.update(g, state, params)
         return optax.apply_updates(params, u), state, loss
 
@@ -166,14 +167,14 @@ def test_train_step_learns_a_fixed_batch():
 def test_contextual_tokens_absorb_every_dropped_token_once():
     """Each dropped token goes to exactly one target; a target's row is its group's mean (or
     target + mean of the others, the official VisionZip form); kept tokens stay themselves."""
-    from earlytom_jax.toy import train
+    from earlytom_jax.toy import batch
 
     rng = np.random.default_rng(0)
     for _ in range(200):
         keep = rng.random((16, 9)) < 0.3
         before = keep.copy()
         mix = np.broadcast_to(np.eye(9, dtype=np.float32), (16, 9, 9)).copy()
-        train._contextual_tokens(rng, keep, mix)
+        batch._contextual_tokens(rng, keep, mix)
         for t in range(16):
             dropped = np.flatnonzero(~before[t])
             targets = np.flatnonzero(keep[t] & ~before[t])
@@ -202,11 +203,12 @@ def test_pruning_inside_the_llm_hides_tokens_from_its_layer_on():
     import jax.numpy as jnp
 
     from earlytom_jax.architectures import random_params
-    from earlytom_jax.toy import train
+    from earlytom_jax.toy.batch import Encoder, make_batch
+    from earlytom_jax.toy.loss import forward
     from earlytom_jax.toy.model import TOY_CONFIG
 
-    enc = train.Encoder()
-    batch = train.make_batch([data.make_sample("colour", 1)], enc, np.random.default_rng(0), augment=False)
+    enc = Encoder()
+    batch = make_batch([data.make_sample("colour", 1)], enc, np.random.default_rng(0), augment=False)
     params = random_params(TOY_CONFIG, seed=2)
     prefix = jnp.asarray(enc.prefix)
     other = dict(batch, token_mix=batch["token_mix"].copy())
@@ -216,7 +218,7 @@ def test_pruning_inside_the_llm_hides_tokens_from_its_layer_on():
 
     def logits(b, at):
         b = dict(b, llm_keep=hide, llm_drop_at=np.array([at]))
-        return np.asarray(train.forward(params, {k: jnp.asarray(v) for k, v in b.items()}, prefix))
+        return np.asarray(forward(params, {k: jnp.asarray(v) for k, v in b.items()}, prefix))
 
     np.testing.assert_allclose(logits(batch, 0), logits(other, 0), rtol=0, atol=1e-6)
     assert np.abs(logits(batch, TOY_CONFIG.text.num_layers - 1) - logits(other, TOY_CONFIG.text.num_layers - 1)).max() > 1e-4
@@ -296,7 +298,7 @@ def test_training_starts_from_a_2d_sincos_position_embedding():
 
     from earlytom_jax.architectures import random_params
     from earlytom_jax.toy.model import TOY_CONFIG
-    from earlytom_jax.toy.train import initial_params, posemb_sincos_2d
+    from earlytom_jax.toy.loss import initial_params, posemb_sincos_2d
 
     g, c = TOY_CONFIG.vision.grid, TOY_CONFIG.vision.hidden_size
     pos = posemb_sincos_2d(g, c).reshape(g, g, c)
@@ -330,7 +332,7 @@ def test_training_continues_until_every_type_is_learned(monkeypatch):
         _, rec = train.train(train.TrainSettings(), None, log=lambda *a, **k: None)
         assert [s["stage"] for s in rec["stages"]] == want and rec["complete"]
         assert [s["steps"] for s in rec["stages"]] == [3500] + [2000] * (len(want) - 1)
-    monkeypatch.setattr(train, "_read_record", lambda d: None)
+    monkeypatch.setattr(train, "read_record", lambda d: None)
     monkeypatch.setattr("earlytom_jax.checkpoint.load.load_any", lambda d: (None, {}))
     script = [None, None, 0.5, 1.0]
     _, rec = train.train(train.TrainSettings(init="x", start_stage=2, steps=2000), None, log=lambda *a, **k: None)
@@ -357,3 +359,18 @@ def test_reproduce_compares_per_type_and_fails_beyond_the_tolerance(tmp_path, ca
     assert "NOT within 2 points" in capsys.readouterr().out
     assert reproduce.main(["--against", str(tmp_path / "random"), "--out", str(tmp_path / "x")]) == 2
     assert "no training record" in capsys.readouterr().err
+
+
+def test_a_short_training_run_shows_its_steps_and_validation(tmp_path, capsys):
+    """Two real optimizer steps: a bar over the stage's steps (stderr, with the loss), the
+    validation line on stdout, and a checkpoint whose record names its one stage."""
+    from earlytom_jax.io_utils import read_json
+    from earlytom_jax.toy import train
+
+    st = train.TrainSettings(steps=2, batch=2, eval_every=2, eval_per_kind=1, max_stages=1)
+    _, rec = train.train(st, str(tmp_path / "ckpt"))
+    out, err = capsys.readouterr()
+    assert "stage 1: 100%" in err and "2/2" in err and "step" in err
+    assert "stage 1 step 2/2" in out and all(k in out for k in data.KINDS)
+    assert [s["stage"] for s in rec["stages"]] == [1] and rec["complete"]
+    assert read_json(str(tmp_path / "ckpt" / "training.json"))["stages"][0]["history"][0]["step"] == 2

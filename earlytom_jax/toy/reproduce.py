@@ -25,9 +25,10 @@ def recorded_settings(checkpoint: str, seed: int | None = None):
     """The `TrainSettings` a checkpoint's training.json records (fields it lacks: defaults),
     with `seed` replaced when given."""
     from earlytom_jax.errors import ConfigError
-    from earlytom_jax.toy.train import TrainSettings, _read_record
+    from earlytom_jax.toy.record import read_record
+    from earlytom_jax.toy.train import TrainSettings
 
-    record = _read_record(checkpoint)
+    record = read_record(checkpoint)
     if record is None:
         raise ConfigError(f"{os.path.join(checkpoint, 'training.json')}: no training record, so no recipe to re-run; "
                           f"pass --trained DIR to compare two checkpoints instead")
