@@ -7,12 +7,16 @@ with the checkpoint's `preprocessor_config.json` mean/std. Output is channels-fi
 transformers: float32 [F, 3, S, S].
 
 Decoding uses PyAV; every container is opened in a `with` block so no file handle outlives a call.
+A file that yields fewer frames than its container declares (truncated, or partly corrupt) is
+read as far as it goes, with one warning line naming both counts (logger `earlytom_jax.video`;
+with logging unconfigured, Python prints the bare line on stderr).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import av
@@ -21,6 +25,7 @@ from PIL import Image
 
 from earlytom_jax.errors import CheckpointError, EarlyTomError
 
+log = logging.getLogger(__name__)
 
 class VideoError(EarlyTomError, ValueError):
     """A video file cannot be used: missing, not a video, corrupt, unsupported codec, no frames."""
@@ -74,16 +79,41 @@ def _count_packets(path: str) -> int:
             raise VideoError(f"{path} is corrupt ({e}); re-download or re-encode it") from None
 
 
-def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
+def _declared_frames(container, stream, fps: float) -> tuple[int, str]:
+    """(frames the container declares, how): the stream's frame count when the header holds
+    one (mp4, avi), else its duration times the frame rate (Matroska/WebM declare a duration
+    only); (0, "") when it declares neither."""
+    if stream.frames > 0:
+        return int(stream.frames), ""
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = (container.duration or 0) / av.time_base
+    if seconds <= 0 or fps <= 0:
+        return 0, ""
+    return round(seconds * fps), f" ({seconds:.1f} s at {fps:g} fps)"
+
+
+def _warn_if_short(path: str, n: int, declared: tuple[int, str]) -> None:
+    """One warning line when decoding stopped more than one frame (and 2%) short of what the
+    container declares."""
+    count, how = declared
+    if count - n > max(1.0, 0.02 * count):
+        log.warning(f"warning: {path}: read {n} of the {count} frames the container declares{how}; "
+                    "the file is truncated or partly corrupt, so only those are used (re-download or re-encode it)")
+
+
+def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float, tuple[int, str]]:
     """Decode every frame sequentially; convert to RGB only frames with `keep(i)` true.
 
-    Returns ({index: uint8 [H, W, 3]}, number of decoded frames, fps).
+    Returns ({index: uint8 [H, W, 3]}, number of decoded frames, fps, `_declared_frames`).
     """
     kept: dict[int, np.ndarray] = {}
     n = 0
     with _open(path) as container:
         stream = _video_stream(container, path)
         fps = _stream_fps(stream)
+        declared = _declared_frames(container, stream, fps)
         try:
             for frame in container.decode(stream):
                 if keep(n):
@@ -96,7 +126,7 @@ def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
             ) from None
     if n == 0:
         raise VideoError(f"{path} contains zero decodable frames; re-encode or drop this video")
-    return kept, n, fps
+    return kept, n, fps, declared
 
 
 def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
@@ -108,7 +138,8 @@ def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
 
 def count_and_decode(path: str) -> np.ndarray:
     """All frames of the video: uint8 [n, H, W, 3] RGB, in presentation order."""
-    kept, n, _ = _decode(str(path), lambda i: True)
+    kept, n, _, declared = _decode(str(path), lambda i: True)
+    _warn_if_short(str(path), n, declared)
     return _stack([kept[i] for i in range(n)], str(path))
 
 
@@ -145,7 +176,9 @@ def load_video(path: str, num_frames: int) -> VideoFrames:
     """Decode once, keeping only the `num_frames` uniformly sampled frames in memory.
 
     The frame count comes from the demuxer (cheap); if decoding yields a different count, the
-    indices are recomputed from the decoded count and the file is decoded a second time.
+    indices are recomputed from the decoded count and the file is decoded a second time. A
+    file that decodes to fewer frames than its container declares is sampled over the frames
+    it has, with a warning (truncated or partly corrupt).
     """
     path = str(path)
     n_guess = _count_packets(path)
@@ -153,11 +186,12 @@ def load_video(path: str, num_frames: int) -> VideoFrames:
         raise VideoError(f"{path} contains zero frames; re-encode or drop this video")
     indices = sample_indices(n_guess, num_frames)
     wanted = set(indices.tolist())
-    kept, n, fps = _decode(path, wanted.__contains__)
+    kept, n, fps, declared = _decode(path, wanted.__contains__)
     if n != n_guess:
         indices = sample_indices(n, num_frames)
         wanted = set(indices.tolist())
-        kept, n, fps = _decode(path, wanted.__contains__)
+        kept, n, fps, declared = _decode(path, wanted.__contains__)
+    _warn_if_short(path, n, declared)
     frames = _stack([kept[int(i)] for i in indices], path)
     return VideoFrames(frames=frames, indices=indices, total_frames=n, fps=fps, repeated=n < num_frames)
 

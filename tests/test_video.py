@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -106,6 +107,49 @@ def test_truncated_mp4(clip, tmp_path):
     p.write_bytes(data[: len(data) // 2])  # moov atom (at the end) is lost
     with pytest.raises(VideoError, match="trunc.mp4"):
         load_video(p, 4)
+
+
+@pytest.mark.parametrize("ext", ["avi", "mkv"])  # a frame count in the header; a duration only
+def test_truncated_video_warns_with_frames_read_and_declared(tmp_path, caplog, ext):
+    """A file cut short after its header is read as far as it goes, with one warning naming the
+    frames read and the frames the container declares; the whole file gives none."""
+    whole = tmp_path / f"whole.{ext}"
+    write_test_video(whole, random_video(30, 48, 64, seed=5), fps=10)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    with caplog.at_level(logging.WARNING, logger="earlytom_jax.video"):
+        assert load_video(whole, 8).total_frames == 30
+        assert not caplog.records
+        v = load_video(cut, 8)
+        assert 0 < v.total_frames < 28
+        np.testing.assert_array_equal(v.indices, np.linspace(0, v.total_frames - 1, 8, dtype=int))
+        assert len(count_and_decode(cut)) == v.total_frames
+    assert len(caplog.records) == 2  # one per call
+    line = caplog.records[0].getMessage()
+    assert "cut." + ext in line and f"read {v.total_frames} of the 30 frames the container declares" in line
+    assert "truncated or partly corrupt" in line and "\n" not in line
+
+
+def test_truncated_video_warning_is_one_line_on_stderr(tmp_path):
+    """With logging left unconfigured (as the command line leaves it) the warning is one bare
+    line on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    p = tmp_path / "cut.avi"
+    write_test_video(p, random_video(30, 48, 64, seed=6), fps=10)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    code = f"from earlytom_jax.video import load_video; print(load_video({str(p)!r}, 4).total_frames)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr
+    n = int(r.stdout)
+    assert [line for line in r.stderr.splitlines() if "declares" in line] == [
+        f"warning: {p}: read {n} of the 30 frames the container declares; the file is truncated or partly "
+        "corrupt, so only those are used (re-download or re-encode it)"]
 
 
 def unsupported_codec_copy(src, dst):
