@@ -3,13 +3,13 @@ has opened a backend (`import earlytom_jax` applies the float32 set; the command
 `VideoLLM.load` re-apply for their --dtype while that is still possible).
 
 - float32: `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) gives every
-  CPU dot to Eigen. Measured on 2-core x86 CPUs: SigLIP-so400m blocks at 8 frames, 3 blocks on
-  one core 5.86 s with YNNPACK and 5.17 s with Eigen (transformers 5.05 s); 5832 x 1152 x 1152
-  f32 products 164 against 201 GFLOP/s (AMD EPYC, 2 threads).
+  CPU dot to Eigen, which runs this project's f32 products faster than YNNPACK does.
 - bfloat16: XLA's defaults, which give dots to YNNPACK. YNNPACK multiplies bf16 operands into
   an f32 result natively (the models ask for that with `preferred_element_type`), where Eigen
-  first converts both operands to f32: 1024 x 3584 x 18944 at 354 against 150 GFLOP/s (AMD
-  EPYC with AVX512-BF16, 2 threads), and no per-pass f32 copy of each layer's weights.
+  first converts both operands to f32; so YNNPACK runs them faster and makes no per-pass f32
+  copy of each layer's weights.
+
+(measured: docs/cpu-forms.md#xla-flags-per-dtype)
 
 Flags the user already set in XLA_FLAGS win; other platforms ignore CPU flags.
 """

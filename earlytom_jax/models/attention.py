@@ -6,8 +6,8 @@ attention: query head h reads key/value head h // (Hq // Hk)). Scores and softma
 - `attention`: dense scores with an optional boolean mask [B, Lq, Lk]; for short sequences
   (SigLIP's 729 tokens, decode steps). On CPU, large score matrices are computed one key
   head (and, without a mesh, one batch row) at a time (`_attention_by_head`), so each
-  [Lq, Lk] block stays in cache: 2.2-2.5x faster than all heads at once for SigLIP's 729
-  tokens (8 frames: 231 against 513 ms on two cores).
+  [Lq, Lk] block stays in cache, which runs faster than all heads at once (measured:
+  docs/cpu-forms.md#attention-one-key-head-at-a-time).
 - `attention_colmean`: the same without a mask, also returning the attention each key receives
   averaged over heads and queries [B, Lk]; EarlyTom's importance needs nothing more.
 - `causal_attention`: blockwise online softmax over key blocks for long causal prefills, never
@@ -90,7 +90,8 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
             p = jax.nn.softmax(s, axis=-1)
             o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
         else:  # normalised after the product: one pass fewer over [Lq, Lk]; in bf16, exp and
-            # rounding in one pass, and the sum taken over the rounded weights (64 → 55 ms)
+            # rounding in one pass, and the sum taken over the rounded weights
+            # (measured: docs/cpu-forms.md#attention-one-key-head-at-a-time)
             e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))).astype(vi.dtype)
             o = jnp.einsum("...qk,...kd->...qd", e, vi, preferred_element_type=jnp.float32)
             o = o / e.sum(axis=-1, keepdims=True, dtype=jnp.float32)
@@ -99,7 +100,7 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
         return bits(o), (p.sum(axis=-2) if colmean else None)
 
     # bf16 in and out of the loop as uint16 bits (XLA:CPU would convert q, k, v and the
-    # output to f32 around the loop; SigLIP-so400m's attention alone at 4 frames: 101 → 64 ms)
+    # output to f32 around the loop; measured: docs/cpu-forms.md#bf16-through-loops-as-bits)
     o, col = jax.lax.map(one, (bits(qh), bits(kh), bits(vh), rows))
     o = unbits(o)
     o = o.reshape(hk, b, lq, g, d).transpose(1, 2, 0, 3, 4).reshape(b, lq, hq, d)

@@ -7,12 +7,12 @@ f32 first (see earlytom_jax.xla_setup); on GPUs and TPUs the product accumulates
 way. The bias is added before the result is rounded back, as fused GEMM kernels do.
 
 One more XLA:CPU detail: YNNPACK takes no single-row product, and XLA's own bf16
-vector-matrix code is slow (Qwen2-7B's LM head, 1 x 3584 x 152064: 805 ms, against 71 ms for
-two rows; one 3584 x 18944 MLP matrix: 86 against 15 ms; AMD EPYC, 2 threads). So on CPU a
-bf16 product of one row (the first token's logits, every decode step) is computed as two.
+vector-matrix code is slow, so on CPU a bf16 product of one row (the first token's logits,
+every decode step) is computed as two (measured: docs/cpu-forms.md#single-row-products-doubled).
 
 On CPU the bf16 LLM's matrices are held transposed (`stack.OutIn`, see models/stack.py), which
-YNNPACK packs faster; `dense` rewrites the product's spec for them.
+YNNPACK packs faster; `dense` rewrites the product's spec for them (measured:
+docs/cpu-forms.md#llm-per-layer-mlp-transposed-outin).
 """
 
 from __future__ import annotations
@@ -78,13 +78,14 @@ def dense(spec: str, x, w, b=None, out_dtype=None, act=None):
     w: an array laid out as `spec` says, or a `stack.OutIn` holding it transposed.
     act: an elementwise activation applied to the rounded result in f32 and rounded once, as
     PyTorch's bf16 kernels do. Handed a bf16 array, XLA:CPU instead rounds after every op of the
-    activation's formula, which is less exact and slower (SigLIP's tanh GELU on 2916 x 4304:
-    20 ms against 11; AMD EPYC, 2 threads).
+    activation's formula, which is less exact and slower (measured:
+    docs/cpu-forms.md#f32-activations-on-rounded-products).
 
     bf16 on CPU: the product is computed as one 2-D matmul [R, K] x [K, N] (rows and
     contracted axes flattened, free reshapes): with more row axes XLA:CPU copies (transposes)
-    the weight for the dot, and inside a loop hoists those copies out of it (the 7B decode
-    loop: 11.6 GB). A single row is doubled (see the module docstring)."""
+    the weight for the dot, and inside a loop hoists those copies out of it (measured:
+    docs/cpu-forms.md#bf16-products-as-one-2-d-matmul). A single row is doubled (see the
+    module docstring)."""
     if isinstance(w, OutIn):
         spec, w = held_spec(spec, w.n_in), w.t
     cpu_bf16 = x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"

@@ -34,8 +34,8 @@ def rms_norm(x, w, eps):
 def embed(table, ids):
     """Rows `ids` (int, any shape) of the embedding table [V, C] → [*ids.shape, C]. The table
     may be held as its uint16 bits (`stack.pack`, bf16 on CPU with an untied head): XLA:CPU
-    converts a whole bf16 table to f32 to gather from it (2.2 GB for Qwen2-7B, on every
-    prefill and decode loop), never a uint16 one."""
+    converts a whole bf16 table to f32 to gather from it (on every prefill and decode loop),
+    never a uint16 one (measured: docs/cpu-forms.md#embedding-table-as-bits)."""
     return stack.unbits(table[ids])
 
 
@@ -65,8 +65,8 @@ def qkv(p, h, cos, sin):
 
 def out_proj(p, o):
     """o [B, L, H, D] → [B, L, C]. The heads are flattened into one contracted axis: the same
-    sum, which XLA:CPU runs as a plain 2-D product (bf16, separate per-layer weights: 2x faster
-    than contracting two axes)."""
+    sum, which XLA:CPU runs as a plain 2-D product, faster than contracting two axes (measured:
+    docs/cpu-forms.md#bf16-products-as-one-2-d-matmul)."""
     w = p["o_w"]
     return dense("blk,kc->blc", o.reshape(o.shape[:2] + (-1,)), w.reshape((-1, w.shape[-1])))
 

@@ -45,13 +45,10 @@ def block(p, x, cfg: SiglipConfig, with_attention: bool = False, with_keys: bool
     """One encoder block. x [B, N, C] → (x, colmean [B, N] fp32 or None), and with_keys
     also the keys averaged over heads [B, N, D] fp32 (VisionZip's similarity metric).
 
-    bf16 on CPU without a mesh: run as a loop over the B frames. XLA:CPU's products slow down
-    as a block's [B·N, 4304] operands outgrow the caches: SigLIP-so400m blocks at 8 frames
-    659 → 584 ms, at 16 frames 1367 → 1201 ms, unchanged at 3 and 4 frames (AMD EPYC, 2
-    threads; `benchmarks/encoder_frames.py`). The loop also makes each frame's result
-    independent of how many frames share the batch: at 3-4 frames both forms agree bit for bit,
-    from 8 frames the batched products split their sums differently (after 4 blocks, 64% of the
-    elements differ by bf16 rounding: at most 0.13 on values up to 8).
+    bf16 on CPU without a mesh: run as a loop over the B frames, because XLA:CPU's products
+    slow down as a block's [B·N, 4304] operands outgrow the caches; the loop also makes each
+    frame's result independent of how many frames share the batch, where batched products split
+    their sums differently (measured: docs/cpu-forms.md#siglip-blocks-frame-by-frame).
     """
     if not _frame_by_frame(x):
         return _block(p, x, cfg, with_attention, with_keys)

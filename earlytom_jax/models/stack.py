@@ -9,21 +9,22 @@ with a dynamic index into the whole stack reads the weights in place.
 bf16 on CPU (`pack`), two problems and two held forms:
 
 - XLA:CPU converts every bf16 array a loop reads to f32 *before* the loop (to compute its dots
-  in f32), so a bf16 stack costs an f32 copy of all its layers (30 GB for the 7B LLM, on every
-  prefill and decode step). The encoder's stack is held as its uint16 bits, which that
-  conversion leaves alone; `layer` turns one layer's bits back into bf16 inside the loop.
+  in f32), so a bf16 stack costs an f32 copy of all its layers on every prefill and decode
+  step. The encoder's stack is held as its uint16 bits, which that conversion leaves alone;
+  `layer` turns one layer's bits back into bf16 inside the loop (measured:
+  docs/cpu-forms.md#bf16-stacks-as-uint16-bits).
 - Reading a layer out of a stack (dynamic index, bits turned back) copies it on every pass,
   and YNNPACK, which runs bf16 products on CPU, re-packs each weight matrix per call; with
   few rows (a compressed prefill, a decode step) these copies, not the FLOPs, set the time.
   So on one device the LLM's stack is held as a tuple of per-layer trees (`PerLayer`), its
   MLP matrices transposed to [out, in] (`OutIn`, which `dense` reads), and `scan` unrolls
-  over it. Qwen2-7B's MLP, one layer on two AMD EPYC cores: 100 rows 195 → 120 ms,
-  2 rows 91 → 29 ms, 800 rows 902 → 816 ms. The encoder (729+ rows per frame) gains nothing
-  from it (242 against 241 ms) and keeps its loop, which compiles once.
+  over it. The encoder (729+ rows per frame) gains nothing from it and keeps its loop, which
+  compiles once (measured: docs/cpu-forms.md#llm-per-layer-mlp-transposed-outin).
 
 An untied token embedding is held as its uint16 bits too (`qwen2.embed` gathers from them:
-XLA:CPU would convert a bf16 table to f32 to gather from it, 2.2 GB at 7B). Weights are
-unchanged bit for bit in every form; `unpack` gives the plain tree back.
+XLA:CPU would convert a bf16 table to f32 to gather from it; measured:
+docs/cpu-forms.md#embedding-table-as-bits). Weights are unchanged bit for bit in every form;
+`unpack` gives the plain tree back.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ jax.tree_util.register_pytree_node(PerLayer, lambda s: (tuple(s), None), lambda 
 
 # LLM matrices held transposed, with their contracted leading axes (product specs in
 # models/qwen2.py). Only the MLP's: YNNPACK runs 2-D [out, in] weights faster with few rows,
-# while attention's 3-D weights ([C, H, D], [H, D, C]) run 2-3x slower transposed.
+# while attention's 3-D weights ([C, H, D], [H, D, C]) run slower transposed
+# (measured: docs/cpu-forms.md#llm-per-layer-mlp-transposed-outin).
 _LLM_IN_AXES = {"gate_w": 1, "up_w": 1, "down_w": 1}
 
 
