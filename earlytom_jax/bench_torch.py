@@ -20,7 +20,8 @@ from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
 
-def _require():
+def require():
+    """(torch, transformers); ConfigError (one line) when either is not installed."""
     try:
         import torch
         import transformers
@@ -32,7 +33,7 @@ def _require():
 
 
 def _torch_dtype(dtype: str):
-    torch, _ = _require()
+    torch, _ = require()
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype {dtype!r}: choose float32 or bfloat16")
     return getattr(torch, dtype)
@@ -66,7 +67,7 @@ def hf_config_dict(cfg: LlavaOVConfig) -> dict:
 
 def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0):
     """A random transformers model of our architecture, in eval mode and `dtype`."""
-    torch, transformers = _require()
+    torch, transformers = require()
     torch.manual_seed(seed)
     hf_cfg = transformers.LlavaOnevisionConfig(**hf_config_dict(cfg))
     # built straight in `dtype`: the 7B shape in bf16 (15 GB) never exists in fp32 (30 GB)
@@ -76,7 +77,7 @@ def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0):
 
 def load_pretrained(directory: str, dtype: str = "float32"):
     """transformers' own loading of a checkpoint directory (llava-hf layout)."""
-    torch, transformers = _require()
+    torch, transformers = require()
     try:
         model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(directory, dtype=_torch_dtype(dtype))
     except (OSError, ValueError, KeyError) as e:
@@ -180,7 +181,7 @@ def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfi
     """TTFT of transformers' full-token model: `generate` of one new token (greedy) on
     pixels [T, 3, S, S] and prefix + <video> x (T·S' + 1) + suffix, in the model's dtype.
     → {"ttft_s": [...], "ttft_mean_s", "ttft_median_s", "first_token", ...}."""
-    torch, transformers = _require()
+    torch, transformers = require()
     dtype = next(model.parameters()).dtype
     t0 = pixels.shape[0]
     visual = t0 * cfg.tokens_per_frame + 1

@@ -300,7 +300,7 @@ def cmd_bench(args) -> int:
     if args.reference == "torch":
         from earlytom_jax import bench_torch
 
-        bench_torch._require()  # fail before any work when torch is missing
+        bench_torch.require()  # fail before any work when torch is missing
     frames = bench.clip_frames(args.video, args.frames)
     prefix, suffix = bench.prompt_ids()
     # The PyTorch reference runs first, alone in memory, so that the 7B shape (15 GB in bf16)

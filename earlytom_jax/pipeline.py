@@ -289,19 +289,19 @@ def sequence_logits(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def _stage_vision(params, pixels, cfg, method):
+def stage_vision(params, pixels, cfg, method):
     return encode_video(params, pixels, cfg, method)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def _stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
+def stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
     h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
     return h, valid, positions, buf_valid.sum(), info
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "span", "max_new"))
-def _stage_llm(params, h, valid, positions, span, cfg, method, max_new):
+def stage_llm(params, h, valid, positions, span, cfg, method, max_new):
     logits, caches, next_pos, info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
     return jnp.argmax(logits), caches, next_pos, info
 
@@ -316,16 +316,16 @@ def staged_prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, m
 
     times = {}
     t = time.perf_counter()
-    feats, n, state = jax.block_until_ready(_stage_vision(params, pixels, cfg, method))
+    feats, n, state = jax.block_until_ready(stage_vision(params, pixels, cfg, method))
     times["vision"] = time.perf_counter() - t
     t = time.perf_counter()
     h, valid, positions, _, _ = jax.block_until_ready(
-        _stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method)
+        stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method)
     )
     times["tokens"] = time.perf_counter() - t
     a = prefix_ids.shape[0]
     span = (a, h.shape[1] - suffix_ids.shape[0])
     t = time.perf_counter()
-    tok, *_ = jax.block_until_ready(_stage_llm(params, h, valid, positions, span, cfg, method, max_new))
+    tok, *_ = jax.block_until_ready(stage_llm(params, h, valid, positions, span, cfg, method, max_new))
     times["llm"] = time.perf_counter() - t
     return int(tok), times

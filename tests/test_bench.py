@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     d = json.load(open(out))
     assert d["meta"]["frames"] == 4 and d["meta"]["reference"] == "torch"
     assert d["meta"]["cpu"]["logical_cores"] == os.cpu_count()
+    assert re.fullmatch("[0-9a-f]{40}", d["meta"]["commit"]) and isinstance(d["meta"]["commit_dirty"], bool)
     res = {(r["method"], r["ratio"]): r for r in d["results"]}
     assert set(res) == {("full", None), ("earlytom", 0.25)}
     for r in res.values():
@@ -170,6 +172,22 @@ def test_a_run_that_waits_shows_idle_cores():
     assert timer.times[1] >= 0.3 and timer.cpu[1] < 0.1
 
 
+def test_code_commit_is_the_checkouts_head_or_none(tmp_path):
+    """Every bench JSON records the commit its code ran at (`bench.host`): HEAD of the git
+    checkout that holds the package and whether its tracked files differ; None when the
+    package is not in a checkout of its own (a copy, or a copy inside another repository)."""
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    got = bench.code_commit()
+    assert re.fullmatch("[0-9a-f]{40}", got["commit"]) and isinstance(got["commit_dirty"], bool)
+    assert got["commit"] == head or not head  # (HEAD may move if someone commits in between)
+    assert {"commit", "commit_dirty"} <= set(bench.host())
+    copy = tmp_path / "site-packages" / "earlytom_jax"
+    copy.mkdir(parents=True)
+    assert bench.code_commit(str(copy)) == {"commit": None, "commit_dirty": None}
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert bench.code_commit(str(copy)) == {"commit": None, "commit_dirty": None}
+
+
 def test_host_cpu_names_the_model_and_the_matmul_features():
     text = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
             "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
@@ -225,7 +243,7 @@ def test_missing_torch_is_one_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ConfigError, match=r"pip install '\.\[test\]'"):
-        bench_torch._require()
+        bench_torch.require()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

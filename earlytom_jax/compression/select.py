@@ -60,7 +60,7 @@ def visual_capacity(T0: int, r: float, S: int = 196) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _topk_mask(imp: jax.Array, k: jax.Array) -> jax.Array:
+def topk_mask(imp: jax.Array, k: jax.Array) -> jax.Array:
     """[S] bool: the k largest of imp [S]; ties broken towards the lower index."""
     S = imp.shape[0]
     order = jnp.argsort(-imp, stable=True)
@@ -98,7 +98,7 @@ def select_tokens(
     """
     Tc, S = importance.shape
     imp = importance.astype(jnp.float32)
-    dyn_keep = jax.vmap(_topk_mask, in_axes=(0, None))(imp, k_dyn)
+    dyn_keep = jax.vmap(topk_mask, in_axes=(0, None))(imp, k_dyn)
     groups = run_ids_1d(S, n_stat) if quirks else block_ids_2d(S, n_stat)
     stat_keep = jax.vmap(_argmax_per_group, in_axes=(0, None))(imp, groups)
     valid = jnp.arange(Tc) < jnp.asarray(n, jnp.int32)

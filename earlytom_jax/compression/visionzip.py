@@ -107,7 +107,7 @@ class VisionZip(NoHooks):
         cap = int(k_np.sum() + c_np.sum())
         k, c, step = (jnp.asarray(a)[:, None] for a in (k_np, c_np, step_np))
 
-        dom = jax.vmap(sel._topk_mask)(imp, k[:, 0])
+        dom = jax.vmap(sel.topk_mask)(imp, k[:, 0])
         rest = ~dom
         pos = jnp.cumsum(rest, axis=1) - 1  # position among the remaining tokens
         tgt = rest & (pos % step == 0) & (pos // step < c)
