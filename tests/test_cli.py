@@ -126,11 +126,12 @@ def test_run_streams_the_same_tokens_as_json(tiny_dir, clip):
 def test_out_of_memory_is_one_line(monkeypatch, capsys):
     """XLA's RESOURCE_EXHAUSTED (e.g. the 7B shape on a small host) ends in one line, exit 3."""
     from earlytom_jax import cli
+    from earlytom_jax.cli import bench as cli_bench
 
     def oom(args):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30086335792 bytes.\nmore XLA detail")
 
-    monkeypatch.setattr(cli, "cmd_bench", oom)
+    monkeypatch.setattr(cli_bench, "cmd_bench", oom)
     assert cli.main(["bench", "--arch", "tiny"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory" in err[0] and "30086335792 bytes" in err[0]
@@ -145,29 +146,31 @@ def _parse(*argv):
 def test_eval_and_run_take_the_presets_ratio():
     """`--preset videomme@0.15` without --ratio runs r = 0.15 with the 0.15 settings, in `run`
     and in `eval` alike (eval ran r = 0.1 with the 0.15 tau and layers)."""
-    from earlytom_jax import cli
     from earlytom_jax.architectures import architecture
+    from earlytom_jax.cli.eval import eval_runs
+    from earlytom_jax.cli.flags import method_from_args
 
     cfg = architecture("tiny")
     flags = ("--preset", "videomme@0.15", "--layers", "1,2", "--llm-merge-layer", "2")
-    run = cli._method_from_args(_parse("run", "--model", "m", "--video", "v", "--prompt", "p", *flags), cfg)
-    [(name, ratio, ev)] = cli._eval_runs(_parse("eval", "--model", "m", "--task", "videomme", "--data", "d",
+    run = method_from_args(_parse("run", "--model", "m", "--video", "v", "--prompt", "p", *flags), cfg)
+    [(name, ratio, ev)] = eval_runs(_parse("eval", "--model", "m", "--task", "videomme", "--data", "d",
                                                 "--out", "o", *flags), cfg)
     assert name == "earlytom" and ratio == run.ratio == ev.ratio == 0.15
     assert ev == run and ev.tau == 0.4
-    [(_, r, m)] = cli._eval_runs(_parse("eval", "--model", "m", "--task", "videomme", "--data", "d", "--out", "o",
+    [(_, r, m)] = eval_runs(_parse("eval", "--model", "m", "--task", "videomme", "--data", "d", "--out", "o",
                                         "--layers", "1,2", "--llm-merge-layer", "2"), cfg)
     assert r == m.ratio == 0.1
 
 
 def test_bench_ratio_is_one_ratio_or_refused(capsys):
     from earlytom_jax import cli
+    from earlytom_jax.cli.bench import bench_ratios
 
     bench = ("bench", "--arch", "tiny")
-    assert cli._bench_ratios(_parse(*bench, "--ratio", "0.25")) == (0.25,)
-    assert cli._bench_ratios(_parse(*bench, "--ratios", "0.1,0.25")) == (0.1, 0.25)
-    assert cli._bench_ratios(_parse(*bench)) == (0.1,)
-    assert cli._bench_ratios(_parse(*bench, "--preset", "videomme@0.2")) == (0.2,)
+    assert bench_ratios(_parse(*bench, "--ratio", "0.25")) == (0.25,)
+    assert bench_ratios(_parse(*bench, "--ratios", "0.1,0.25")) == (0.1, 0.25)
+    assert bench_ratios(_parse(*bench)) == (0.1,)
+    assert bench_ratios(_parse(*bench, "--preset", "videomme@0.2")) == (0.2,)
     assert cli.main([*bench, "--ratio", "0.25", "--ratios", "0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ratio and --ratios" in err[0]

@@ -51,13 +51,14 @@ def test_a_method_registered_elsewhere_is_built_and_listed(plugin):
 
 def test_the_command_line_takes_a_registered_method(plugin):
     from earlytom_jax import cli
+    from earlytom_jax.cli.flags import method_from_args
 
     cfg = architecture("tiny")
     args = cli.build_parser().parse_args(["run", "--model", "m", "--video", "v", "--prompt", "p",
                                           "--method", "keep_first", "--ratio", "0.4"])
-    assert cli._method_from_args(args, cfg) == plugin(ratio=0.4)
+    assert method_from_args(args, cfg) == plugin(ratio=0.4)
     args = cli.build_parser().parse_args(["run", "--model", "m", "--video", "v", "--prompt", "p", "--method", "keep_first"])
-    assert cli._method_from_args(args, cfg) == plugin(ratio=registration.DEFAULT_RATIO)
+    assert method_from_args(args, cfg) == plugin(ratio=registration.DEFAULT_RATIO)
 
 
 def test_the_registrations_are_restored(plugin):

@@ -1,0 +1,182 @@
+"""One `earlytom bench` run as a library call: load the weights (a checkpoint, or a named
+architecture's random weights), time transformers' PyTorch model first when asked (alone in
+memory), time every method at every ratio (`measure` or `measure_interleaved`), relate them
+to full tokens, and describe the run (`meta`, with the host and the code's commit) for the
+JSON; `markdown`, `save_json` and `save_chart` write the results out."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+
+from earlytom_jax.bench.inputs import clip_frames, prompt_ids, random_preprocessor
+from earlytom_jax.bench.probes import host
+from earlytom_jax.bench.reports import find_full, markdown, relate_to_full
+from earlytom_jax.bench.timing import BenchResult, MethodTimer, measure, measure_interleaved
+from earlytom_jax.compression import registry
+from earlytom_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    """What a bench run times (the flags of `earlytom bench`): `model` (a checkpoint directory)
+    or `arch` (random weights of a named shape); `methods` (registry names or groups) at every
+    one of `ratios` (full tokens once); the protocol (`warmup`, `runs`, `timing` "sequential" or
+    "interleaved"); `staged` breakdown, `decode_tokens`, `xla` FLOP counts; `reference` "torch"
+    to time transformers' full-token model too; `mesh` to shard (e.g. "data=2,model=4")."""
+
+    model: str | None = None
+    arch: str | None = None
+    video: str | None = None
+    frames: int = 32
+    methods: tuple[str, ...] = ("full", "earlytom")
+    ratios: tuple[float, ...] = (registry.DEFAULT_RATIO,)
+    warmup: int = 2
+    runs: int = 5
+    timing: str = "sequential"
+    dtype: str = "float32"
+    staged: bool = True
+    decode_tokens: int = 32
+    xla: bool = True
+    reference: str | None = None
+    mesh: str | None = None
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """A finished run: every method's result, the PyTorch reference's dict (or None), the
+    run's description (`meta`) and the name of what was timed (`source`, for a chart's title)."""
+
+    results: list[BenchResult]
+    reference: dict | None
+    meta: dict
+    source: str
+
+    def markdown(self) -> str:
+        return markdown(self.results, self.reference)
+
+    def save_json(self, path: str) -> None:
+        from earlytom_jax.io_utils import atomic_write_text
+
+        out = {"meta": self.meta, "results": [r.to_json() for r in self.results], "reference": self.reference}
+        atomic_write_text(path, json.dumps(out, indent=1))
+
+    def save_chart(self, path: str) -> None:
+        import jax
+
+        from earlytom_jax.chart import save_chart
+
+        m = self.meta
+        save_chart(path, self.results, self.reference,
+                   title=f"TTFT breakdown: {self.source}, {m['frames']} frames, {m['dtype']}, {jax.devices()[0].platform}")
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
+    """(cfg, params, pixels as numpy, reference or None, weights' description). The PyTorch
+    reference runs first, alone in memory, so that the 7B shape (15 GB in bf16) never needs
+    two models on a 24 GB host; its weights then move into our tree."""
+    import jax
+
+    from earlytom_jax import sharding as shd
+    from earlytom_jax.architectures import architecture, param_shapes, random_params
+    from earlytom_jax.checkpoint.load import load_hf
+    from earlytom_jax.video import Preprocessor
+
+    if spec.reference == "torch":
+        from earlytom_jax import bench_torch
+    reference = None
+    if spec.model:
+        from earlytom_jax.checkpoint.load import load_config
+
+        cfg = load_config(spec.model)
+        pre = Preprocessor.from_dir(spec.model)
+        pix_np = pre(frames)
+        if spec.reference == "torch":
+            torch_model = bench_torch.load_pretrained(spec.model, spec.dtype)
+            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs)
+            del torch_model
+        shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
+        cfg, params = load_hf(spec.model, spec.dtype, shardings, cfg=cfg)
+        return cfg, params, pix_np, reference, spec.model
+    cfg = architecture(spec.arch)
+    pix_np = random_preprocessor(cfg)(frames)
+    shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
+    if spec.reference == "torch":
+        # the random transformers model first; our tree gets its very weights
+        torch_model = bench_torch.build_random(cfg, spec.dtype)
+        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs)
+        params = bench_torch.params_from_torch(torch_model, cfg, spec.dtype, shardings, release=True, held=True)
+        del torch_model
+        return cfg, params, pix_np, reference, f"random ({spec.arch}), the same in JAX and in the PyTorch reference"
+    params = random_params(cfg, dtype=jax.numpy.dtype(spec.dtype))
+    if mesh is not None:
+        params, _ = shd.shard_params(params, mesh)
+    return cfg, params, pix_np, reference, f"random ({spec.arch})"
+
+
+def run(spec: BenchSpec, make_method, log=say) -> BenchRun:
+    """Time `spec`; make_method(cfg, name, ratio) builds each method (None ratio: full
+    tokens). `log(line)`: one line as the reference and each method finish (default: stderr).
+    ConfigError (one line) on a bad spec, a misspelt method or a missing torch, before any
+    loading."""
+    import jax
+
+    from earlytom_jax import sharding as shd
+    from earlytom_jax.models import stack
+
+    if spec.frames < 1 or spec.runs < 1 or spec.warmup < 0 or spec.decode_tokens < 0:
+        raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
+    names = registry.resolve(spec.methods)  # before any loading: a misspelt name fails at once
+    mesh = shd.parse_mesh(spec.mesh) if spec.mesh else None
+    if spec.reference == "torch":
+        from earlytom_jax import bench_torch
+
+        bench_torch.require()  # fail before any work when torch is missing
+    frames = clip_frames(spec.video, spec.frames)
+    prefix, suffix = prompt_ids()
+    cfg, params, pix_np, reference, weights = _load(spec, mesh, frames, prefix, suffix)
+    if reference is not None:
+        log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
+    params = stack.pack(params)  # bf16 on CPU: no f32 copy of the layer stacks (see models/stack.py)
+    pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
+    if mesh is not None:
+        pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
+    timers = [MethodTimer(params, cfg, pixels, prefix, suffix, make_method(cfg, name, r), name, r, mesh)
+              for name in names for r in ([None] if name == "full" else list(spec.ratios))]
+
+    def progress(res):
+        log(f"{res.method} r={res.ratio}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)")
+
+    opts = dict(warmup=spec.warmup, runs=spec.runs, staged=spec.staged, decode_tokens=spec.decode_tokens,
+                xla=spec.xla, bar=True)
+    if spec.timing == "interleaved":
+        results = measure_interleaved(timers, progress=progress, **opts)
+    else:
+        results = []
+        for timer in timers:
+            results.append(measure(timer, **opts))
+            progress(results[-1])
+    full = find_full(results)
+    if reference is not None:
+        for r in results:
+            r.ttft_over_reference = r.ttft_mean / reference["ttft_mean_s"]
+        if full is not None:
+            reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
+            reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
+            reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
+    relate_to_full(results, interleaved=spec.timing == "interleaved")
+    meta = {"date": datetime.date.today().isoformat(), **host(), "weights": weights,
+            "video": spec.video or "generated clip",
+            "frames": spec.frames, "dtype": spec.dtype, "warmup": spec.warmup, "runs": spec.runs, "timing": spec.timing,
+            "decode_tokens": spec.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
+            "reference": spec.reference, "command": " ".join(sys.argv),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    source = spec.arch or os.path.basename(os.path.normpath(spec.model))
+    return BenchRun(results, reference, meta, source)

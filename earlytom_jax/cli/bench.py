@@ -1,0 +1,66 @@
+"""`earlytom bench`: TTFT, its breakdown and FLOPs per method (the paper's protocol). Thin: the
+flags become a `bench.session.BenchSpec`, the library runs it."""
+
+from __future__ import annotations
+
+from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args
+from earlytom_jax.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF checkpoint directory")
+    src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b, random weights")
+    b.add_argument("--video", default=None, help="video file (default: a generated clip)")
+    b.add_argument("--frames", type=int, default=32)
+    b.add_argument("--methods", type=names, default=("full", "earlytom"))
+    b.add_argument("--ratios", type=floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--timing", default="sequential", choices=["sequential", "interleaved"],
+                   help="sequential (default, the paper's protocol): one method's warm-ups and runs after another's; "
+                        "interleaved: every method compiled and warmed up, then rounds of one timed run per method, "
+                        "so a host's drift between rounds hits all alike (per-round speed-ups: see `paired`)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--json", default=None, help="write results as JSON here")
+    b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")
+    b.add_argument("--decode-tokens", type=int, default=32,
+                   help="new tokens of the timed greedy generation for decode tok/s (EOS ignored; 0 skips it)")
+    b.add_argument("--no-xla-flops", action="store_true", help="skip XLA's cost analysis of the stages")
+    b.add_argument("--reference", default=None, choices=["torch"],
+                   help="also time transformers' full-token model (PyTorch, CPU) on the same weights and inputs")
+    b.add_argument("--chart", default=None, help="write a PNG stacked-bar chart of the TTFT breakdown here")
+    b.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
+    compression_flags(b)
+    b.set_defaults(fn=cmd_bench)
+
+
+def bench_ratios(args) -> tuple[float, ...]:
+    """`bench`'s ratios: --ratios, or --ratio (one), else the default (--preset TASK@R's ratio,
+    else 0.1); both flags: one-line error."""
+    if args.ratio is not None and args.ratios is not None:
+        raise ConfigError("--ratio and --ratios exclude each other; give one (--ratios takes a list)")
+    return args.ratios or (ratio_from_args(args),)
+
+
+def cmd_bench(args) -> int:
+    from earlytom_jax.bench import session, shallow_encoder
+
+    spec = session.BenchSpec(
+        model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=args.methods,
+        ratios=bench_ratios(args), warmup=args.warmup, runs=args.runs, timing=args.timing, dtype=args.dtype,
+        staged=not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops,
+        reference=args.reference, mesh=args.mesh)
+    scale = args.layers is None and args.preset is None
+
+    def make_method(cfg, name, ratio):
+        return method_from_args(args, cfg, name, ratio, scale and shallow_encoder(cfg))
+
+    run = session.run(spec, make_method)
+    print(run.markdown())
+    if args.json:
+        run.save_json(args.json)
+    if args.chart:
+        run.save_chart(args.chart)
+    return 0
