@@ -1,59 +1,47 @@
-"""A one-line progress bar on stderr (redrawn with `\\r`): done / total, rate, ETA."""
+"""tqdm progress bars for the loops a user waits on (conversion, evaluation, bench runs, the
+toy benchmark, toy training), and printing beside them.
+
+Bars go to stderr. On a terminal they redraw in place; anywhere else (a log file, a pipe)
+they still report, but at most once every `QUIET_INTERVAL` seconds, so a long run does not
+fill its log with redraws. `say` prints a line to stdout without tearing a bar.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import Callable
+
+from tqdm import tqdm
+
+QUIET_INTERVAL = 30.0  # seconds between redraws when stderr is not a terminal
+
+
+def bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0, leave: bool = True,
+        iterable=None, unit_scale: bool = False) -> tqdm:
+    """A tqdm bar on stderr, over `iterable` if given; `initial` counts work done before this
+    run (e.g. resumed samples), shown but left out of the rate; `unit_scale` writes large
+    counts with SI prefixes (bytes as kB, MB, GB); `enabled=False` draws nothing."""
+    stderr = sys.stderr
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, leave=leave,
+                unit_scale=unit_scale, unit_divisor=1000, file=stderr, dynamic_ncols=True,
+                mininterval=0.1 if stderr.isatty() else QUIET_INTERVAL)
+
+
+def say(*parts, **_) -> None:
+    """print(*parts) to stdout, flushed, with any bar on the terminal lifted out of the way (a
+    drop-in for the `log=print` callbacks: keyword arguments such as flush=True are accepted
+    and ignored). Off a terminal the bars are not in the way, and clearing them would only
+    write noise into the log."""
+    if not sys.stderr.isatty():
+        print(*parts, flush=True)
+        return
+    with tqdm.external_write_mode(file=sys.stdout):
+        print(*parts, flush=True)
 
 
 def human_bytes(n: float) -> str:
+    """A byte count for messages: "512 B", "1.94 MB", "10.49 GB" (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000.0
     return f"{n:.2f} TB"
-
-
-def _count(n: float) -> str:
-    return f"{n:.0f}" if float(n).is_integer() else f"{n:.2f}"
-
-
-class Progress:
-    """progress = Progress(total, enabled, "converting", human_bytes); progress.update(done);
-    progress.close(). `start` counts work done before this run (e.g. resumed samples), which
-    is shown but left out of the rate."""
-
-    def __init__(self, total: int, enabled: bool = True, label: str = "", fmt: Callable[[float], str] = _count, start: int = 0, unit: str = ""):
-        self.total, self.enabled, self.label, self.fmt = max(int(total), 1), enabled, label, fmt
-        self.base = start
-        self.unit = unit
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.drawn = False
-
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < 0.1 and done < self.total:
-            return
-        self.last = now
-        elapsed = max(now - self.t0, 1e-9)
-        frac = min(done / self.total, 1.0)
-        rate = (done - self.base) / elapsed
-        eta = (self.total - done) / rate if rate > 0 and done < self.total else 0.0
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        line = (
-            f"\r{self.label} [{bar}] {self.fmt(done)}/{self.fmt(self.total)} {frac * 100:5.1f}% "
-            f"{self.fmt(rate)}{self.unit}/s ETA {int(eta) // 60}:{int(eta) % 60:02d} {note}"
-        )
-        sys.stderr.write(line.ljust(100))
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.enabled and self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

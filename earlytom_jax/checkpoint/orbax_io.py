@@ -42,7 +42,7 @@ from earlytom_jax.checkpoint.safetensors_io import fresh_maps, open_checkpoint_f
 from earlytom_jax.config import LlavaOVConfig, load_config
 from earlytom_jax.errors import CheckpointError, one_line
 from earlytom_jax.models.params import set_path
-from earlytom_jax.progress import Progress, human_bytes as _human
+from earlytom_jax.progress import bar as progress_bar, human_bytes as _human
 
 __all__ = ["config_from_json", "convert_checkpoint", "is_converted", "load_converted"]
 
@@ -284,7 +284,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
             tmp = staging.create(dst)
         except OSError as e:
             raise CheckpointError(f"{parent}: cannot write there ({one_line(e)}); choose a writable DST") from None
-        bar = Progress(total, progress, "converting", _human)
+        bar = progress_bar(total, "converting", unit="B", enabled=progress, unit_scale=True)
         done = 0
         try:
             free = shutil.disk_usage(parent).free
@@ -304,8 +304,8 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
                     nonlocal group, gbytes, done
                     _write_group(params_dir, group)
                     done += gbytes
+                    bar.update(gbytes)
                     group, gbytes = {}, 0
-                    bar.update(done)
 
                 for path, arr in iter_params(files, cfg, dt):
                     if group and gbytes + arr.nbytes > _GROUP_BYTES:
@@ -318,9 +318,9 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
                         flush()
                 if group:
                     flush()
-                bar.update(done, "finalizing", force=True)
+                bar.set_postfix_str("finalizing")
                 _finalize(params_dir)
-            bar.update(done, "validating", force=True)
+            bar.set_postfix_str("validating")
             _check_stored(params_dir, expected, dt)
             spot = _spot_check(params_dir, cfg, files, dt)
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -41,7 +41,7 @@ from earlytom_jax import flops, sharding
 from earlytom_jax.bench import host
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
-from earlytom_jax.evals.bars import bar as progress_bar
+from earlytom_jax.progress import bar as progress_bar
 from earlytom_jax.io_utils import atomic_write_text, read_json
 from earlytom_jax.video import load_frame_dir, load_video
 

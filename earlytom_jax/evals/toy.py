@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from earlytom_jax.evals.bars import bar, say
+from earlytom_jax.progress import bar, say
 from earlytom_jax.toy import data
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")

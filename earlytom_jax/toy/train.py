@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from earlytom_jax.evals.bars import bar, say
+from earlytom_jax.progress import bar, say
 from earlytom_jax.toy import data
 from earlytom_jax.toy.batch import Encoder, make_batch
 from earlytom_jax.toy.loss import forward, initial_params, loss_fn
