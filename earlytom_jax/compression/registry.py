@@ -76,7 +76,7 @@ def __getattr__(attr: str):
 
 def label(method) -> str:
     """The display name of a built method ("full tokens", "EarlyTom", ...)."""
-    return next(r.label for r in registration.TABLE.values() if r.cls is type(method))
+    return {r.cls: r.label for r in registration.TABLE.values()}[type(method)]
 
 
 def canonical(name: str) -> str:
