@@ -74,7 +74,7 @@ class BenchRun:
                    title=f"TTFT breakdown: {self.source}, {m['frames']} frames, {m['dtype']}, {jax.devices()[0].platform}")
 
 
-def say(line: str) -> None:
+def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -121,7 +121,7 @@ def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
     return cfg, params, pix_np, reference, f"random ({spec.arch})"
 
 
-def run(spec: BenchSpec, make_method, log=say) -> BenchRun:
+def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
     """Time `spec`; make_method(cfg, name, ratio) builds each method (None ratio: full
     tokens). `log(line)`: one line as the reference and each method finish (default: stderr).
     ConfigError (one line) on a bad spec, a misspelt method or a missing torch, before any

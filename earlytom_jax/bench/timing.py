@@ -7,15 +7,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from earlytom_jax import flops, pipeline
+from earlytom_jax import flops, pipeline, progress
 from earlytom_jax.bench.probes import cores_busy, peak_memory_read, peak_memory_start
 from earlytom_jax.bench.xla_flops import xla_stage_flops
 
@@ -193,8 +191,8 @@ class MethodTimer:
 
 
 def rounds(runs: int, desc: str, bar: bool):
-    """range(runs), drawn as a tqdm bar on stderr when `bar` (cleared when done)."""
-    return tqdm(range(runs), desc=desc, unit="run", file=sys.stderr, disable=not bar, leave=False, dynamic_ncols=True)
+    """range(runs), drawn as a progress bar (`progress.bar`) when `bar` (cleared when done)."""
+    return progress.bar(runs, desc, "run", enabled=bar, leave=False, iterable=range(runs))
 
 
 def measure(timer: MethodTimer, warmup: int = 2, runs: int = 5, staged: bool = True,
