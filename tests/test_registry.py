@@ -88,3 +88,17 @@ def test_one_default_ratio_and_one_range_check():
             cls(ratio=0.0)
     assert registry.default_ratio() == 0.1 and registry.default_ratio("videomme") == 0.1
     assert registry.default_ratio("videomme@0.15") == 0.15
+
+
+def test_results_name_each_method_by_its_registry_name():
+    """Eval results record the method's registry name (EarlyTom was written "full": every
+    method inherited NoHooks' name)."""
+    from earlytom_jax.architectures import architecture
+    from earlytom_jax.evals.runner import method_description
+
+    cfg = architecture("tiny")
+    for name in ("full", "earlytom", "fastv", "visionzip", "tome"):
+        method = registry.build(name, None if name == "full" else 0.25, cfg,
+                                **({"scale_layers_for_depth": True} if name == "earlytom" else {}))
+        assert registry.name(method) == name
+        assert method_description(method)["name"] == name

@@ -63,8 +63,6 @@ def frame_budgets(t0: int, ratio: float, s: int = 196) -> np.ndarray:
 class NoHooks:
     """Defaults: no frame merging, keep every token, no in-LLM merging."""
 
-    name = "full"
-
     encoder_layers: tuple[int, ...] = ()
     encoder_keys = False
     token_merging = False

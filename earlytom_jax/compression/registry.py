@@ -79,6 +79,11 @@ def label(method) -> str:
     return {r.cls: r.label for r in registration.TABLE.values()}[type(method)]
 
 
+def name(method) -> str:
+    """The registry name of a built method ("full", "earlytom", ...)."""
+    return {r.cls: r.name for r in registration.TABLE.values()}[type(method)]
+
+
 def canonical(name: str) -> str:
     """A method's registry name from a user's spelling ("VisionZip", "uniform-tokens");
     ConfigError (one line) when there is none."""

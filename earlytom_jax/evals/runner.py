@@ -39,6 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from earlytom_jax import flops, sharding
 from earlytom_jax.bench import host
+from earlytom_jax.compression import registry
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
 from earlytom_jax.progress import bar as progress_bar
@@ -70,8 +71,8 @@ class EvalSettings:
 
 
 def method_description(method) -> dict:
-    """Name and every field of a method (JSON-friendly)."""
-    d = {"name": getattr(method, "name", type(method).__name__), "repr": repr(method)}
+    """Registry name and every field of a method (JSON-friendly)."""
+    d = {"name": registry.name(method), "repr": repr(method)}
     if dataclasses.is_dataclass(method):
         for f in dataclasses.fields(method):
             v = getattr(method, f.name)
