@@ -129,7 +129,7 @@ def config_from_dict(d: dict) -> LlavaOVConfig:
     """Build the config from a parsed config.json (any of the supported layouts)."""
     try:
         return _config_from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"incomplete config ({e.__class__.__name__}: {e} missing or invalid)") from None
 
 
@@ -178,6 +178,9 @@ def load_config(directory: str) -> LlavaOVConfig:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no config.json; point --model at a checkpoint directory")
     d = read_json(path)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: valid JSON but not an object (a {type(d).__name__}); a checkpoint's "
+                              "config.json holds one object of settings (fix the file or point --model elsewhere)")
     try:
         return config_from_dict(d)
     except CheckpointError as e:

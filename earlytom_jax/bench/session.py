@@ -59,10 +59,10 @@ class BenchRun:
         return markdown(self.results, self.reference)
 
     def save_json(self, path: str) -> None:
-        from earlytom_jax.io_utils import atomic_write_text
+        from earlytom_jax.io_utils import atomic_write_text, strict_json
 
         out = {"meta": self.meta, "results": [r.to_json() for r in self.results], "reference": self.reference}
-        atomic_write_text(path, json.dumps(out, indent=1))
+        atomic_write_text(path, strict_json(out, indent=1))  # null, not NaN
 
     def save_chart(self, path: str) -> None:
         import jax

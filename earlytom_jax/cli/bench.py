@@ -10,19 +10,20 @@ from earlytom_jax.errors import ConfigError
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF checkpoint directory")
+    src.add_argument("--model", help="HF checkpoint or converted directory")
     src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b, random weights")
     b.add_argument("--video", default=None, help="video file (default: a generated clip)")
-    b.add_argument("--frames", type=int, default=32)
-    b.add_argument("--methods", type=names, default=("full", "earlytom"))
+    b.add_argument("--frames", type=int, default=32, help="frames sampled from the video")
+    b.add_argument("--methods", type=names, default=("full", "earlytom"), help="comma-separated methods (or groups: uniform)")
     b.add_argument("--ratios", type=floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    b.add_argument("--runs", type=int, default=5, help="timed calls per method")
     b.add_argument("--timing", default="sequential", choices=["sequential", "interleaved"],
                    help="sequential (default, the paper's protocol): one method's warm-ups and runs after another's; "
                         "interleaved: every method compiled and warmed up, then rounds of one timed run per method, "
                         "so a host's drift between rounds hits all alike (per-round speed-ups: see `paired`)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the weights and activations (bfloat16 halves memory)")
     b.add_argument("--json", default=None, help="write results as JSON here")
     b.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")
     b.add_argument("--decode-tokens", type=int, default=32,
@@ -45,17 +46,26 @@ def bench_ratios(args) -> tuple[float, ...]:
 
 
 def cmd_bench(args) -> int:
-    from earlytom_jax.bench import session, shallow_encoder
+    from earlytom_jax.bench import session
 
     spec = session.BenchSpec(
         model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=args.methods,
         ratios=bench_ratios(args), warmup=args.warmup, runs=args.runs, timing=args.timing, dtype=args.dtype,
         staged=not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops,
         reference=args.reference, mesh=args.mesh)
-    scale = args.layers is None and args.preset is None
+    from earlytom_jax.io_utils import check_writable
+
+    for flag, path in (("--json", args.json), ("--chart", args.chart)):
+        if path:
+            check_writable(path, flag)  # before the (long) timing, not after it
+    info = None
+    if args.model:
+        from earlytom_jax.compression.defaults import read_model_info
+
+        info = read_model_info(args.model)
 
     def make_method(cfg, name, ratio):
-        return method_from_args(args, cfg, name, ratio, scale and shallow_encoder(cfg))
+        return method_from_args(args, cfg, name, ratio, info=info)
 
     run = session.run(spec, make_method)
     print(run.markdown())

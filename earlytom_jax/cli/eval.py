@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args
+from earlytom_jax.cli.flags import check_counts, compression_flags, floats, method_from_args, names, ratio_from_args
 from earlytom_jax.errors import ConfigError
 
 
@@ -17,10 +17,11 @@ def add_parser(sub) -> None:
     e.add_argument("--task", required=True, help="mvbench | videomme | egoschema | egoschema_subset | longvideobench")
     e.add_argument("--data", required=True, help="the task's local copy (layout: see earlytom_jax/evals/tasks)")
     e.add_argument("--out", required=True, help="run directory: samples.jsonl, results.json; re-run to resume")
-    e.add_argument("--frames", type=int, default=32)
+    e.add_argument("--frames", type=int, default=32, help="frames sampled from each video (lmms-eval's sampling)")
     e.add_argument("--limit", type=int, default=None, help="only the first N samples")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (lmms-eval) limit, at most 64")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the weights and activations (bfloat16 halves memory)")
     e.add_argument("--mesh", default=None, help="data-parallel groups (and tensor parallel inside), e.g. data=4 or data=2,model=2")
     e.add_argument("--prefetch", type=int, default=4, help="videos decoded ahead in background threads")
     e.add_argument("--compare", type=names, default=None,
@@ -30,8 +31,8 @@ def add_parser(sub) -> None:
     m = e.add_argument_group("multi-host (every host runs the same command; --out on a shared file system)")
     m.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
     m.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with --num-processes, --process-id)")
-    m.add_argument("--num-processes", type=int, default=None)
-    m.add_argument("--process-id", type=int, default=None)
+    m.add_argument("--num-processes", type=int, default=None, help="how many processes join (with --coordinator)")
+    m.add_argument("--process-id", type=int, default=None, help="this process's index, 0..N-1 (with --coordinator)")
     compression_flags(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -50,11 +51,11 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize()  # cluster environments (TPU pods, Slurm, ...) detect the rest
 
 
-def eval_runs(args, cfg) -> list:
+def eval_runs(args, cfg, info=None) -> list:
     """The (name, ratio, method) runs of `earlytom eval`: every --compare method at every ratio
     of --ratios, or --method; a ratio not given is --ratio's, else --preset TASK@R's, else the
     default. EarlyTom at a published ratio without --preset, --tau or --layers takes the
-    task's published settings."""
+    task's published settings. info: the checkpoint's defaults (`compression.defaults`)."""
     from earlytom_jax.compression.presets import PUBLISHED, RATIOS
 
     preset_task = "egoschema" if args.task == "egoschema_subset" else args.task
@@ -66,7 +67,7 @@ def eval_runs(args, cfg) -> list:
         if name == "earlytom" and not a.preset and a.tau is None and a.layers is None and preset_task in PUBLISHED and published:
             a.preset = f"{preset_task}@{ratio:g}"
             print(f"note: EarlyTom with the published {a.preset} settings (--tau/--layers override)", file=sys.stderr)
-        return name, ratio, method_from_args(a, cfg)
+        return name, ratio, method_from_args(a, cfg, info=info)
 
     ratio = ratio_from_args(args)
     if args.compare:
@@ -76,8 +77,12 @@ def eval_runs(args, cfg) -> list:
 
 def cmd_eval(args) -> int:
     from earlytom_jax.checkpoint.load import load_any_config
+    from earlytom_jax.compression.defaults import read_model_info
     from earlytom_jax.evals import compare, runner
+    from earlytom_jax.io_utils import check_writable_dir
 
+    check_counts(args)
+    check_writable_dir(args.out, "--out")
     _init_distributed(args)
 
     s = runner.EvalSettings(
@@ -85,7 +90,7 @@ def cmd_eval(args) -> int:
         limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
         prefetch=args.prefetch, progress=not args.quiet,
     )
-    runs = eval_runs(args, load_any_config(args.model))
+    runs = eval_runs(args, load_any_config(args.model), read_model_info(args.model))
     if args.compare:
         rows = compare.compare(s, runs)
         print(compare.markdown(args.task, rows))

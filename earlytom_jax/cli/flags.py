@@ -4,8 +4,22 @@ they build (through the registry: a flag sets whatever setting of that name a me
 from __future__ import annotations
 
 import argparse
+import sys
 
 from earlytom_jax.compression import registry
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states one or there
+    is none to state (None, False, a required option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text.lower()
+                or not action.option_strings):
+            return text
+        default = ",".join(map(str, action.default)) if isinstance(action.default, (tuple, list)) else action.default
+        return f"{text} (default: {str(default).replace('%', '%%') if default != '' else chr(39) * 2})".lstrip()
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -31,13 +45,15 @@ def compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--method", default="earlytom", choices=list(registry.METHODS),
                    help="compression method; every one keeps --ratio of the T0·196 visual tokens "
-                        "(fastv: from LLM layer --llm-merge-layer, default 2, on)")
+                        "(fastv: from LLM layer --llm-merge-layer on)")
     g.add_argument("--ratio", type=float, default=None,
                    help=f"retention ratio r in (0, 1] (default {registry.DEFAULT_RATIO}, or --preset TASK@R's)")
-    g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6)")
-    g.add_argument("--layers", type=ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23")
-    g.add_argument("--llm-merge-layer", type=int, default=None, help="stage III layer k (default 18; -1 turns it off)")
-    g.add_argument("--llm-merge-ratio", type=float, default=None, help="stage III drop ratio (default 0.5)")
+    g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6, or --preset's)")
+    g.add_argument("--layers", type=ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23 (default: --preset's, else the "
+                        "checkpoint's own, else 6,21,23, scaled to a shallower encoder)")
+    g.add_argument("--llm-merge-layer", type=int, default=None, help="stage III layer k (EarlyTom) or FastV's layer K; -1 turns stage III off (default: --preset's, "
+                        "else the checkpoint's own, else 18 for EarlyTom and 2 for FastV, scaled to a shallower LLM)")
+    g.add_argument("--llm-merge-ratio", type=float, default=None, help="stage III drop ratio (default 0.5, or --preset's)")
     g.add_argument("--llm-noncausal", action="store_true", help="layer k-1 without causal mask in prefill, as the official code")
     g.add_argument("--paper-prose", action="store_true", help="follow the paper's prose where the official code differs")
     g.add_argument("--preset", default=None, help="published settings: TASK or TASK@RATIO, e.g. videomme@0.1")
@@ -53,24 +69,44 @@ FLAG_SETTINGS = (("tau", ("tau",)), ("layers", ("layers",)), ("llm_merge_layer",
                  ("llm_merge_ratio", ("llm_ratio",)), ("preset", ("preset",)))
 
 
-def method_from_args(args, cfg, name: str | None = None, ratio: float | None = None, scale: bool = False):
+def method_from_args(args, cfg, name: str | None = None, ratio: float | None = None, info=None,
+                     notes: list | None = None):
     """The method `name` (default --method) at `ratio` (default from the flags), built by the
-    registry with the compression flags that apply to it (the settings it takes,
-    `registry.SETTINGS`). scale: map EarlyTom's default layers onto a shallower model (tiny and
-    toy architectures)."""
+    registry with the settings `compression.defaults.settings` picks, in its one precedence:
+    the compression flags that apply to it (the settings it takes, `registry.SETTINGS`), then
+    --preset, then the checkpoint's defaults (`info`, a `defaults.ModelInfo`), then the
+    built-in ones scaled to the model's depth. Notes (a default scaled) are appended to
+    `notes` when given, else printed on stderr."""
+    from earlytom_jax.compression import defaults
+
     name = registry.canonical(name or args.method)
     if name == "full":
         return registry.build("full", None, cfg)
     takes = registry.SETTINGS[name]
-    kw: dict = {}
-    if "scale_layers_for_depth" in takes:
-        kw["scale_layers_for_depth"] = scale and args.layers is None and args.preset is None
+    explicit: dict = {}
     if "llm_noncausal" in takes:
-        kw["llm_noncausal"] = args.llm_noncausal
+        explicit["llm_noncausal"] = args.llm_noncausal
     if "quirks" in takes:
-        kw["quirks"] = not args.paper_prose
+        explicit["quirks"] = not args.paper_prose
     for flag, keys in FLAG_SETTINGS:
         key = next((k for k in keys if k in takes), None)
-        if key is not None and getattr(args, flag) is not None:
-            kw[key] = getattr(args, flag)
+        if key is not None and key != "preset":
+            explicit[key] = getattr(args, flag)
+    kw, said = defaults.settings(name, cfg, explicit, args.preset, info)
+    if notes is not None:
+        notes.extend(said)
+    else:
+        for line in said:
+            print(line, file=sys.stderr)
     return registry.build(name, ratio if ratio is not None else ratio_from_args(args), cfg, **kw)
+
+
+def check_counts(args) -> None:
+    """--frames and --max-new-tokens (where the command has them) at least 1: checked before
+    anything is loaded."""
+    from earlytom_jax.errors import ConfigError
+
+    if getattr(args, "frames", None) is not None and args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: need at least 1")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: need at least 1 (the first token is the answer's start)")

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-from earlytom_jax.cli.flags import compression_flags, method_from_args
-from earlytom_jax.errors import ConfigError
+from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args
+
+MODEL_HELP = "HF checkpoint or converted directory (`earlytom convert`)"
+DTYPE_HELP = "compute dtype of the weights and activations (bfloat16 halves memory)"
 
 
 def add_parser(sub) -> None:
     r = sub.add_parser("run", help="answer a question about a video")
-    r.add_argument("--model", required=True, help="HF checkpoint directory")
-    r.add_argument("--video", required=True)
-    r.add_argument("--prompt", required=True)
-    r.add_argument("--frames", type=int, default=32)
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    r.add_argument("--model", required=True, help=MODEL_HELP)
+    r.add_argument("--video", required=True, help="video file (any format PyAV decodes: mp4, avi, mkv, webm, ...)")
+    r.add_argument("--prompt", required=True, help="the question about the video")
+    r.add_argument("--frames", type=int, default=32, help="frames sampled evenly from the video (lmms-eval's sampling)")
+    r.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens (at least 1)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=DTYPE_HELP)
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
     compression_flags(r)
@@ -29,19 +30,26 @@ def stats_line(ans, n_frames: int) -> str:
     vis = s.get("visual_tokens")
     llm = s.get("llm_kept")
     extra = f" -> {llm} after the LLM merge" if llm is not None else ""
+    rate = ans.generation.tokens_per_s
+    speed = f"{rate:.1f} tok/s" if rate is not None else "decode rate n/a (too few tokens to time)"
+    compiled = f" (+ {ans.generation.compile_s:.1f} s compiling, once)" if ans.generation.compile_s else ""
     return (
         f"[frames {n_frames} -> {frames} | visual tokens {vis}{extra} | "
-        f"TTFT {ans.ttft_s * 1000:.0f} ms | {ans.generation.tokens_per_s:.1f} tok/s]"
+        f"TTFT {ans.ttft_s * 1000:.0f} ms{compiled} | {speed}]"
     )
 
 
 def cmd_run(args) -> int:
     from earlytom_jax.api import VideoLLM
+    from earlytom_jax.io_utils import strict_json
 
-    if args.frames < 1:
-        raise ConfigError(f"--frames {args.frames}: need at least 1")
+    check_counts(args)
     llm = VideoLLM.load(args.model, args.dtype, args.mesh)
-    method = method_from_args(args, llm.cfg)
+    method = method_from_args(args, llm.cfg, info=llm.info)
+    llm.check_request(args.frames, args.prompt, method, args.max_new_tokens)
+    note = llm.info.open_question_note(args.prompt)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens, on_token=stream)
     if ans.video is not None and ans.video.repeated:
@@ -54,10 +62,11 @@ def cmd_run(args) -> int:
             "settings": {"model": args.model, "video": args.video, "frames": args.frames,
                          "method": repr(method), "dtype": args.dtype},
             "ttft_s": ans.ttft_s,
+            "compile_s": ans.generation.compile_s,
             "tokens_per_s": ans.generation.tokens_per_s,
             "stats": ans.stats,
         }
-        print(json.dumps(out))
+        print(strict_json(out))
     else:
         print()
         print(stats_line(ans, args.frames), file=sys.stderr)

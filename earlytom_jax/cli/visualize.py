@@ -1,17 +1,20 @@
-"""`earlytom visualize`: a PNG of the frames and tokens EarlyTom kept."""
+"""`earlytom visualize`: a PNG of the frames and tokens a method kept (EarlyTom by default)."""
 
 from __future__ import annotations
 
-from earlytom_jax.cli.flags import compression_flags, method_from_args
+from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args
+from earlytom_jax.cli.run import DTYPE_HELP, MODEL_HELP
+from earlytom_jax.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    v = sub.add_parser("visualize", help="PNG of the frames and tokens EarlyTom kept")
-    v.add_argument("--model", required=True, help="HF checkpoint directory")
-    v.add_argument("--video", required=True)
-    v.add_argument("--prompt", default="Describe what's happening in this video.")
-    v.add_argument("--frames", type=int, default=32)
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    v = sub.add_parser("visualize", help="PNG of the frames and tokens a method kept (EarlyTom by default)")
+    v.add_argument("--model", required=True, help=MODEL_HELP)
+    v.add_argument("--video", required=True, help="video file (any format PyAV decodes)")
+    v.add_argument("--prompt", default="Describe what's happening in this video.",
+                   help="the question (methods that select by attention to it depend on it)")
+    v.add_argument("--frames", type=int, default=32, help="frames sampled evenly from the video")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=DTYPE_HELP)
     v.add_argument("--out", required=True, help="PNG file to write")
     compression_flags(v)
     v.set_defaults(fn=cmd_visualize)
@@ -19,12 +22,22 @@ def add_parser(sub) -> None:
 
 def cmd_visualize(args) -> int:
     from earlytom_jax.api import VideoLLM
+    from earlytom_jax.compression import registry
+    from earlytom_jax.io_utils import check_writable
     from earlytom_jax.visualize import render, save_png
 
+    check_counts(args)
+    check_writable(args.out, "--out")
+    if registry.canonical(args.method) == "tome":
+        raise ConfigError("--method tome merges tokens inside the encoder (no pooled-token grid): there is no "
+                          "kept-token map to draw; choose another method")
     llm = VideoLLM.load(args.model, args.dtype)
-    method = method_from_args(args, llm.cfg, "earlytom")
+    method = method_from_args(args, llm.cfg, info=llm.info)
+    llm.check_request(args.frames, args.prompt, method, 1)
     ans = llm.ask(args.video, args.prompt, method, args.frames, max_new_tokens=1)
-    img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid)
+    picked = method.input_frames(len(ans.video.frames)) if hasattr(method, "input_frames") else None
+    img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid, registry.label(method), picked)
     save_png(img, args.out)
-    print(f"wrote {args.out}: {ans.stats['frames']} frames, {highlighted} kept tokens highlighted")
+    print(f"wrote {args.out}: {ans.stats['frames']} frames, {highlighted} kept tokens highlighted "
+          f"({registry.label(method)})")
     return 0

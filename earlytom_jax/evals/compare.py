@@ -8,7 +8,7 @@ import json
 import os
 
 from earlytom_jax.evals.runner import EvalSettings, run_eval
-from earlytom_jax.io_utils import atomic_write_text
+from earlytom_jax.io_utils import atomic_write_text, strict_json
 
 # the number each task reports first (as lmms-eval prints it; see the task modules)
 HEADLINE = {
@@ -49,7 +49,7 @@ def compare(s: EvalSettings, runs: list[tuple[str, float | None, object]], llm=N
             "tflops_paper_llm": sp["flops_paper_llm_mean"] / 1e12, "dir": tag,
         })
     md = markdown(s.task, rows)
-    atomic_write_text(os.path.join(s.out, "compare.json"), json.dumps(rows, indent=1))
+    atomic_write_text(os.path.join(s.out, "compare.json"), strict_json(rows, indent=1))
     atomic_write_text(os.path.join(s.out, "compare.md"), md + "\n")
     return rows
 

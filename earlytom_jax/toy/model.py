@@ -15,6 +15,8 @@ from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.synthetic import SPECIALS
 from earlytom_jax.toy.data import vocabulary
 
+TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")  # the shipped model
+
 VOCAB_SIZE = 80
 IMAGE_TOKEN_ID = VOCAB_SIZE - 2
 VIDEO_TOKEN_ID = VOCAB_SIZE - 1
@@ -36,6 +38,18 @@ TOY_CONFIG = LlavaOVConfig(
 TOY_LAYERS = (1, 2, 3)
 TOY_LLM_LAYER = 3
 TOY_FASTV_LAYER = 1
+
+# What the checkpoint says about itself (config.json key "earlytom", read by
+# compression/defaults.py): its compression defaults, and that it only knows its
+# multiple-choice questions.
+CHECKPOINT_INFO = {
+    "defaults": {"earlytom": {"layers": list(TOY_LAYERS), "llm_layer": TOY_LLM_LAYER},
+                 "fastv": {"layer": TOY_FASTV_LAYER}},
+    "multiple_choice_only": True,
+    "note": "the toy model only knows its five multiple-choice question types (the colour of a square, "
+            "how many flashes, which colour appears first, which way a square moves, when the screen goes dark) "
+            "and answers anything else with a letter",
+}
 
 
 def tokenizer():
@@ -79,6 +93,11 @@ def save_checkpoint(params, directory: str, meta: dict | None = None) -> None:
     from earlytom_jax.io_utils import atomic_write_text
 
     save_hf(params, TOY_CONFIG, directory)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["earlytom"] = CHECKPOINT_INFO
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
     write_side_files(directory)
     if meta is not None:
         atomic_write_text(os.path.join(directory, "training.json"), json.dumps(meta, indent=2) + "\n")
