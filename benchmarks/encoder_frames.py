@@ -1,6 +1,6 @@
 """SigLIP-so400m's blocks in bf16 on CPU: the frames as one batch, or one frame at a time.
 
-`models.siglip.block` runs bf16 blocks on CPU as a loop over the frames (the same result: bit
+`models.siglip.SiglipBlock` runs bf16 blocks on CPU as a loop over the frames (the same result: bit
 for bit at 3-4 frames, within bf16 rounding from 8). This times both forms on the encoder's
 own code: a `lax.scan` over `--layers` blocks of random so400m weights, held as the pipeline
 holds them (`stack.pack`: uint16 bits), for each frame count; median ms per block over
@@ -21,13 +21,16 @@ from earlytom_jax import xla_setup
 
 xla_setup.apply_cpu_flags("bfloat16")
 
+import dataclasses  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from earlytom_jax import flops  # noqa: E402
 from earlytom_jax.architectures import architecture, param_shapes  # noqa: E402
-from earlytom_jax.models import siglip, stack  # noqa: E402
+from earlytom_jax.models import params as params_lib, stack  # noqa: E402
+from earlytom_jax.models.siglip import SiglipEncoder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,12 +48,17 @@ def main(argv=None) -> int:
         a = np.ones(shape, np.float32) if name.endswith("_s") else rng.standard_normal(shape, dtype=np.float32) * 0.02
         blocks[name] = jnp.asarray(a, jnp.bfloat16)
     blocks = stack.pack({"vision": {"blocks": blocks}})["vision"]["blocks"]
+    vl = dataclasses.replace(v, num_layers=args.layers)
+    unused = {k: jnp.zeros(sd.shape, jnp.bfloat16) for k, sd in param_shapes(cfg)["vision"].items() if k != "blocks"}
+
+    def encoder(blocks):
+        return params_lib.bind(SiglipEncoder, vl, dict(unused, blocks=blocks))
 
     def batched(blocks, x):  # the frames as one batch: the block body without the frame loop
-        return stack.scan(lambda x, p, _: (siglip._block(p, x, v, False, False)[0], None), x, blocks, 0, args.layers)[0]
+        return stack.scan(lambda x, blk, _: (blk.batched(x)[0], None), x, encoder(blocks).blocks, 0, args.layers)[0]
 
     def by_frame(blocks, x):  # the encoder's own path
-        return siglip.run_blocks(blocks, x, 0, args.layers, v)
+        return encoder(blocks).run_blocks(x, 0, args.layers)
 
     forms = {"one batch": jax.jit(batched), "frame by frame": jax.jit(by_frame)}
     print(f"backend {jax.default_backend()}; SigLIP-so400m blocks, bf16, {args.layers} per call; "

@@ -137,12 +137,12 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
 
 
 def attention_block() -> int:
-    """Key-block size of the causal prefill kernel (qwen2.run_layers' default)."""
+    """Key-block size of the causal prefill kernel (`Qwen2.run_layers`' default)."""
     import inspect
 
-    from earlytom_jax.models import qwen2
+    from earlytom_jax.models.qwen2 import Qwen2
 
-    return inspect.signature(qwen2.run_layers).parameters["block"].default
+    return inspect.signature(Qwen2.run_layers).parameters["block"].default
 
 
 def attention_entries(L: int, causal: bool = True, conditionals: str = "executed") -> int:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from earlytom_jax.compression.base import FullTokens
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.models import llava_onevision as lov
-from earlytom_jax.models import qwen2, siglip, stack
+from earlytom_jax.models import qwen2
 
 
 FULL = FullTokens()
@@ -60,15 +60,15 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
     """pixels [T0,3,S,S] → (features [T, N, C] with the first `n` frames valid, n, state);
     T = T0, or the number of frames the method's `input_frames` picks."""
     vcfg = cfg.vision
-    blocks = params["vision"]["blocks"]
+    vision = lov.bind(cfg, params).vision
     picked = method.input_frames(pixels.shape[0])
     if picked is not None:  # static indices: only these frames are ever encoded
         pixels = pixels[jnp.asarray(picked, jnp.int32)]
     t0 = pixels.shape[0]
-    x = siglip.embed(params["vision"], pixels, vcfg)
+    x = vision.embed(pixels)
     n = jnp.asarray(t0, jnp.int32)
     if method.token_merging:
-        return method.encode_tokens(blocks, x, cfg), n, method.encoder_init(t0)
+        return method.encode_tokens(vision, x, cfg), n, method.encoder_init(t0)
     layers = tuple(sorted(i + vcfg.num_layers if i < 0 else i for i in method.encoder_layers))
     keys = method.encoder_keys
     buckets = method.frame_buckets(t0)
@@ -77,8 +77,8 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
     for i, layer in enumerate(layers):
 
         def run(x, start=start, layer=layer):
-            x = siglip.run_blocks(blocks, x, start, layer, vcfg)
-            return siglip.run_block_with_attention(blocks, x, layer, vcfg, with_keys=keys)
+            x = vision.run_blocks(x, start, layer)
+            return vision.block_with_attention(x, layer, with_keys=keys)
 
         x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,))
         extra = {"keys": k[0]} if keys else {}
@@ -86,7 +86,7 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
         start, merged = layer + 1, True
 
     def rest(x):
-        return (siglip.run_blocks(blocks, x, start, vcfg.num_layers, vcfg),)
+        return (vision.run_blocks(x, start, vcfg.num_layers),)
 
     (x,) = _bucketed(rest, x, n, buckets if merged else (t0,))
     return x, n, state
@@ -98,12 +98,13 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
 def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token."""
+    model = lov.bind(cfg, params)
     if method.pooled:
         # on the smallest frame bucket that holds the n frames left after the encoder's merges
         buckets = method.frame_buckets(feats.shape[0]) if method.encoder_layers else (feats.shape[0],)
-        (tokens,) = _bucketed(lambda f: (lov.video_tokens(params, f, cfg),), feats, n, buckets)  # [T0, S, H]
+        (tokens,) = _bucketed(lambda f: (model.video_tokens(f),), feats, n, buckets)  # [T0, S, H]
     else:
-        tokens = lov.project(params["projector"], feats)  # [T0, N', H]
+        tokens = model.projector(feats)  # [T0, N', H]
     h = tokens.shape[-1]
     buf, valid, info = method.select(tokens, n, state, cfg)
     count = info["count"]
@@ -111,7 +112,7 @@ def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
     # the buffer, are sharded over the mesh's data axis
     buf = jnp.concatenate([buf, jnp.zeros((1, h), buf.dtype)], 0)
     at = (jnp.arange(buf.shape[0]) == count)[:, None]
-    buf = jnp.where(at, params["newline"][None].astype(buf.dtype), buf)
+    buf = jnp.where(at, model.newline[...][None].astype(buf.dtype), buf)
     valid = jnp.concatenate([valid, jnp.zeros((1,), bool)]) | at[:, 0]
     return buf, valid, info
 
@@ -155,18 +156,17 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
     → (logits [V] fp32 of the last slot, caches tuple[CacheGroup], next position [1], info).
     """
     tcfg = cfg.text
-    layers = params["text"]["layers"]
+    text = lov.bind(cfg, params).text
     nl = tcfg.num_layers
     if method.llm_layer is None:
-        h, ks, vs = qwen2.run_layers(layers, h, positions, valid, 0, nl, tcfg)
+        h, ks, vs = text.run_layers(h, positions, valid, 0, nl)
         caches = (_alloc(ks, vs, valid, max_new),)
         info = {}
     else:
         k_layer = method.llm_layer
-        h, ks_a, vs_a = qwen2.run_layers(layers, h, positions, valid, 0, k_layer - 1, tcfg)
+        h, ks_a, vs_a = text.run_layers(h, positions, valid, 0, k_layer - 1)
         cos, sin = qwen2.rope_tables(positions, tcfg.head_dim, tcfg.rope_theta)
-        p = stack.layer(layers, k_layer - 1)
-        h, k, v, q = qwen2.layer_prefill(p, h, cos, sin, valid, tcfg, causal=not method.llm_noncausal)
+        h, k, v, q = text.layer(k_layer - 1)(h, cos, sin, valid, causal=not method.llm_noncausal)
         ks_a = jnp.concatenate([ks_a, k[None]], 0)
         vs_a = jnp.concatenate([vs_a, v[None]], 0)
         attn = last_token_attention(q, k, valid)[0]
@@ -178,11 +178,11 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
         h_new = jnp.concatenate([h[0, :a], h_span[order], h[0, b:]], 0)[None]
         valid_new = jnp.concatenate([valid[0, :a], kept_valid, valid[0, b:]])[None]
         pos_new = jnp.concatenate([positions[0, :a], positions[0, a:b][order], positions[0, b:]])[None]
-        h_new, ks_b, vs_b = qwen2.run_layers(layers, h_new, pos_new, valid_new, k_layer, nl, tcfg)
+        h_new, ks_b, vs_b = text.run_layers(h_new, pos_new, valid_new, k_layer, nl)
         caches = (_alloc(ks_a, vs_a, valid, max_new), _alloc(ks_b, vs_b, valid_new, max_new))
         info = {"llm_kept": keep.sum(), "llm_keep_mask": keep}
         h = h_new
-    logits = qwen2.logits(params["text"], h[0, -1], tcfg)
+    logits = text.logits(h[0, -1])
     next_pos = positions[:, -1] + 1
     return logits, caches, next_pos, info
 
@@ -192,16 +192,15 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
 
     → (logits [V], caches). Compiles once per set of cache lengths.
     """
-    tcfg = cfg.text
-    layers = params["text"]["layers"]
-    h = qwen2.embed(params["text"]["embed"], token)[:, None]
+    text = lov.bind(cfg, params).text
+    h = text.embed_tokens(token)[:, None]
     out, start = [], 0
     for g in caches:
         nlay = g.k.shape[0]
-        h, ck, cv, valid = qwen2.decode_layers(layers, h, position, g.k, g.v, g.valid, g.length + step, tcfg, start)
+        h, ck, cv, valid = text.decode_layers(h, position, g.k, g.v, g.valid, g.length + step, start)
         out.append(CacheGroup(ck, cv, valid, g.length))
         start += nlay
-    return qwen2.logits(params["text"], h[0, -1], tcfg), tuple(out)
+    return text.logits(h[0, -1]), tuple(out)
 
 
 # ----------------------------------------------------------------------------- whole
@@ -215,7 +214,7 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=F
     """
     feats, n, state = encode_video(params, pixels, cfg, method)
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
-    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids, suffix_valid)
+    h, valid, positions = lov.bind(cfg, params).splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid)
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
     logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
@@ -280,9 +279,10 @@ def sequence_logits(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig):
     """Full-token logits at every prompt position [L, V] fp32 (for inspection and parity)."""
     feats, n, state = encode_video(params, pixels, cfg)
     buf, buf_valid, _ = visual_buffer(params, feats, n, state, cfg)
-    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
-    h, _, _ = qwen2.run_layers(params["text"]["layers"], h, positions, valid, 0, cfg.text.num_layers, cfg.text)
-    return qwen2.logits(params["text"], h[0], cfg.text)
+    model = lov.bind(cfg, params)
+    h, valid, positions = model.splice(prefix_ids, buf, buf_valid, suffix_ids)
+    h, _, _ = model.text.run_layers(h, positions, valid, 0, cfg.text.num_layers)
+    return model.text.logits(h[0])
 
 
 # ----------------------------------------------------------------------------- timing
@@ -296,7 +296,7 @@ def stage_vision(params, pixels, cfg, method):
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
 def stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
-    h, valid, positions = lov.splice(params["text"]["embed"], prefix_ids, buf, buf_valid, suffix_ids)
+    h, valid, positions = lov.bind(cfg, params).splice(prefix_ids, buf, buf_valid, suffix_ids)
     return h, valid, positions, buf_valid.sum(), info
 
 

@@ -6,9 +6,9 @@ Qwen2 alike). Each parameter has logical axis names, declared with it in its mod
 them to mesh axes.
 A dimension that the mesh axis does not divide is replicated instead (reported by
 `plan_shardings`), so every mesh runs, and results equal the single-device ones.
-Activations carry logical names too (`constrain`, called inside the models): frames of the
-encoder over `data`, attention heads and MLP width over `model`; they take effect under
-`jax.set_mesh(mesh)` (VideoLLM does this when it has a mesh).
+Activations carry logical names too (`models.axes.constrain`, called inside the models):
+frames of the encoder over `data`, attention heads and MLP width over `model`; they take
+effect under `jax.set_mesh(mesh)` (VideoLLM does this when it has a mesh).
 
 Multi-host: call `jax.distributed.initialize()` on every host first (see README), then build
 the mesh over `jax.devices()` as here; params placed with these shardings span hosts.
@@ -23,11 +23,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import params
+from earlytom_jax.models.axes import LOGICAL_RULES
+from earlytom_jax.models.llava_onevision import LlavaOneVision
 
-# logical axis → mesh axis
-LOGICAL_RULES = {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model", "frames": "data"}
-
+__all__ = ["LOGICAL_RULES", "describe", "frames_sharding", "logical_axes", "parse_mesh", "plan_shardings", "shard_params"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,10 +38,6 @@ def logical_axes() -> dict[str, tuple[str | None, ...]]:
     modules declare them (models/params.py; stacked layers lead with None). Names and axes do
     not depend on the sizes, so a one-layer model with an untied head (every parameter there
     is) stands for all."""
-    from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
-    from earlytom_jax.models import params
-    from earlytom_jax.models.llava_onevision import LlavaOneVision
-
     cfg = LlavaOVConfig(vision=SiglipConfig(num_layers=1), text=Qwen2Config(num_layers=1, tie_word_embeddings=False))
     return {"/".join(p): names for p, names in params.logical_axes(LlavaOneVision, cfg).items()}
 
@@ -95,25 +93,6 @@ def shard_params(params, mesh: Mesh):
     """Place an in-memory parameter tree on the mesh. → (params, fallbacks)."""
     shardings, fallbacks = plan_shardings(params, mesh)
     return jax.tree.map(jax.device_put, params, shardings), fallbacks
-
-
-def constrain(x, *names):
-    """Pin activation x to the mesh by logical axis names (one per dimension; None = no
-    axis), inside a `jax.set_mesh(mesh)` context; a no-op without a mesh. A dimension that
-    its mesh axis does not divide (e.g. a frame bucket of 3 over data=2) stays replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    axes = []
-    for dim, name in zip(x.shape, names):
-        axis = LOGICAL_RULES.get(name) if name else None
-        if axis not in sizes or sizes[axis] == 1 or dim % sizes[axis]:
-            axis = None
-        axes.append(axis)
-    if all(a is None for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*axes))
 
 
 def frames_sharding(mesh: Mesh, n_frames: int) -> NamedSharding:

@@ -8,12 +8,15 @@ import pytest
 
 from earlytom_jax import flops
 from earlytom_jax.architectures import architecture, param_shapes
-from earlytom_jax.models import qwen2, siglip
+from earlytom_jax.models import params as params_lib
+from earlytom_jax.models import qwen2
+from earlytom_jax.models.qwen2 import Qwen2Layer
+from earlytom_jax.models.siglip import SiglipBlock
 
 
 def _xla_flops(fn, *shapes) -> float:
     """XLA's count made loop-aware as the bench makes it (the CPU attention loops over heads)."""
-    from earlytom_jax.bench import _LoopAwareCount
+    from earlytom_jax.bench.xla_flops import _LoopAwareCount
 
     closed = jax.make_jaxpr(fn)(*shapes)
     count = _LoopAwareCount(compile_parts=True)
@@ -30,17 +33,18 @@ def test_siglip_block(real):
     cfg, shapes = real
     blk = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["vision"]["blocks"])
     x = jax.ShapeDtypeStruct((2, cfg.vision.num_patches, cfg.vision.hidden_size), jnp.float32)
-    xla = _xla_flops(lambda p, x: siglip.block(p, x, cfg.vision)[0], blk, x)
+    xla = _xla_flops(lambda p, x: params_lib.bind(SiglipBlock, cfg.vision, p)(x)[0], blk, x)
     assert abs(xla / flops.siglip_block(cfg, 2) - 1) < 0.01
 
 
 def test_qwen2_layer(real):
     cfg, shapes = real
-    lay = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype), shapes["text"]["layers"])
+    lay = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["text"]["layers"])
     L = 96  # one attention block: XLA counts the masked square, we count the triangle
     h = jax.ShapeDtypeStruct((1, L, cfg.text.hidden_size), jnp.float32)
     pos, valid = jnp.arange(L)[None], jnp.ones((1, L), bool)
-    xla = _xla_flops(lambda p, h: qwen2.run_layers(p, h, pos, valid, 0, 1, cfg.text)[0], lay, h)
+    cos, sin = qwen2.rope_tables(pos, cfg.text.head_dim, cfg.text.rope_theta)
+    xla = _xla_flops(lambda p, h: params_lib.bind(Qwen2Layer, cfg.text, p)(h, cos, sin, valid)[0], lay, h)
     assert abs(xla / flops.llm_layer(cfg, L) - 1) < 0.01
 
 

@@ -8,6 +8,8 @@ import torch
 
 from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression.earlytom import EarlyTom
+from earlytom_jax.models import llava_onevision as lov
+from earlytom_jax.models import params as params_lib
 from earlytom_jax.models import siglip
 from tests.helpers import load_benchmark, random_pixels
 
@@ -18,10 +20,11 @@ def test_every_block_hidden_state(tiny_dir):
     pix = random_pixels(3, 56, seed=5)
     with torch.no_grad():
         hs = model.model.vision_tower(torch.tensor(pix), output_hidden_states=True).hidden_states
-    x = siglip.embed(params["vision"], pix, cfg.vision)
+    vision = lov.bind(cfg, params).vision
+    x = vision.embed(pix)
     np.testing.assert_allclose(np.asarray(x), hs[0].numpy(), atol=1e-5, rtol=0)
     for i in range(cfg.vision.num_layers):
-        x = siglip.run_blocks(params["vision"]["blocks"], x, i, i + 1, cfg.vision)
+        x = vision.run_blocks(x, i, i + 1)
         np.testing.assert_allclose(np.asarray(x), hs[i + 1].numpy(), atol=1e-5, rtol=0)
 
 
@@ -32,9 +35,9 @@ def test_block_attention_colmean_matches_eager(tiny_dir):
     model.config.vision_config._attn_implementation = "eager"
     with torch.no_grad():
         out = model.model.vision_tower(torch.tensor(pix), output_attentions=True, output_hidden_states=True)
-    x = siglip.embed(params["vision"], pix, cfg.vision)
-    x = siglip.run_blocks(params["vision"]["blocks"], x, 0, 2, cfg.vision)
-    x, colmean = siglip.run_block_with_attention(params["vision"]["blocks"], x, 2, cfg.vision)
+    vision = lov.bind(cfg, params).vision
+    x = vision.run_blocks(vision.embed(pix), 0, 2)
+    x, colmean = vision.block_with_attention(x, 2)
     ref = out.attentions[2].mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(colmean), ref, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(x), out.hidden_states[3].numpy(), atol=1e-5, rtol=0)
@@ -48,12 +51,15 @@ def test_bf16_block_runs_frame_by_frame_on_cpu_with_the_same_result(tiny_dir):
 
     _, d = tiny_dir
     cfg, params = load_hf(d, dtype="bfloat16")
-    x = siglip.embed(params["vision"], jnp.asarray(random_pixels(3, 56, seed=7), jnp.bfloat16), cfg.vision)
+    x = lov.bind(cfg, params).vision.embed(jnp.asarray(random_pixels(3, 56, seed=7), jnp.bfloat16))
     p = jax.tree.map(lambda a: a[1], params["vision"]["blocks"])
+
+    def block(p):
+        return params_lib.bind(siglip.SiglipBlock, cfg.vision, p)
+
     for kw in ({}, {"with_attention": True}, {"with_attention": True, "with_keys": True}):
-        got = jax.jit(lambda p, x: siglip.block(p, x, cfg.vision, **kw))(p, x)
-        want = jax.jit(lambda p, x: siglip._block(p, x, cfg.vision, kw.get("with_attention", False),
-                                                   kw.get("with_keys", False)))(p, x)
+        got = jax.jit(lambda p, x: block(p)(x, **kw))(p, x)
+        want = jax.jit(lambda p, x: block(p).batched(x, **kw))(p, x)
         assert len(got) == len(want) == 2 + kw.get("with_keys", False)
         for g, w in zip(got, want):
             if w is None:
@@ -61,10 +67,10 @@ def test_bf16_block_runs_frame_by_frame_on_cpu_with_the_same_result(tiny_dir):
             else:
                 assert g.shape == w.shape and g.dtype == w.dtype
                 np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-    loops = [e for e in jax.make_jaxpr(lambda p, x: siglip.block(p, x, cfg.vision))(p, x).jaxpr.eqns
+    loops = [e for e in jax.make_jaxpr(lambda p, x: block(p)(x))(p, x).jaxpr.eqns
              if e.primitive.name == "scan"]
     assert [e.params["length"] for e in loops] == [3]
-    f32 = jax.make_jaxpr(lambda p, x: siglip.block(p, x, cfg.vision))(
+    f32 = jax.make_jaxpr(lambda p, x: block(p)(x))(
         jax.tree.map(lambda a: a.astype(jnp.float32), p), x.astype(jnp.float32))
     assert not [e for e in f32.jaxpr.eqns if e.primitive.name == "scan"]
 

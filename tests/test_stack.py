@@ -16,7 +16,8 @@ from earlytom_jax import pipeline
 from earlytom_jax.architectures import architecture, random_params
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.generate import generate
-from earlytom_jax.models import qwen2, stack
+from earlytom_jax.models import llava_onevision as lov
+from earlytom_jax.models import stack
 from tests.helpers import random_pixels
 
 
@@ -34,11 +35,11 @@ def test_pack_round_trip_is_bit_exact(tied):
     plain = _bf16_params(cfg)
     packed = stack.pack(_bf16_params(cfg), backend="cpu")
     layers = packed["text"]["layers"]
-    assert isinstance(layers, stack.PerLayer) and len(layers) == cfg.text.num_layers
+    assert all(isinstance(a, stack.Layers) and len(a) == cfg.text.num_layers for a in layers.values())
     gate = plain["text"]["layers"]["gate_w"]  # [n, C, M], held per layer as OutIn [M, C]
-    assert isinstance(layers[1]["gate_w"], stack.OutIn) and layers[1]["gate_w"].t.shape == gate.shape[:0:-1]
-    np.testing.assert_array_equal(np.asarray(layers[1]["gate_w"].t), np.asarray(gate[1]).T)
-    assert layers[0]["q_w"].dtype == jnp.bfloat16 and layers[0]["q_w"].shape == plain["text"]["layers"]["q_w"].shape[1:]
+    assert isinstance(layers["gate_w"][1], stack.OutIn) and layers["gate_w"][1].t.shape == gate.shape[:0:-1]
+    np.testing.assert_array_equal(np.asarray(layers["gate_w"][1].t), np.asarray(gate[1]).T)
+    assert layers["q_w"][0].dtype == jnp.bfloat16 and layers["q_w"][0].shape == plain["text"]["layers"]["q_w"].shape[1:]
     assert packed["vision"]["blocks"]["fc1_w"].dtype == jnp.uint16
     # the embedding as bits only when no tied head reads it (then it is only gathered from)
     assert packed["text"]["embed"].dtype == (jnp.bfloat16 if tied else jnp.uint16)
@@ -53,16 +54,20 @@ def test_pack_round_trip_is_bit_exact(tied):
 
 
 def test_per_layer_runs_as_the_stacked_scan():
-    """The unrolled loop over a PerLayer tree gives the scan's hidden states and caches (fp32,
-    so only the order of XLA's fusions can differ)."""
+    """The unrolled loop over a stack held per layer gives the scan's hidden states and caches
+    (fp32, so only the order of XLA's fusions can differ)."""
     cfg = architecture("tiny")
-    layers = random_params(cfg, seed=5)["text"]["layers"]
-    per = stack._per_layer(jax.tree.map(jnp.copy, layers))
+    params = random_params(cfg, seed=5)
+    layers = params["text"]["layers"]
+    per = stack._held_per_layer(jax.tree.map(jnp.copy, layers))
+    assert stack.per_layer(per) and not stack.per_layer(layers)
+    text = lov.bind(cfg, params).text
+    text_per = lov.bind(cfg, dict(params, text=dict(params["text"], layers=per))).text
     h = jax.random.normal(jax.random.PRNGKey(0), (1, 9, cfg.text.hidden_size))
     pos, valid = jnp.arange(9)[None], jnp.arange(9)[None] < 8
     for start, stop in ((0, cfg.text.num_layers), (1, 3), (2, 2)):
-        want = qwen2.run_layers(layers, h, pos, valid, start, stop, cfg.text)
-        got = qwen2.run_layers(per, h, pos, valid, start, stop, cfg.text)
+        want = text.run_layers(h, pos, valid, start, stop)
+        got = text_per.run_layers(h, pos, valid, start, stop)
         for a, b in zip(got, want):
             assert a.shape == b.shape
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ hook 1, inside the vision encoder
     encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last[, keys]) -> (x, n, state)
     encoder_stats(state) -> dict
     token_merging: bool               instead of all the above, the method runs the blocks:
-    encode_tokens(blocks, x [T,N,C], cfg) -> x [T,N',C]   (ToMe: fewer tokens per frame)
+    encode_tokens(vision, x [T,N,C], cfg) -> x [T,N',C]   (ToMe: fewer tokens per frame; vision: SiglipEncoder)
 hook 2, after projector and pooling
     pooled: bool                      False: the projector's tokens without the 2x2 pooling
     select(tokens [Tc,S,H], n, state, cfg) -> (buffer [Vc,H], valid [Vc], info with "count")

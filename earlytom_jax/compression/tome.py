@@ -34,7 +34,6 @@ from earlytom_jax.compression.base import NoHooks
 from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
-from earlytom_jax.models import siglip, stack
 
 
 def schedule(n: int, c: int, depth: int) -> tuple[int, ...]:
@@ -109,18 +108,18 @@ class ToMe(NoHooks):
     def capacity(self, t0: int, s: int) -> int:
         return t0 * self.per_frame(s)
 
-    def encode_tokens(self, blocks, x, cfg: LlavaOVConfig):
-        """Every encoder block with ToMe. x [T, N, C] (patch embeddings) → [T, c, C]."""
-        vcfg = cfg.vision
+    def encode_tokens(self, vision, x, cfg: LlavaOVConfig):
+        """Every block of `vision` (a `SiglipEncoder`) with ToMe. x [T, N, C] (patch
+        embeddings) → [T, c, C]."""
         t, n, _ = x.shape
         size = jnp.ones((t, n), jnp.float32)
         idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (t, n))
         for layer, r in enumerate(self.schedule(cfg)):
-            p = stack.layer(blocks, layer)
-            x, _, k = siglip.attention_half(p, x, vcfg, key_bias=jnp.log(size))
+            blk = vision.block(layer)
+            x, _, k = blk.attention_half(x, key_bias=jnp.log(size))
             if r:
                 x, size, idx = bipartite_merge(x, size, idx, k.astype(jnp.float32).mean(axis=2), r)
-            x = siglip.mlp_half(p, x, vcfg)
+            x = blk.mlp_half(x)
         order = jnp.argsort(idx, axis=1)
         return jnp.take_along_axis(x, order[..., None], axis=1)
 

@@ -1,6 +1,5 @@
-"""LLaVA-OneVision: the whole model's parameters as a Flax NNX module (`LlavaOneVision`: SigLIP,
-projector, newline, Qwen2), and the video path pieces: projector, 2x bilinear pooling, the
-prompt splice.
+"""LLaVA-OneVision as a Flax NNX module (`LlavaOneVision`: SigLIP, projector, newline, Qwen2),
+with the video path's own pieces: the projector, 2x bilinear pooling, the prompt splice.
 
 Pooling is `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` from the
 g x g patch grid to ceil(g/2) x ceil(g/2), written as two small interpolation matrices
@@ -18,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from earlytom_jax.config import LlavaOVConfig
-from earlytom_jax.models import qwen2
+from earlytom_jax.models import params as params_lib
 from earlytom_jax.models.dense import dense
 from earlytom_jax.models.params import param
 from earlytom_jax.models.qwen2 import Qwen2
@@ -64,40 +63,11 @@ def pool(x, grid: int, out: int):
     return y.reshape(t, out * out, d).astype(x.dtype)
 
 
-def project(params, feats):
-    """Projector: linear, exact (erf) GELU, linear. feats [..., C] → [..., Ht]."""
-    h = dense("...c,ch->...h", feats, params["w1"], params["b1"], act=functools.partial(jax.nn.gelu, approximate=False))
-    return dense("...h,hk->...k", h, params["w2"], params["b2"])
-
-
-def video_tokens(params, feats, cfg: LlavaOVConfig):
-    """Encoder features [T, N, C] → pooled LLM-space tokens [T, S, Ht]."""
-    return pool(project(params["projector"], feats), cfg.vision.grid, cfg.pooled_grid)
-
-
-def splice(embed, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=None):
-    """Build the prefill sequence for one video.
-
-    embed [V, Ht]; prefix_ids [P], suffix_ids [Q] int32; visual [Vc, Ht] with visual_valid
-    bool [Vc] (padding slots anywhere); suffix_valid bool [Q] (None: all valid) lets prompts
-    of different lengths share one program (pad at the front of the suffix, so the last slot
-    stays a real token). → h [1, P+Vc+Q, Ht], valid [1, L], positions [1, L] where positions
-    count valid slots only (0..n_valid-1; padding gets the previous id).
-    """
-    pre, suf = qwen2.embed(embed, prefix_ids), qwen2.embed(embed, suffix_ids)
-    h = jnp.concatenate([pre, visual.astype(pre.dtype), suf], axis=0)
-    if suffix_valid is None:
-        suffix_valid = jnp.ones(suffix_ids.shape, bool)
-    valid = jnp.concatenate([jnp.ones(prefix_ids.shape, bool), visual_valid, suffix_valid])
-    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
-    return h[None], valid[None], positions[None]
-
-
 # ----------------------------------------------------------------------------- parameters
 
 
 class Projector(nnx.Module):
-    """Two linears with a GELU between: w1 [C, Ht], b1 [Ht], w2 [Ht, Ht], b2 [Ht]."""
+    """Two linears with an exact (erf) GELU between: w1 [C, Ht], b1 [Ht], w2 [Ht, Ht], b2 [Ht]."""
 
     def __init__(self, c: int, ht: int, *, rngs: nnx.Rngs):
         self.w1 = param(rngs, (c, ht), (None, "mlp"))
@@ -105,15 +75,49 @@ class Projector(nnx.Module):
         self.w2 = param(rngs, (ht, ht), ("mlp", None))
         self.b2 = param(rngs, (ht,), (None,))
 
+    def __call__(self, feats):
+        """feats [..., C] → [..., Ht]."""
+        gelu = functools.partial(jax.nn.gelu, approximate=False)
+        h = dense("...c,ch->...h", feats, self.w1[...], self.b1[...], act=gelu)
+        return dense("...h,hk->...k", h, self.w2[...], self.b2[...])
+
 
 class LlavaOneVision(nnx.Module):
     """The video model: `vision` (SigLIP), `projector`, `newline` [Ht] (the token after the
     last kept visual token) and `text` (Qwen2). Its state as nested dicts
-    (`nnx.to_pure_dict(nnx.state(model))`) is the parameter tree the pipeline runs on."""
+    (`nnx.to_pure_dict(nnx.state(model))`) is the parameter tree the pipeline takes; `bind`
+    gives the module back over such a tree."""
 
     def __init__(self, cfg: LlavaOVConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         ht = cfg.text.hidden_size
         self.vision = SiglipEncoder(cfg.vision, rngs=rngs)
         self.projector = Projector(cfg.vision.hidden_size, ht, rngs=rngs)
         self.newline = param(rngs, (ht,), (None,))
         self.text = Qwen2(cfg.text, rngs=rngs)
+
+    def video_tokens(self, feats):
+        """Encoder features [T, N, C] → pooled LLM-space tokens [T, S, Ht]."""
+        return pool(self.projector(feats), self.cfg.vision.grid, self.cfg.pooled_grid)
+
+    def splice(self, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=None):
+        """Build the prefill sequence for one video.
+
+        prefix_ids [P], suffix_ids [Q] int32; visual [Vc, Ht] with visual_valid bool [Vc]
+        (padding slots anywhere); suffix_valid bool [Q] (None: all valid) lets prompts of
+        different lengths share one program (pad at the front of the suffix, so the last slot
+        stays a real token). → h [1, P+Vc+Q, Ht], valid [1, L], positions [1, L] where
+        positions count valid slots only (0..n_valid-1; padding gets the previous id).
+        """
+        pre, suf = self.text.embed_tokens(prefix_ids), self.text.embed_tokens(suffix_ids)
+        h = jnp.concatenate([pre, visual.astype(pre.dtype), suf], axis=0)
+        if suffix_valid is None:
+            suffix_valid = jnp.ones(suffix_ids.shape, bool)
+        valid = jnp.concatenate([jnp.ones(prefix_ids.shape, bool), visual_valid, suffix_valid])
+        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
+        return h[None], valid[None], positions[None]
+
+
+def bind(cfg: LlavaOVConfig, params: dict) -> LlavaOneVision:
+    """The model `cfg` over the parameter tree `params` (models/params.py `bind`)."""
+    return params_lib.bind(LlavaOneVision, cfg, params)

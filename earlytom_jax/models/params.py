@@ -8,7 +8,8 @@ leading layer axis (logical name None) and a range of layers runs as one `lax.sc
 
 The jitted pipeline is a pure function of (parameters, inputs): it takes the model's state as
 nested dicts of arrays (`nnx.to_pure_dict(nnx.state(model))`: {"vision": {"patch_w": ..., "blocks":
-{"q_w": [L, C, H, D], ...}}, ...}), and the model code reads them by the same names. Loaders
+{"q_w": [L, C, H, D], ...}}, ...}) and runs the modules over it (`bind`: `nnx.merge` of the
+model's graph with that tree, at trace time). Loaders
 (checkpoint/), conversion, sharding and random weights take every path, shape and logical axis
 from the modules (`abstract`, `shapes`, `logical_axes`), never from a list of their own.
 """
@@ -60,18 +61,34 @@ def _path(keys) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_state(cls, cfg):
-    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-    return nnx.state(model, nnx.Param)
+def _abstract_split(cls, cfg):
+    return nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
 def abstract(cls, cfg) -> nnx.State:
     """The parameter state of `cls(cfg)` as ShapeDtypeStructs with their metadata (nothing
     allocated: built under `nnx.eval_shape`)."""
-    return _abstract_state(cls, cfg)
+    return _abstract_split(cls, cfg)[1]
 
 
-def shapes(cls, cfg, dtype=None) -> dict[tuple[str, ...], tuple[int, ...]]:
+def bind(cls, cfg, params: dict):
+    """The module `cls(cfg)` over the parameter tree `params` (nested dicts of arrays, held
+    forms included: models/stack.py), e.g. inside a jitted function of (params, inputs)."""
+    return nnx.merge(_abstract_split(cls, cfg)[0], params)
+
+
+@functools.lru_cache(maxsize=16)
+def _stacked_graph(cls, cfg, n: int):
+    return nnx.graphdef(nnx.eval_shape(lambda: stacked(lambda r: cls(cfg, rngs=r), n, nnx.Rngs(0))))
+
+
+def bind_stacked(cls, cfg, n: int, params: dict):
+    """`n` layers `cls(cfg)` stacked (as `stacked` builds them) over `params` (each leaf
+    [n, ...], or held per layer): for running a few layers alone (tests, benchmarks)."""
+    return nnx.merge(_stacked_graph(cls, cfg, n), params)
+
+
+def shapes(cls, cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every parameter of `cls(cfg)`, in the order of its flattened tree."""
     leaves = jax.tree_util.tree_leaves_with_path(_pure(abstract(cls, cfg)))
     return {_path(p): tuple(x.shape) for p, x in leaves}

@@ -16,15 +16,19 @@ bf16 on CPU (`pack`), two problems and two held forms:
 - Reading a layer out of a stack (dynamic index, bits turned back) copies it on every pass,
   and YNNPACK, which runs bf16 products on CPU, re-packs each weight matrix per call; with
   few rows (a compressed prefill, a decode step) these copies, not the FLOPs, set the time.
-  So on one device the LLM's stack is held as a tuple of per-layer trees (`PerLayer`), its
-  MLP matrices transposed to [out, in] (`OutIn`, which `dense` reads), and `scan` unrolls
-  over it. The encoder (729+ rows per frame) gains nothing from it and keeps its loop, which
+  So on one device each of the LLM's stacked leaves is held as a tuple of per-layer arrays
+  (`Layers`), its MLP matrices transposed to [out, in] (`OutIn`, which `dense` reads), and
+  `scan` unrolls over them. The encoder (729+ rows per frame) gains nothing from it and keeps its loop, which
   compiles once (measured: docs/cpu-forms.md#llm-per-layer-mlp-transposed-outin).
 
-An untied token embedding is held as its uint16 bits too (`qwen2.embed` gathers from them:
+An untied token embedding is held as its uint16 bits too (`Qwen2.embed_tokens` gathers from them:
 XLA:CPU would convert a bf16 table to f32 to gather from it; measured:
 docs/cpu-forms.md#embedding-table-as-bits). Weights are unchanged bit for bit in every form;
 `unpack` gives the plain tree back.
+
+A stack is a layer module built under `nnx.vmap` (models/params.py: every parameter leads with
+the layer axis), whose parameter values may be held in these forms: `layer` and `scan` give
+the model code one layer at a time as a module of that layer, with plain arrays (or `OutIn`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 _BF16 = jnp.dtype(jnp.bfloat16)
 STACKS = ("blocks", "layers")  # the stacked subtrees: params["vision"]["blocks"], params["text"]["layers"]
@@ -56,11 +61,16 @@ class OutIn:
         return self.t.dtype
 
 
-class PerLayer(tuple):
-    """A layer stack held as one tree per layer (a pytree: a tuple of the layers' dicts)."""
+class Layers(tuple):
+    """A stacked parameter held as one array per layer (a pytree: a tuple of the layers'
+    arrays or `OutIn`s)."""
 
 
-jax.tree_util.register_pytree_node(PerLayer, lambda s: (tuple(s), None), lambda _, c: PerLayer(c))
+jax.tree_util.register_pytree_node(Layers, lambda s: (tuple(s), None), lambda _, c: Layers(c))
+
+
+def _is_layers(x) -> bool:
+    return isinstance(x, Layers)
 
 # LLM matrices held transposed, with their contracted leading axes (product specs in
 # models/qwen2.py). Only the MLP's: YNNPACK runs 2-D [out, in] weights faster with few rows,
@@ -80,28 +90,51 @@ def unbits(a):
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
+def per_layer(stack) -> bool:
+    """Whether the stack (a layer module or a dict of stacked leaves) is held per layer."""
+    return any(_is_layers(x) for x in jax.tree.leaves(stack, is_leaf=_is_layers))
+
+
+def _take(a, index):
+    """Layer `index` of one stacked leaf, bf16 bits unpacked."""
+    if _is_layers(a):
+        return a[index]
+    return unbits(jax.lax.dynamic_index_in_dim(a, index, keepdims=False))
+
+
+def _split(stack):
+    if isinstance(stack, nnx.Module):
+        return nnx.split(stack)
+    return None, stack
+
+
+def _one(graphdef, state, index):
+    state = jax.tree.map(lambda a: _take(a, index), state, is_leaf=_is_layers)
+    return state if graphdef is None else nnx.merge(graphdef, state)
+
+
 def layer(stack, index):
-    """Weights of layer `index` of a stacked tree, bf16 bits unpacked; index: int, or a traced
-    int32 for a stacked (not `PerLayer`) tree."""
-    if isinstance(stack, PerLayer):
-        return stack[index]
-    return jax.tree.map(lambda a: unbits(jax.lax.dynamic_index_in_dim(a, index, keepdims=False)), stack)
+    """Layer `index` of a stack: a module of that one layer (from a layer module), or its dict
+    of weights (from a dict of stacked leaves), bf16 bits unpacked; index: int, or a traced
+    int32 for a stack not held per layer."""
+    return _one(*_split(stack), index)
 
 
 def scan(step, carry, stack, start: int, stop: int, xs=None):
-    """`jax.lax.scan` of `step(carry, layer_params, x) -> (carry, y)` over layers [start, stop)
-    (static) of `stack`; xs (optional) has a leading axis of stop - start. A `PerLayer` stack
-    is run as an unrolled loop with the same result."""
-    if isinstance(stack, PerLayer):
+    """`jax.lax.scan` of `step(carry, layer, x) -> (carry, y)` over layers [start, stop)
+    (static) of `stack` (`layer` as `layer` gives it); xs (optional) has a leading axis of
+    stop - start. A stack held per layer is run as an unrolled loop with the same result."""
+    graphdef, state = _split(stack)
+    if per_layer(state):
         ys = []
         for n, i in enumerate(range(start, stop)):
-            carry, y = step(carry, stack[i], None if xs is None else jax.tree.map(lambda a: a[n], xs))
+            carry, y = step(carry, _one(graphdef, state, i), None if xs is None else jax.tree.map(lambda a: a[n], xs))
             ys.append(y)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None
 
     def body(c, args):
         i, x = args
-        return step(c, layer(stack, i), x)
+        return step(c, _one(graphdef, state, i), x)
 
     return jax.lax.scan(body, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs))
 
@@ -147,28 +180,25 @@ def split_layers(key: str, a) -> list:
     return out
 
 
-def _per_layer(tree: dict) -> PerLayer:
-    """A bf16 LLM tree (stacked leaves, or lists from `split_layers`) as `PerLayer`, one leaf at
-    a time (the peak is one stacked leaf more than the weights, not a second model)."""
+def _held_per_layer(tree: dict) -> dict:
+    """A bf16 LLM tree (stacked leaves, or lists from `split_layers`) with each leaf as
+    `Layers`, one leaf at a time (the peak is one stacked leaf more than the weights, not a
+    second model)."""
     tree = dict(tree)
-    layers = None
     for k in list(tree):
         a = tree.pop(k)
         parts = a if isinstance(a, list) else split_layers(k, a)
         if isinstance(a, jax.Array):
             a.delete()
         del a
-        layers = layers or [{} for _ in parts]
-        for layer_tree, w in zip(layers, parts):
-            layer_tree[k] = w
-    return PerLayer(layers)
+        tree[k] = Layers(parts)
+    return tree
 
 
-def _stacked(layers: PerLayer) -> dict:
-    """The inverse of `_per_layer`: plain bf16 stacks."""
+def _stacked(tree: dict) -> dict:
+    """The inverse of `_held_per_layer`: plain bf16 stacks."""
     out = {}
-    for k in layers[0]:
-        parts = [l[k] for l in layers]
+    for k, parts in tree.items():
         if isinstance(parts[0], OutIn):
             parts = [_in_out(p.t, p.n_in) for p in parts]
         out[k] = jnp.stack(parts)
@@ -181,14 +211,15 @@ def _one_device(tree: dict) -> bool:
 
 def pack(params: dict, backend: str | None = None) -> dict:
     """On CPU, bf16 layer stacks in their held forms (module docstring): the encoder's as
-    uint16 bits, and the token embedding too when the head is untied (`qwen2.embed`); the LLM's as `PerLayer` on one device (its leaves may already be lists from
-    `split_layers`), as uint16 bits when sharded over several. Elsewhere, or for other dtypes,
+    uint16 bits, and the token embedding too when the head is untied (`Qwen2.embed_tokens`); the
+    LLM's leaves as `Layers` on one device (they may already be lists from `split_layers`), as
+    uint16 bits when sharded over several. Elsewhere, or for other dtypes,
     `params` unchanged. Consumes the bf16 leaves: do not use them afterwards."""
     if (backend or jax.default_backend()) != "cpu":
         return params
     out = dict(params)
     text = out.get("text", {})
-    if "lm_head" in text and text["embed"].dtype == _BF16:  # only gathered from: as bits (qwen2.embed)
+    if "lm_head" in text and text["embed"].dtype == _BF16:  # only gathered from: as bits (Qwen2.embed_tokens)
         out["text"] = dict(text, embed=_to_bits(text["embed"]))
     for part, name in (("vision", "blocks"), ("text", "layers")):
         tree = out.get(part, {}).get(name)
@@ -199,7 +230,7 @@ def pack(params: dict, backend: str | None = None) -> dict:
             continue
         out[part] = dict(out[part])
         if name == "layers" and dtypes == {_BF16} and _one_device(tree):
-            out[part][name] = _per_layer(tree)
+            out[part][name] = _held_per_layer(tree)
         else:
             out[part][name] = {k: _to_bits(a) if a.dtype == jnp.bfloat16 else a for k, a in tree.items()}
     return out
@@ -216,7 +247,7 @@ def unpack(params: dict) -> dict:
         if tree is None:
             continue
         out[part] = dict(out[part])
-        if isinstance(tree, PerLayer):
+        if per_layer(tree):
             out[part][name] = _stacked(tree)
         else:
             out[part][name] = {k: _from_bits(a) if a.dtype == jnp.uint16 else a for k, a in tree.items()}

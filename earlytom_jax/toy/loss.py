@@ -11,7 +11,7 @@ import optax
 
 from earlytom_jax.architectures import random_params
 from earlytom_jax.models import llava_onevision as lov
-from earlytom_jax.models import qwen2, siglip, stack
+from earlytom_jax.models import qwen2
 from earlytom_jax.toy.model import TOY_CONFIG
 
 
@@ -27,27 +27,27 @@ def forward(params, batch, prefix):
     (predicts `<|im_end|>`)."""
     cfg = TOY_CONFIG
     vcfg = cfg.vision
+    model = lov.bind(cfg, params)
     b, t = batch["pixels"].shape[:2]
-    x = siglip.embed(params["vision"], batch["pixels"].reshape((b * t,) + batch["pixels"].shape[2:]), vcfg)
+    x = model.vision.embed(batch["pixels"].reshape((b * t,) + batch["pixels"].shape[2:]))
     for layer in range(vcfg.num_layers):
-        p = stack.layer(params["vision"]["blocks"], layer)
-        x = siglip.block(p, x, vcfg)[0]
+        x = model.vision.block(layer)(x)[0]
         x4 = x.reshape((b, t) + x.shape[1:])
         merged = _segment_mean(x4, batch["seg_start"])
         x = jnp.where((batch["merge_at"] == layer)[:, None, None, None], merged, x4).reshape(x.shape)
-    tokens = lov.video_tokens(params, x, cfg)  # [B*T, S, H]
+    tokens = model.video_tokens(x)  # [B*T, S, H]
     s, h = tokens.shape[1:]
     tokens = jnp.einsum("btij,btjh->btih", batch["token_mix"], tokens.reshape(b, t, s, h))
     visual = tokens.reshape(b, t * s, h)
     frame_valid = (batch["seg_start"] & batch["frame_keep"])[:, :, None]
     vis_valid = (frame_valid & batch["token_keep"]).reshape(b, t * s)
     vis_late = vis_valid & batch["llm_keep"].reshape(b, t * s)
-    embed = params["text"]["embed"]
+    embed = model.text.embed_tokens
     seq = jnp.concatenate([
-        jnp.broadcast_to(embed[prefix], (b, prefix.shape[0], h)),
+        jnp.broadcast_to(embed(prefix), (b, prefix.shape[0], h)),
         visual,
-        jnp.broadcast_to(params["newline"], (b, 1, h)),
-        embed[batch["suffix"]],
+        jnp.broadcast_to(model.newline[...], (b, 1, h)),
+        embed(batch["suffix"]),
     ], axis=1)
 
     def with_visual(v):
@@ -61,10 +61,9 @@ def forward(params, batch, prefix):
     # and the blockwise attention kernel several times slower than this
     cos, sin = qwen2.rope_tables(positions, cfg.text.head_dim, cfg.text.rope_theta)
     for layer in range(cfg.text.num_layers):
-        p = stack.layer(params["text"]["layers"], layer)
         key_valid = jnp.where((layer >= batch["llm_drop_at"])[:, None], valid_late, valid)
-        seq = qwen2.layer_prefill(p, seq, cos, sin, key_valid, cfg.text, block=seq.shape[1])[0]
-    return qwen2.logits(params["text"], seq[:, -2:], cfg.text)
+        seq = model.text.layer(layer)(seq, cos, sin, key_valid, block=seq.shape[1])[0]
+    return model.text.logits(seq[:, -2:])
 
 
 def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
