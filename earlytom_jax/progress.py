@@ -45,3 +45,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000.0
     return f"{n:.2f} TB"
+
+
+def status(text: str | None) -> None:
+    """A transient status line on stderr for a wait with no count (loading, compiling): on a
+    terminal it replaces the previous one in place, and `status(None)` erases it; anywhere else
+    (a log, a pipe, tests) nothing is written, so stderr keeps only results and errors."""
+    if not sys.stderr.isatty():
+        return
+    sys.stderr.write("\r\x1b[K" + (text or ""))
+    sys.stderr.flush()

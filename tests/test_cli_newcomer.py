@@ -274,3 +274,27 @@ def test_demo_says_what_it_is_doing_and_which_clip_it_draws(tmp_path):
     assert "compiling apart:" in lines[at["full tokens  frames"]]
     assert "note: EarlyTom's default layers 6,21,23 ->" in p.stderr and "Traceback" not in p.stderr
     assert os.path.exists(out)
+
+
+def test_strict_json_writes_null_for_every_non_finite_float():
+    import numpy as np
+
+    from earlytom_jax.io_utils import strict_json
+
+    text = strict_json({"a": float("nan"), "b": [float("inf"), 1.5, (float("-inf"),)], "c": np.float32("nan"),
+                        "d": np.int64(3), "e": "NaN"})
+    assert text == '{"a": null, "b": [null, 1.5, [null]], "c": null, "d": 3, "e": "NaN"}'
+    assert _strict(text)["d"] == 3
+
+
+def test_status_line_only_on_a_terminal(monkeypatch, capsys):
+    """`run` and `visualize` say what they wait on (loading, compiling) in a status line that a
+    terminal shows in place and erases; off a terminal (logs, these tests) it writes nothing."""
+    from earlytom_jax import progress
+
+    progress.status("earlytom: loading...")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    progress.status("earlytom: loading...")
+    progress.status(None)
+    assert capsys.readouterr().err == "\r\x1b[Kearlytom: loading...\r\x1b[K"

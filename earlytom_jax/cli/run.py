@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args
+from earlytom_jax.progress import status
 
 MODEL_HELP = "HF checkpoint or converted directory (`earlytom convert`)"
 DTYPE_HELP = "compute dtype of the weights and activations (bfloat16 halves memory)"
@@ -44,14 +45,24 @@ def cmd_run(args) -> int:
     from earlytom_jax.io_utils import strict_json
 
     check_counts(args)
+    status(f"earlytom: loading {args.model}...")
     llm = VideoLLM.load(args.model, args.dtype, args.mesh)
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, args.max_new_tokens)
     note = llm.info.open_question_note(args.prompt)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens, on_token=stream)
+    status(f"earlytom: decoding {args.frames} frames, then compiling (first call for this shape) and prefilling...")
+
+    def stream(piece):
+        status(None)
+        print(piece, end="", flush=True)
+
+    try:
+        ans = llm.ask(args.video, args.prompt, method, args.frames, args.max_new_tokens,
+                      on_token=None if args.json else stream)
+    finally:
+        status(None)
     if ans.video is not None and ans.video.repeated:
         print(f"note: {args.video} has {ans.video.total_frames} frames, fewer than {args.frames}; "
               "frames repeat (lmms-eval's sampling)", file=sys.stderr)

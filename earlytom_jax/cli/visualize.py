@@ -5,6 +5,7 @@ from __future__ import annotations
 from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args
 from earlytom_jax.cli.run import DTYPE_HELP, MODEL_HELP
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.progress import status
 
 
 def add_parser(sub) -> None:
@@ -31,10 +32,15 @@ def cmd_visualize(args) -> int:
     if registry.canonical(args.method) == "tome":
         raise ConfigError("--method tome merges tokens inside the encoder (no pooled-token grid): there is no "
                           "kept-token map to draw; choose another method")
+    status(f"earlytom: loading {args.model}...")
     llm = VideoLLM.load(args.model, args.dtype)
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, 1)
-    ans = llm.ask(args.video, args.prompt, method, args.frames, max_new_tokens=1)
+    status(f"earlytom: decoding {args.frames} frames, then compiling and running {registry.label(method)}...")
+    try:
+        ans = llm.ask(args.video, args.prompt, method, args.frames, max_new_tokens=1)
+    finally:
+        status(None)
     picked = method.input_frames(len(ans.video.frames)) if hasattr(method, "input_frames") else None
     img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid, registry.label(method), picked)
     save_png(img, args.out)

@@ -12,7 +12,7 @@ import glob
 import json
 import os
 
-from earlytom_jax.io_utils import atomic_write_text
+from earlytom_jax.io_utils import atomic_write_text, strict_json
 
 
 def repair_tail(path: str) -> int:
@@ -54,7 +54,7 @@ class RecordLog:
         self._f = open(path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.write(strict_json(record, ensure_ascii=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -101,5 +101,5 @@ def collect(paths: list[str]) -> dict[str, dict]:
 def write_merged(path: str, records: dict[str, dict], order: list[str]) -> list[dict]:
     """Write one record per id, in `order` (ids without a record are skipped), atomically."""
     rows = [records[i] for i in order if i in records]
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(strict_json(r, ensure_ascii=False) + "\n" for r in rows))
     return rows

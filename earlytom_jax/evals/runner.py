@@ -27,7 +27,6 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import random
 import statistics
@@ -43,7 +42,7 @@ from earlytom_jax.compression import registry
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
 from earlytom_jax.progress import bar as progress_bar
-from earlytom_jax.io_utils import atomic_write_text, read_json
+from earlytom_jax.io_utils import atomic_write_text, read_json, strict_json
 from earlytom_jax.video import load_frame_dir, load_video
 
 # lmms-eval let EgoSchema generate up to 1024 tokens (no generation_kwargs in its yaml); the
@@ -122,7 +121,7 @@ def _check_identity(out: str, ident: dict) -> None:
                 "use another --out, or the same settings to resume"
             )
     else:
-        atomic_write_text(path, json.dumps(ident, indent=1))
+        atomic_write_text(path, strict_json(ident, indent=1))
 
 
 def device_groups(mesh_spec: str | None) -> tuple[list, list[int]]:
@@ -292,8 +291,8 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
     results = _results(s, task, method, max_new, note, rows, len(samples), errors, llm, wall)
     sub = task.submission(rows)
     if sub is not None:
-        atomic_write_text(os.path.join(s.out, "submission.json"), json.dumps(sub, indent=1))
-    atomic_write_text(os.path.join(s.out, "results.json"), json.dumps(results, indent=1))
+        atomic_write_text(os.path.join(s.out, "submission.json"), strict_json(sub, indent=1))
+    atomic_write_text(os.path.join(s.out, "results.json"), strict_json(results, indent=1))  # null, not NaN
     return results
 
 
