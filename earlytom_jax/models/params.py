@@ -2,16 +2,16 @@
 
 Every parameter is declared once, in its module's `__init__` (models/siglip.py, qwen2.py,
 llava_onevision.py), with `param`: its shape, dtype, logical axis names (one per dimension,
-mapped to mesh axes by `sharding.LOGICAL_RULES`) and how random weights are drawn. A stack of
+mapped to mesh axes by `models.axes.LOGICAL_RULES`) and how random weights are drawn. A stack of
 layers is `stacked`: the layer module built under `nnx.vmap`, so each of its parameters gains a
 leading layer axis (logical name None) and a range of layers runs as one `lax.scan`.
 
 The jitted pipeline is a pure function of (parameters, inputs): it takes the model's state as
 nested dicts of arrays (`nnx.to_pure_dict(nnx.state(model))`: {"vision": {"patch_w": ..., "blocks":
 {"q_w": [L, C, H, D], ...}}, ...}) and runs the modules over it (`bind`: `nnx.merge` of the
-model's graph with that tree, at trace time). Loaders
-(checkpoint/), conversion, sharding and random weights take every path, shape and logical axis
-from the modules (`abstract`, `shapes`, `logical_axes`), never from a list of their own.
+model's graph with that tree, at trace time). Loaders (checkpoint/), conversion, sharding and
+random weights take every path, shape and logical axis from the modules (`abstract`, `shapes`,
+`logical_axes`, `metadata`), never from a list of their own.
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
     return build(rngs)
 
 
-def _pure(state) -> dict:
-    return nnx.to_pure_dict(state)
-
-
 def _path(keys) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in keys)
 
@@ -77,20 +73,9 @@ def bind(cls, cfg, params: dict):
     return nnx.merge(_abstract_split(cls, cfg)[0], params)
 
 
-@functools.lru_cache(maxsize=16)
-def _stacked_graph(cls, cfg, n: int):
-    return nnx.graphdef(nnx.eval_shape(lambda: stacked(lambda r: cls(cfg, rngs=r), n, nnx.Rngs(0))))
-
-
-def bind_stacked(cls, cfg, n: int, params: dict):
-    """`n` layers `cls(cfg)` stacked (as `stacked` builds them) over `params` (each leaf
-    [n, ...], or held per layer): for running a few layers alone (tests, benchmarks)."""
-    return nnx.merge(_stacked_graph(cls, cfg, n), params)
-
-
 def shapes(cls, cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every parameter of `cls(cfg)`, in the order of its flattened tree."""
-    leaves = jax.tree_util.tree_leaves_with_path(_pure(abstract(cls, cfg)))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract(cls, cfg)))
     return {_path(p): tuple(x.shape) for p, x in leaves}
 
 

@@ -90,9 +90,10 @@ def unbits(a):
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
-def per_layer(stack) -> bool:
-    """Whether the stack (a layer module or a dict of stacked leaves) is held per layer."""
-    return any(_is_layers(x) for x in jax.tree.leaves(stack, is_leaf=_is_layers))
+def per_layer(tree) -> bool:
+    """Whether a stack's parameters (a dict of stacked leaves, or a layer module's state) are
+    held per layer."""
+    return any(_is_layers(x) for x in jax.tree.leaves(tree, is_leaf=_is_layers))
 
 
 def _take(a, index):
@@ -102,29 +103,22 @@ def _take(a, index):
     return unbits(jax.lax.dynamic_index_in_dim(a, index, keepdims=False))
 
 
-def _split(stack):
-    if isinstance(stack, nnx.Module):
-        return nnx.split(stack)
-    return None, stack
-
-
 def _one(graphdef, state, index):
-    state = jax.tree.map(lambda a: _take(a, index), state, is_leaf=_is_layers)
-    return state if graphdef is None else nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: _take(a, index), state, is_leaf=_is_layers))
 
 
-def layer(stack, index):
-    """Layer `index` of a stack: a module of that one layer (from a layer module), or its dict
-    of weights (from a dict of stacked leaves), bf16 bits unpacked; index: int, or a traced
-    int32 for a stack not held per layer."""
-    return _one(*_split(stack), index)
+def layer(stack: nnx.Module, index) -> nnx.Module:
+    """Layer `index` of a stacked layer module as a module of that one layer, bf16 bits
+    unpacked; index: int, or a traced int32 for a stack not held per layer."""
+    return _one(*nnx.split(stack), index)
 
 
-def scan(step, carry, stack, start: int, stop: int, xs=None):
+def scan(step, carry, stack: nnx.Module, start: int, stop: int, xs=None):
     """`jax.lax.scan` of `step(carry, layer, x) -> (carry, y)` over layers [start, stop)
-    (static) of `stack` (`layer` as `layer` gives it); xs (optional) has a leading axis of
-    stop - start. A stack held per layer is run as an unrolled loop with the same result."""
-    graphdef, state = _split(stack)
+    (static) of the stacked layer module `stack` (`layer` as `layer` gives it); xs (optional)
+    has a leading axis of stop - start. A stack held per layer is run as an unrolled loop with
+    the same result."""
+    graphdef, state = nnx.split(stack)
     if per_layer(state):
         ys = []
         for n, i in enumerate(range(start, stop)):
