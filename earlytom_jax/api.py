@@ -61,6 +61,27 @@ def frames_memory(cfg: LlavaOVConfig, num_frames: int) -> int:
     return frames + 2 * pixels + 2 * act
 
 
+def check_frames(cfg: LlavaOVConfig, method, num_frames: int, text_tokens: int, max_new_tokens: int,
+                 memory: bool = True) -> None:
+    """Before any frame is decoded or any program compiled: the prompt (`text_tokens` of text,
+    `method`'s visual buffer for `num_frames` frames, the newline) plus `max_new_tokens`
+    within the model's context, and (memory=True) the frames within the memory available
+    (`frames_memory`). ConfigError (one line) otherwise."""
+    length = text_tokens + method.capacity(num_frames, cfg.tokens_per_frame) + 1
+    limit = cfg.text.max_position_embeddings
+    if length + max_new_tokens > limit:
+        raise ConfigError(
+            f"prompt of {length} tokens ({num_frames} frames) plus {max_new_tokens} new tokens "
+            f"exceeds the model's context of {limit}; use fewer frames or a shorter prompt"
+        )
+    need, free = frames_memory(cfg, num_frames), available_memory() if memory else None
+    if free is not None and need > free:
+        raise ConfigError(
+            f"--frames {num_frames}: the frames and the encoder's activations need at least {human_bytes(need)}, "
+            f"more than the {human_bytes(free)} of memory available; use fewer frames"
+        )
+
+
 @dataclasses.dataclass
 class Answer:
     text: str
@@ -144,24 +165,12 @@ class VideoLLM:
         text = len(ids.prefix) + len(ids.suffix)
         if pad_multiple:
             text = len(ids.prefix) + max(pad_multiple, -(-len(ids.suffix) // pad_multiple) * pad_multiple)
-        self._check_length(num_frames, text, method, max_new_tokens)
-        need, free = frames_memory(self.cfg, num_frames), available_memory()
-        if free is not None and need > free:
-            raise ConfigError(
-                f"--frames {num_frames}: the frames and the encoder's activations need at least {human_bytes(need)}, "
-                f"more than the {human_bytes(free)} of memory available; use fewer frames"
-            )
+        check_frames(self.cfg, method, num_frames, text, max_new_tokens)
 
     def _check_length(self, t0: int, text_tokens: int, method, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {max_new_tokens}: need at least 1 (the first token is the answer's start)")
-        length = text_tokens + method.capacity(t0, self.cfg.tokens_per_frame) + 1
-        limit = self.cfg.text.max_position_embeddings
-        if length + max_new_tokens > limit:
-            raise ConfigError(
-                f"prompt of {length} tokens ({t0} frames) plus {max_new_tokens} new tokens "
-                f"exceeds the model's context of {limit}; use fewer frames or a shorter prompt"
-            )
+        check_frames(self.cfg, method, t0, text_tokens, max_new_tokens, memory=False)
 
     def prompt_ids(self, question: str) -> PromptIds:
         return encode_video_prompt(self.tokenizer, question, self.cfg.video_token_id)

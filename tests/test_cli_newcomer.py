@@ -139,9 +139,12 @@ def test_precedence_flags_preset_checkpoint_scaled():
     assert info.open_question_note("Q?\nA. one\nB. two\nC. x\nD. y") is None
 
 
-def test_checkpoint_without_defaults_scales_with_a_note(clip, tmp_path, capsys):
-    """The toy without its "earlytom" key: the built-in defaults scaled, one note; an explicit
-    layer out of range is still an error. (Both stop at the context check, before decoding.)"""
+def test_checkpoint_without_defaults_scales_with_a_note(clip, tmp_path, capsys, monkeypatch):
+    """The toy without its "earlytom" key: the built-in defaults scaled, one note (once per
+    process); an explicit layer out of range is still an error. (Both stop before decoding.)"""
+    from earlytom_jax.cli import flags
+
+    monkeypatch.setattr(flags, "_PRINTED", set())
     video, _ = clip
     bare = tmp_path / "bare"
     shutil.copytree(TOY_DIR, bare)
@@ -152,6 +155,8 @@ def test_checkpoint_without_defaults_scales_with_a_note(clip, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "note: EarlyTom's default layers 6,21,23 -> 1,3; llm_layer 18 -> 3 (scaled" in err
     assert "multiple-choice" not in err  # the note comes from the checkpoint's key
+    code = cli.main(["run", "--model", str(bare), "--video", video, "--prompt", "hi", "--frames", "100000"])
+    assert "note:" not in capsys.readouterr().err  # said once
     code = cli.main(["run", "--model", TOY_DIR, "--video", video, "--prompt", "hi", "--layers", "1,9"])
     assert "compression layer 9 is beyond the encoder's depth" in _one_error_line(capsys, code)
 
@@ -167,6 +172,7 @@ def test_checkpoint_without_defaults_scales_with_a_note(clip, tmp_path, capsys):
     (["visualize", "--model", TOY_DIR, "--video", "CLIP", "--out", "FILE/kept.png"], "is a file, not a folder"),
     (["visualize", "--model", TOY_DIR, "--video", "CLIP", "--out", "MISSING/kept.png"], "does not exist"),
     (["demo", "--out", "FILE/demo.png"], "--out FILE/demo.png: its folder"),
+    (["bench", "--arch", "llava-ov-7b", "--frames", "100000"], "(100000 frames) plus 32 new tokens exceeds the model's context"),
     (["bench", "--arch", "tiny", "--json", "FILE/b.json"], "--json FILE/b.json: its folder"),
     (["bench", "--arch", "tiny", "--chart", "FILE/b.png"], "--chart FILE/b.png: its folder"),
     (["eval", "--model", TOY_DIR, "--task", "mvbench", "--data", "MISSING", "--out", "FILE/run"], "FILE is a file"),

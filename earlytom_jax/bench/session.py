@@ -121,6 +121,19 @@ def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
     return cfg, params, pix_np, reference, f"random ({spec.arch})"
 
 
+def _check_frames(spec: BenchSpec, make_method, names, text_tokens: int) -> None:
+    """Every method's prompt at --frames within the context and the frames within the memory
+    available (`api.check_frames`), from the config alone: no weights, no clip yet."""
+    from earlytom_jax.api import check_frames
+    from earlytom_jax.architectures import architecture
+    from earlytom_jax.checkpoint.load import load_any_config
+
+    cfg = architecture(spec.arch) if spec.arch else load_any_config(spec.model)
+    for name in names:
+        for r in [None] if name == "full" else list(spec.ratios):
+            check_frames(cfg, make_method(cfg, name, r), spec.frames, text_tokens, max(16, spec.decode_tokens))
+
+
 def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
     """Time `spec`; make_method(cfg, name, ratio) builds each method (None ratio: full
     tokens). `log(line)`: one line as the reference and each method finish (default: stderr).
@@ -139,8 +152,9 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         from earlytom_jax import bench_torch
 
         bench_torch.require()  # fail before any work when torch is missing
-    frames = clip_frames(spec.video, spec.frames)
     prefix, suffix = prompt_ids()
+    _check_frames(spec, make_method, names, len(prefix) + len(suffix))  # before the clip is made
+    frames = clip_frames(spec.video, spec.frames)
     cfg, params, pix_np, reference, weights = _load(spec, mesh, frames, prefix, suffix)
     if reference is not None:
         log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")

@@ -69,6 +69,9 @@ FLAG_SETTINGS = (("tau", ("tau",)), ("layers", ("layers",)), ("llm_merge_layer",
                  ("llm_merge_ratio", ("llm_ratio",)), ("preset", ("preset",)))
 
 
+_PRINTED: set[str] = set()
+
+
 def method_from_args(args, cfg, name: str | None = None, ratio: float | None = None, info=None,
                      notes: list | None = None):
     """The method `name` (default --method) at `ratio` (default from the flags), built by the
@@ -76,7 +79,7 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
     the compression flags that apply to it (the settings it takes, `registry.SETTINGS`), then
     --preset, then the checkpoint's defaults (`info`, a `defaults.ModelInfo`), then the
     built-in ones scaled to the model's depth. Notes (a default scaled) are appended to
-    `notes` when given, else printed on stderr."""
+    `notes` when given, else printed on stderr, each once."""
     from earlytom_jax.compression import defaults
 
     name = registry.canonical(name or args.method)
@@ -97,7 +100,9 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
         notes.extend(said)
     else:
         for line in said:
-            print(line, file=sys.stderr)
+            if line not in _PRINTED:  # once per process (bench and eval build a method per ratio)
+                _PRINTED.add(line)
+                print(line, file=sys.stderr)
     return registry.build(name, ratio if ratio is not None else ratio_from_args(args), cfg, **kw)
 
 
