@@ -102,3 +102,41 @@ def test_results_name_each_method_by_its_registry_name():
                                 **({"scale_layers_for_depth": True} if name == "earlytom" else {}))
         assert registry.name(method) == name
         assert method_description(method)["name"] == name
+
+
+_NEW_METHOD_FILE = '''
+import dataclasses
+
+from earlytom_jax.compression.base import NoHooks
+from earlytom_jax.compression.registration import register
+
+
+@register(name="keep_all_test", label="keep all (test)", takes_ratio=False)
+@dataclasses.dataclass(frozen=True)
+class KeepAll(NoHooks):
+    pass
+'''
+
+
+def test_a_new_file_in_the_compression_package_is_found_without_other_edits(tmp_path, monkeypatch):
+    """Adding a method is one new module in earlytom_jax/compression: the registry imports every
+    module of the package (here the package's path gains a folder holding the new file)."""
+    import importlib
+    import sys
+
+    import earlytom_jax.compression as package
+
+    (tmp_path / "keep_all_test_method.py").write_text(_NEW_METHOD_FILE)
+    monkeypatch.setattr(package, "__path__", list(package.__path__) + [str(tmp_path)])
+    try:
+        importlib.reload(registry)
+        assert "keep_all_test" in registry.METHODS
+        assert registry.METHODS[-1] == "keep_all_test"  # after the built-in ones
+        method = registry.build("keep_all_test", None, architecture("tiny"))
+        assert registry.label(method) == "keep all (test)"
+    finally:
+        registration.TABLE.pop("keep_all_test", None)
+        sys.modules.pop("earlytom_jax.compression.keep_all_test_method", None)
+        monkeypatch.undo()
+        importlib.reload(registry)
+    assert "keep_all_test" not in registry.METHODS

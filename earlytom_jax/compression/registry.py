@@ -10,10 +10,11 @@ convention: r of the T0 · 196 pooled visual tokens (`base.token_budget`).
     uniform_frames  max(1, round(r·T0)) frames with all 196 tokens (frame-granular)
     tome            ToMe in every encoder block: round(r·196) merged tokens per frame, no pooling
 
-Each method registers itself in its own module (`registration.register`); this module loads
-those modules (`METHOD_MODULES`, the one list to extend) and derives `METHODS`, `LABELS`,
-`SETTINGS` and `GROUPS` from the registrations, read when accessed, so a method registered
-later (a plug-in, a test) is listed too.
+Each method registers itself in its own module (`registration.register`); this module imports
+every module of the `compression` package, so a new method is one new file there (plus its
+test), and derives `METHODS`, `LABELS`, `SETTINGS` and `GROUPS` from the registrations, read
+when accessed, so a method registered later (a plug-in, a test) is listed too. The built-in
+methods are listed in `METHOD_MODULES` order; any other after them, in registration order.
 
 `build(name, ratio, cfg, **settings)` validates the name, the ratio and the settings and
 returns a checked method; EarlyTom and FastV are built as the command line builds them.
@@ -22,7 +23,9 @@ returns a checked method; EarlyTom and FastV are built as the command line build
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
+import earlytom_jax.compression as _package
 from earlytom_jax.compression import registration
 from earlytom_jax.compression.base import token_budget
 from earlytom_jax.compression.presets import preset as published
@@ -30,10 +33,12 @@ from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, re
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
-# The modules whose methods come built in, in the order METHODS lists them.
+# The order METHODS lists the built-in methods in (by module); a method of any other module
+# of the package is found as well and listed after them.
 METHOD_MODULES = ("base", "earlytom", "fastv", "visionzip", "uniform", "tome")
-for _module in METHOD_MODULES:
-    importlib.import_module(f"earlytom_jax.compression.{_module}")
+for _module in pkgutil.iter_modules(_package.__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{_package.__name__}.{_module.name}")
 
 __all__ = ["DEFAULT_RATIO", "GROUPS", "LABELS", "METHODS", "SETTINGS", "build", "canonical", "check_ratio",
            "default_ratio", "label", "register", "resolve", "token_budget"]
