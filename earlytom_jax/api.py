@@ -211,7 +211,7 @@ class VideoLLM:
             suffix, suffix_valid = pipeline.pad_suffix(ids.suffix, pad_multiple)
         self._check_length(pixels.shape[0], len(ids.prefix) + len(suffix), method, max_new_tokens)
         if self.mesh is not None:
-            pixels = jax.device_put(pixels, sharding.frames_sharding(self.mesh, t0))
+            pixels = jax.device_put(pixels, sharding.frames_sharding(self.mesh, pixels.shape[0]))
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
             gen = generate(
                 self.params, self.cfg, pixels, ids.prefix, suffix, method,

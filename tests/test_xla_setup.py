@@ -48,10 +48,10 @@ def test_bf16_takes_back_the_f32_flags_but_never_the_users(monkeypatch):
 
 def test_the_command_line_applies_its_dtype_before_jax_starts():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    code = ("import os, sys, earlytom_jax.cli as c\n"
+    code = ("import os, sys, earlytom_jax.cli as c, earlytom_jax.cli.bench as b\n"
             "def shown(args):\n"
             "    import jax; jax.devices(); print(os.environ.get('XLA_FLAGS', '')); return 0\n"
-            "c.cmd_bench = shown\n"
+            "b.cmd_bench = shown\n"
             "sys.exit(c.main(sys.argv[1:]))")
 
     def flags(dtype):
