@@ -61,13 +61,7 @@ def check_writable(path: str, flag: str) -> None:
     if not os.path.isdir(directory):
         what = "is a file, not a folder" if os.path.exists(directory) else "does not exist"
         raise ConfigError(f"{flag} {path}: its folder {directory} {what}; create it or choose another path")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-check-")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in {directory} ({e.strerror or e}); "
-                          "choose a writable path") from None
+    _probe_write(directory, flag, path)
 
 
 def check_writable_dir(path: str, flag: str) -> None:
@@ -84,12 +78,19 @@ def check_writable_dir(path: str, flag: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    _probe_write(existing, flag, path)
+
+
+def _probe_write(directory: str, flag: str, path: str) -> None:
+    """Create and remove a file in `directory`; ConfigError (one line) when that fails."""
+    from earlytom_jax.errors import ConfigError
+
     try:
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".tmp-check-")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-check-")
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e}); "
+        raise ConfigError(f"{flag} {path}: cannot write in {directory} ({e.strerror or e}); "
                           "choose a writable path") from None
 
 
