@@ -12,7 +12,7 @@ import torch
 
 from earlytom_jax import flops, pipeline
 from earlytom_jax.architectures import architecture
-from earlytom_jax.compression import registry
+from earlytom_jax.compression import defaults, registry
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.compression.fastv import FastV
 from earlytom_jax.errors import ConfigError
@@ -154,7 +154,7 @@ def test_registry_builds_like_the_command_line():
     got = registry.build("earlytom", 0.25, cfg, preset="videomme@0.1", llm_layer=-1, tau=0.5)
     assert got == EarlyTom(ratio=0.25, tau=0.5, layers=(10, 21, 23), llm_layer=None)
     tiny = architecture("tiny")
-    scaled = registry.build("earlytom", 0.1, tiny, scale_layers_for_depth=True)
+    scaled = registry.build("earlytom", 0.1, tiny, **defaults.settings("earlytom", tiny)[0])
     depth, nl = tiny.vision.num_layers, tiny.text.num_layers
     assert scaled.layers == tuple(sorted({min(depth - 1, round(x * depth / 26)) for x in (6, 21, 23)}))
     assert scaled.llm_layer == max(1, round(18 * nl / 24))
@@ -170,7 +170,7 @@ def test_registry_resolves_spellings_and_groups():
 
 def test_registry_labels_every_built_method():
     cfg = architecture("tiny")
-    built = {n: registry.build(n, None if n == "full" else 0.5, cfg, **({"scale_layers_for_depth": True} if n == "earlytom" else {}))
+    built = {n: registry.build(n, None if n == "full" else 0.5, cfg, **({} if n == "full" else defaults.settings(n, cfg)[0]))
              for n in registry.METHODS}
     assert {n: registry.label(m) for n, m in built.items()} == registry.LABELS
     assert registry.label(built["uniform_frames"]) == "uniform frames"

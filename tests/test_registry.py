@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from earlytom_jax.architectures import architecture
-from earlytom_jax.compression import registration, registry
+from earlytom_jax.compression import defaults, registration, registry
 from earlytom_jax.compression.base import NoHooks
 from earlytom_jax.errors import ConfigError
 
@@ -99,7 +99,7 @@ def test_results_name_each_method_by_its_registry_name():
     cfg = architecture("tiny")
     for name in ("full", "earlytom", "fastv", "visionzip", "tome"):
         method = registry.build(name, None if name == "full" else 0.25, cfg,
-                                **({"scale_layers_for_depth": True} if name == "earlytom" else {}))
+                                **({} if name == "full" else defaults.settings(name, cfg)[0]))
         assert registry.name(method) == name
         assert method_description(method)["name"] == name
 

@@ -21,7 +21,7 @@ chart). The names below are re-exported so that `bench.X` reaches each.
 """
 
 from earlytom_jax.bench.inputs import (add_input_args, clip_frames, named_method, prompt_ids, random_inputs,
-                                       random_preprocessor, shallow_encoder)
+                                       random_preprocessor)
 from earlytom_jax.bench.probes import (CPU_FEATURES, code_commit, cores_busy, host, host_cpu, peak_memory_read,
                                        peak_memory_start)
 from earlytom_jax.bench.reports import at_full_stage_rates, find_full, markdown, paired_speedups, relate_to_full
@@ -33,5 +33,5 @@ __all__ = [
     "CPU_FEATURES", "NEVER", "STAGES", "BenchResult", "MethodTimer", "add_input_args", "at_full_stage_rates",
     "clip_frames", "code_commit", "cores_busy", "find_full", "host", "host_cpu", "markdown", "measure",
     "measure_interleaved", "named_method", "paired_speedups", "peak_memory_read", "peak_memory_start", "prompt_ids",
-    "random_inputs", "random_preprocessor", "relate_to_full", "rounds", "shallow_encoder", "timed", "xla_stage_flops",
+    "random_inputs", "random_preprocessor", "relate_to_full", "rounds", "timed", "xla_stage_flops",
 ]

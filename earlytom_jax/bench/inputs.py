@@ -41,12 +41,6 @@ def random_preprocessor(cfg):
     return Preprocessor(size=cfg.vision.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
-def shallow_encoder(cfg) -> bool:
-    """Whether EarlyTom's default layers are mapped onto this encoder's depth when none are
-    given (`scale_layers_for_depth`): the tiny and toy encoders, not SigLIP's 26 blocks."""
-    return cfg.vision.num_layers < 24
-
-
 def random_inputs(arch: str, dtype: str, frames: int, video: str | None = None):
     """What the benchmark scripts run on: the named architecture with random weights in
     `dtype` (packed as the pipeline holds them), `frames` frames of `video` (default: a
@@ -62,10 +56,11 @@ def random_inputs(arch: str, dtype: str, frames: int, video: str | None = None):
 
 
 def named_method(name: str, ratio: float, cfg):
-    """A method by name at `ratio` (full tokens: none), with EarlyTom's layers scaled to a
-    shallow encoder as `earlytom bench` does."""
-    from earlytom_jax.compression import registry
+    """A method by name at `ratio` (full tokens: none), its default settings scaled to a
+    shallow model as `earlytom bench` scales them (`compression.defaults.settings`)."""
+    from earlytom_jax.compression import defaults, registry
 
     name = registry.canonical(name)
-    kw = {"scale_layers_for_depth": True} if name == "earlytom" and shallow_encoder(cfg) else {}
-    return registry.build(name, None if name == "full" else ratio, cfg, **kw)
+    if name == "full":
+        return registry.build(name, None, cfg)
+    return registry.build(name, ratio, cfg, **defaults.settings(name, cfg)[0])

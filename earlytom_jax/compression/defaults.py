@@ -7,8 +7,8 @@ For every setting a method takes, the first of these that has it wins:
     3. the checkpoint's own defaults (below)
     4. the built-in defaults (EarlyTom: layers 6,21,23 of 26 SigLIP blocks, LLM merge layer 18
        of 24; FastV: layer 2 of 24), scaled to the model's depth where they fall outside it,
-       with a note saying so (`EarlyTom.from_ratio`'s rule: round(x · depth / 26) for the
-       encoder, max(1, round(x · layers / 24)) for the LLM)
+       with a note saying so (round(x · depth / 26) for the encoder, max(1, round(x · layers /
+       24)) for the LLM)
 
 An explicit setting (or a preset's) out of the model's range stays an error.
 

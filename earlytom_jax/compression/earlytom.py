@@ -28,7 +28,7 @@ from earlytom_jax.models import llava_onevision as lov
 
 
 @register(name="earlytom", label="EarlyTom",
-          settings=("preset", "scale_layers_for_depth", "tau", "layers", "alpha", "max_window", "quirks",
+          settings=("preset", "tau", "layers", "alpha", "max_window", "quirks",
                     "llm_layer", "llm_ratio", "llm_noncausal", "buckets"))
 @dataclasses.dataclass(frozen=True)
 class EarlyTom(NoHooks):
@@ -68,23 +68,17 @@ class EarlyTom(NoHooks):
             raise ConfigError("max_window must be >= 2 and buckets >= 1")
 
     @classmethod
-    def from_ratio(cls, ratio, cfg, preset: str | None = None, scale_layers_for_depth: bool = False, **kw) -> "EarlyTom":
-        """As the command line builds it (`registry.build`): the preset first (at this ratio), explicit settings
-        override it; scale_layers_for_depth maps the default layers 6, 21, 23 of 26 onto the
-        encoder's depth when neither layers nor a preset are given, and the llm layer 18 of 24
-        onto the LLM's when llm_layer is not given. llm_layer None or < 0 turns stage III off."""
+    def from_ratio(cls, ratio, cfg, preset: str | None = None, **kw) -> "EarlyTom":
+        """As the command line builds it (`registry.build`): the preset first (at this ratio),
+        explicit settings override it (defaults scaled to a shallow model come from
+        `compression.defaults.settings`). llm_layer None or < 0 turns stage III off."""
         out = dict(published(preset, ratio)) if preset else {}
         out["ratio"] = ratio
         if "layers" in kw:
             out["layers"] = tuple(kw.pop("layers"))
-        elif scale_layers_for_depth and not preset:
-            depth = cfg.vision.num_layers
-            out["layers"] = tuple(sorted({min(depth - 1, round(x * depth / 26)) for x in (6, 21, 23)}))
         if "llm_layer" in kw:
             k = kw.pop("llm_layer")
             out["llm_layer"] = None if k is None or k < 0 else k
-        elif scale_layers_for_depth:
-            out["llm_layer"] = max(1, round(18 * cfg.text.num_layers / 24))
         out.update(kw)
         return cls(**out).check(cfg)
 
