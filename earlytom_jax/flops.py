@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.models.attention.cpu import causal_block
 
 
 def siglip_block(cfg: LlavaOVConfig, frames: int) -> int:
@@ -136,21 +137,13 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
 # ----------------------------------------------------------------------------- as executed
 
 
-def attention_block() -> int:
-    """Key-block size of the causal prefill kernel (`Qwen2.run_layers`' default)."""
-    import inspect
-
-    from earlytom_jax.models.qwen2 import Qwen2
-
-    return inspect.signature(Qwen2.run_layers).parameters["block"].default
-
-
 def attention_entries(L: int, causal: bool = True, conditionals: str = "executed") -> int:
     """Query-key score entries per query head that the attention kernel computes over `L`
     slots: the dense square up to one block (masked entries included), else the key blocks on
     and below the diagonal of the padded length ("executed"), or all of them ("largest": what
-    XLA's cost analysis counts, as it charges a `lax.cond` its largest branch)."""
-    block = attention_block()
+    XLA's cost analysis counts, as it charges a `lax.cond` its largest branch). The blocks are
+    the CPU kernel's (`attention.cpu.causal_block`), where the bench measures."""
+    block = causal_block(L)
     if not causal or L <= block:
         return L * L
     nb = -(-L // block)

@@ -29,6 +29,7 @@ from earlytom_jax.compression.base import FullTokens
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models import qwen2
+from earlytom_jax.models.attention import last_row_probs
 
 
 FULL = FullTokens()
@@ -140,16 +141,6 @@ def _alloc(ks, vs, valid, extra: int) -> CacheGroup:
     )
 
 
-def last_token_attention(q, k, key_valid):
-    """Mean over heads of the last query's attention probabilities. q [B,L,Hq,D] → [B, L]."""
-    b, L, hq, d = q.shape
-    hk = k.shape[2]
-    ql = q[:, -1].reshape(b, hk, hq // hk, d)
-    s = jnp.einsum("bhgd,bkhd->bhgk", ql, k, preferred_element_type=jnp.float32) * d**-0.5
-    s = jnp.where(key_valid[:, None, None, :], s, -1e30)
-    return jax.nn.softmax(s, -1).mean(axis=(1, 2))
-
-
 def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOVConfig, max_new: int, method=FULL):
     """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer.
 
@@ -169,7 +160,7 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
         h, k, v, q = text.layer(k_layer - 1)(h, cos, sin, valid, causal=not method.llm_noncausal)
         ks_a = jnp.concatenate([ks_a, k[None]], 0)
         vs_a = jnp.concatenate([vs_a, v[None]], 0)
-        attn = last_token_attention(q, k, valid)[0]
+        attn = last_row_probs(q, k, valid)[0]
         a, b = span
         h_span, keep = method.llm_merge(h[0, a:b], attn[a:b], valid[0, a:b])
         cap = method.llm_capacity(b - a)

@@ -67,7 +67,7 @@ class Qwen2Layer(nnx.Module):
         self.up_w = param(rngs, (c, f), (None, "mlp"))
         self.down_w = param(rngs, (f, c), ("mlp", None))
 
-    def __call__(self, h, cos, sin, key_valid, causal: bool = True, block: int = 128):
+    def __call__(self, h, cos, sin, key_valid, causal: bool = True, block: int | None = None):
         """The layer over a whole sequence. h [B, L, C]; cos, sin [B, L, D]; key_valid bool
         [B, L]. → (h, k, v, q): k, v [B, L, Hk, D] to cache (k after RoPE), q [B, L, Hq, D]."""
         x = rms_norm(h, self.ln1[...], self.cfg.rms_norm_eps)
@@ -75,7 +75,7 @@ class Qwen2Layer(nnx.Module):
         if causal:
             o = causal_attention(q, k, v, key_valid, block=block)
         else:
-            o = attention(q, k, v, jnp.broadcast_to(key_valid[:, None, :], (h.shape[0], h.shape[1], h.shape[1])))
+            o = attention(q, k, v, key_valid)
         h = h + self.out_proj(o)
         h = h + self.mlp(rms_norm(h, self.ln2[...], self.cfg.rms_norm_eps))
         return h, k, v, q
@@ -88,7 +88,7 @@ class Qwen2Layer(nnx.Module):
         q, k, v = self.qkv(x, cos, sin)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        o = attention(q, cache_k, cache_v, key_valid[:, None, :])
+        o = attention(q, cache_k, cache_v, key_valid)
         h = h + self.out_proj(o)
         h = h + self.mlp(rms_norm(h, self.ln2[...], self.cfg.rms_norm_eps))
         return h, cache_k, cache_v
@@ -139,7 +139,7 @@ class Qwen2(nnx.Module):
         """Layer `index` (int; or a traced int32 unless held per layer) as a module of its own."""
         return stack.layer(self.layers, index)
 
-    def run_layers(self, h, positions, key_valid, start: int, stop: int, block: int = 128):
+    def run_layers(self, h, positions, key_valid, start: int, stop: int, block: int | None = None):
         """Causal prefill of layers [start, stop). h [B,L,C]; positions int [B, L] (RoPE ids);
         key_valid bool [B, L]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
         cfg = self.cfg

@@ -1,18 +1,14 @@
-"""Attention kernels.
+"""Attention kernels for XLA:CPU.
 
-Layouts: q [B, Lq, Hq, D], k/v [B, Lk, Hk, D] with Hq a multiple of Hk (grouped-query
-attention: query head h reads key/value head h // (Hq // Hk)). Scores and softmax in fp32.
+- `by_head`: materialised attention as a loop over key heads (and, without a mesh, batch
+  rows), each step one [G·Lq, Lk] block that stays in cache; faster on CPU than all heads at
+  once (measured: docs/cpu-forms.md#attention-one-key-head-at-a-time). Score matrices below
+  `BY_HEAD_MIN_SCORES` (decode steps) stay in one product (`dense.dense`).
+- `blockwise_causal`: causal attention by key blocks with an online softmax, never holding
+  the [Lq, Lk] scores of all heads and skipping key blocks wholly above the diagonal; its block
+  grows with the sequence (`causal_block`, measured: docs/cpu-forms.md#causal-attention-blocks).
 
-- `attention`: dense scores with an optional boolean mask [B, Lq, Lk]; for short sequences
-  (SigLIP's 729 tokens, decode steps). On CPU, large score matrices are computed one key
-  head (and, without a mesh, one batch row) at a time (`_attention_by_head`), so each
-  [Lq, Lk] block stays in cache, which runs faster than all heads at once (measured:
-  docs/cpu-forms.md#attention-one-key-head-at-a-time).
-- `attention_colmean`: the same without a mask, also returning the attention each key receives
-  averaged over heads and queries [B, Lk]; EarlyTom's importance needs nothing more.
-- `causal_attention`: blockwise online softmax over key blocks for long causal prefills, never
-  materialising the [Lq, Lk] score matrix of all heads, and skipping key blocks that lie wholly
-  above the diagonal.
+Layouts as in `dense`: q [B, Lq, Hq, D], k/v [B, Lk, Hk, D].
 """
 
 from __future__ import annotations
@@ -20,48 +16,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from earlytom_jax.models.attention.dense import NEG, causal_mask, dense
 from earlytom_jax.models.stack import bits, unbits
 
-NEG = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
+BY_HEAD_MIN_SCORES = 128 * 128  # smaller score matrices (decode steps) stay in one product
 
 
-def _scores(q, k, scale):
-    """Scaled scores fp32 [B, Hk, G, Lq, Lk]; plain multi-head (G = 1) skips the group axis,
-    which XLA:CPU runs markedly faster."""
-    b, lq, hq, d = q.shape
-    hk = k.shape[2]
-    if hq == hk:
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)[:, :, None]
-    else:
-        qg = q.reshape(b, lq, hk, hq // hk, d)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    return s * scale
+def materialised(q, k, v, mask, scale, colmean: bool = False, bias=None):
+    """`dense.dense` with the loop over heads where the score matrices are large."""
+    if q.shape[1] * k.shape[1] >= BY_HEAD_MIN_SCORES:
+        return by_head(q, k, v, mask, scale, colmean, bias)
+    return dense(q, k, v, mask, scale, colmean, bias)
 
 
-def _weighted(p, v, hq):
-    """p [B, Hk, G, Lq, Lk] · v [B, Lk, Hk, D] → [B, Lq, Hq, D]."""
-    b, hk, g, lq, _ = p.shape
-    if g == 1:
-        return jnp.einsum("bhqk,bkhd->bqhd", p[:, :, 0], v)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
-    return o.reshape(b, lq, hq, v.shape[-1])
+def causal_block(length: int) -> int:
+    """Key/query block of `blockwise_causal` for a sequence of `length`: 256 from 4,096 tokens
+    on (6,400 tokens: 0.45 → 0.41 s fp32 0.5B heads, 1.97 → 1.29 s bf16 7B heads per layer),
+    128 below (3,200 tokens: 128 is 1.2-1.5x faster)."""
+    return 256 if length >= 4096 else 128
 
 
-def _dense(q, k, v, mask, scale, colmean: bool, bias=None):
-    s = _scores(q, k, scale)
-    if bias is not None:
-        s = s + bias[:, None, None, None, :]
-    p = jax.nn.softmax(_mask(s, mask), axis=-1)
-    col = p.mean(axis=(1, 2, 3)) if colmean else None
-    return _weighted(p.astype(v.dtype), v, q.shape[2]), col
-
-
-def _mask(s, mask):
-    return s if mask is None else jnp.where(mask[:, None, None], s, NEG)
-
-
-def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
-    """`_dense` as a loop over key heads (and batch rows when no mesh shards the batch: a
+def by_head(q, k, v, mask, scale, colmean: bool = False, bias=None):
+    """`dense.dense` as a loop over key heads (and batch rows when no mesh shards the batch: a
     loop over a sharded axis would gather it), each step one [G·Lq, Lk] block."""
     b, lq, hq, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
@@ -84,8 +60,8 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
         if bias is not None:
             s = s + bias[ri][..., None, :]
         if mask is not None:
-            m = mask[ri]  # [(B,) Lq, Lk]
-            s = jnp.where(jnp.concatenate([m] * g, axis=-2) if g > 1 else m, s, NEG)
+            m = mask[ri]  # [(B,) Lq or 1, Lk]
+            s = jnp.where(jnp.concatenate([m] * g, axis=-2) if g > 1 and m.shape[-2] > 1 else m, s, NEG)
         if colmean:
             p = jax.nn.softmax(s, axis=-1)
             o = jnp.einsum("...qk,...kd->...qd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
@@ -109,32 +85,7 @@ def _attention_by_head(q, k, v, mask, scale, colmean: bool, bias=None):
     return o, col
 
 
-_BY_HEAD_MIN_SCORES = 128 * 128  # smaller score matrices (decode steps) stay dense
-
-
-def _attend(q, k, v, mask, scale, colmean: bool, bias=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = None if bias is None else bias.astype(jnp.float32)
-    # chosen when tracing for the default backend (not lax.platform_dependent, whose unused
-    # branch would hide the loop from the loop-aware FLOP count in bench.py)
-    if q.shape[1] * k.shape[1] >= _BY_HEAD_MIN_SCORES and jax.default_backend() == "cpu":
-        return _attention_by_head(q, k, v, mask, scale, colmean, bias)
-    return _dense(q, k, v, mask, scale, colmean, bias)
-
-
-def attention(q, k, v, mask=None, scale=None, bias=None):
-    """Dense attention. mask: bool [B, Lq, Lk] (True = may attend) or None; bias: [B, Lk]
-    added to every query's scores for that key (ToMe's log token sizes) or None.
-    → [B, Lq, Hq, D]."""
-    return _attend(q, k, v, mask, scale, False, bias)[0]
-
-
-def attention_colmean(q, k, v, scale=None):
-    """Unmasked attention plus mean over heads and queries of the probabilities: [B, Lk] fp32."""
-    return _attend(q, k, v, None, scale, True)
-
-
-def causal_attention(q, k, v, key_valid, block: int = 128, scale=None):
+def blockwise_causal(q, k, v, key_valid, scale, block: int | None = None):
     """Causal attention by key blocks with an online softmax.
 
     q [B, L, Hq, D], k/v [B, L, Hk, D], key_valid bool [B, L] (padding keys never attended).
@@ -145,11 +96,9 @@ def causal_attention(q, k, v, key_valid, block: int = 128, scale=None):
     b, L, hq, d = q.shape
     hk = k.shape[2]
     g = hq // hk
-    scale = d**-0.5 if scale is None else scale
+    block = causal_block(L) if block is None else block
     if L <= block:
-        i = jnp.arange(L)
-        mask = (i[:, None] >= i[None, :])[None] & key_valid[:, None, :]
-        return attention(q, k, v, mask, scale)
+        return materialised(q, k, v, causal_mask(L, L, key_valid), scale)[0]
     nb = -(-L // block)
     pad = ((0, 0), (0, nb * block - L), (0, 0), (0, 0))
     qp, kp, vp = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
