@@ -3,6 +3,8 @@ depend on weight values). Shapes are those of the released checkpoints."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import numpy as np
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import params as model_params
+from earlytom_jax.models import stack
 from earlytom_jax.models.llava_onevision import LlavaOneVision
 
 ARCHITECTURES = {
@@ -45,19 +48,29 @@ def param_shapes(cfg: LlavaOVConfig) -> dict:
     return model_params.tree({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
 
 
-def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0) -> dict:
+def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_device: bool = False) -> dict:
     """Random weights as each parameter's declaration says (`models.params.param`): N(0, 0.02),
     or ones for norm scales; numpy's PCG64 in fp32, several times faster than threefry on CPU
     for the 7B shape. Stacked leaves are drawn one layer at a time straight into `dtype`, so the
     7B shape in bf16 (15 GB) never holds a whole stacked leaf in fp32 beside it; the values do
-    not depend on `dtype` beyond rounding."""
-    rng = np.random.default_rng(seed)
+    not depend on `dtype` beyond rounding.
+
+    on_device: draw every leaf with jax.random on the default device instead (`_device_normal`;
+    other values, the same tree, shapes, dtypes and init rules): on an accelerator the host
+    draw of the 7B shape (8B numpy draws, then the copy over) takes minutes, this seconds."""
     inits = model_params.metadata(LlavaOneVision, cfg, "init")
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
+    if on_device:
+        key = jax.random.key(seed)
+        out = [jnp.ones(sd.shape, dtype) if inits[_path(path)] == "ones"
+               else _device_normal(jax.random.fold_in(key, i), sd.shape, jnp.dtype(dtype), _stacked(path))
+               for i, (path, sd) in enumerate(leaves)]
+        return jax.tree.unflatten(treedef, out)
+    rng = np.random.default_rng(seed)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = []
     for path, sd in leaves:
-        if inits[tuple(str(k.key) for k in path)] == "ones":
+        if inits[_path(path)] == "ones":
             out.append(jnp.ones(sd.shape, dtype))
             continue
         a = np.empty(sd.shape, np_dtype)
@@ -71,3 +84,27 @@ def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0) -> dict:
         out.append(jnp.asarray(a))
         del a
     return jax.tree.unflatten(treedef, out)
+
+
+def _path(keys) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in keys)
+
+
+def _stacked(keys) -> bool:
+    """Whether the leaf at `keys` leads with a layer axis (under "blocks" or "layers")."""
+    return any(name in stack.STACKS for name in _path(keys))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _device_normal(key, shape: tuple[int, ...], dtype, stacked: bool):
+    """N(0, 0.02) of `shape` in `dtype`, drawn in fp32 and rounded inside one program. A
+    `stacked` leaf ([L, ...]) is drawn one layer at a time (`lax.map`): the draw's temporaries
+    (threefry's counters, up to 16 bytes an element where XLA does not fuse them) then cover one
+    layer, not the stack (the 7B shape's gate_w: 1 GB rather than 30 GB)."""
+
+    def draw(k, s):
+        return (0.02 * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+
+    if not stacked:
+        return draw(key, shape)
+    return jax.lax.map(lambda k: draw(k, shape[1:]), jax.random.split(key, shape[0]))

@@ -1,7 +1,8 @@
 """The PyTorch original on the same footing (`earlytom bench --reference torch`): transformers'
-full-token `LlavaOnevisionForConditionalGeneration` on CPU, with the same weights, pixels,
+full-token `LlavaOnevisionForConditionalGeneration`, on CPU with the same weights, pixels,
 prompt ids and dtype as the JAX run, timed with the paper's protocol (warm-ups, then mean and
-median of timed `generate` calls producing one token, under `torch.no_grad`).
+median of timed `generate` calls producing one token, under `torch.no_grad`); on a GPU
+(benchmarks/gpu_check.py) built there with its own random weights, timing prefill forwards.
 
 Same weights: for a named architecture the random transformers model is built first (from a
 config written from ours) and our parameter tree is read from its state dict in memory with
@@ -65,13 +66,20 @@ def hf_config_dict(cfg: LlavaOVConfig) -> dict:
     )
 
 
-def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0):
-    """A random transformers model of our architecture, in eval mode and `dtype`."""
+def build_random(cfg: LlavaOVConfig, dtype: str = "float32", seed: int = 0, device: str | None = None,
+                 attn_implementation: str | None = None):
+    """A random transformers model of our architecture, in eval mode and `dtype`, built and its
+    weights drawn on `device` (default the CPU; "cuda": the 7B shape's 15 GB never pass through
+    the host). attn_implementation: transformers' (e.g. "sdpa"); default its own choice."""
     torch, transformers = require()
     torch.manual_seed(seed)
     hf_cfg = transformers.LlavaOnevisionConfig(**hf_config_dict(cfg))
-    # built straight in `dtype`: the 7B shape in bf16 (15 GB) never exists in fp32 (30 GB)
-    model = transformers.LlavaOnevisionForConditionalGeneration._from_config(hf_cfg, dtype=_torch_dtype(dtype))
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    # built straight in `dtype`: the 7B shape in bf16 (15 GB) never exists in fp32 (30 GB); under
+    # the device context every parameter and buffer is allocated, and initialised, on `device`
+    with torch.device(device or "cpu"):
+        model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
+            hf_cfg, dtype=_torch_dtype(dtype), **kw)
     return model.eval()
 
 
@@ -177,44 +185,131 @@ def _return_freed_memory() -> None:
         pass
 
 
-def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfig, warmup: int = 2, runs: int = 5) -> dict:
-    """TTFT of transformers' full-token model: `generate` of one new token (greedy) on
-    pixels [T, 3, S, S] and prefix + <video> x (T·S' + 1) + suffix, in the model's dtype.
-    → {"ttft_s": [...], "ttft_mean_s", "ttft_median_s", "first_token", ...}."""
+def _greedy_steps(model, cache, first: int, length: int, steps: int, device) -> list[int]:
+    """`steps` greedy tokens after a prefill of `length` positions whose cache is `cache` and
+    whose token was `first`: one forward per token with the model's cache, as `generate` runs
+    them (position and mask by the cache's length), tokens kept on the device until the end."""
+    torch, _ = require()
+    tok = torch.tensor([[first]], dtype=torch.long, device=device)
+    mask = torch.ones((1, length + steps), dtype=torch.long, device=device)
+    out = []
+    for i in range(steps):
+        pos = length + i
+        logits = model(input_ids=tok, past_key_values=cache, attention_mask=mask[:, :pos + 1], use_cache=True,
+                       cache_position=torch.tensor([pos], device=device), logits_to_keep=1).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    return [int(t) for t in torch.cat(out, 1)[0]] if out else []
+
+
+def measure(model, pixels: np.ndarray, prefix_ids, suffix_ids, cfg: LlavaOVConfig, warmup: int = 2, runs: int = 5,
+            forward: bool = False, decode_tokens: int = 0) -> dict:
+    """TTFT of transformers' full-token model on pixels [T, 3, S, S] and prefix + <video> x
+    (T·S' + 1) + suffix, in the model's dtype and on its device (inputs placed there first; on
+    CUDA every timed call lies between two torch.cuda.synchronize): `generate` of one new token
+    (greedy), or with `forward` one forward pass (the prefill: KV cache built, the last
+    position's logits only) and its argmax read on the host, without generate's per-call setup
+    (milliseconds: next to a GPU's prefill, not negligible).
+
+    decode_tokens > 1: then `runs` timed greedy decodes of decode_tokens - 1 steps (the first
+    token came from the prefill) from a copy of the last timed call's cache, one forward per
+    token as generate runs them (`_greedy_steps`; EOS ignored, as in JAX's decode): tokens/s =
+    steps / wall time.
+
+    → {"ttft_s": [...], "ttft_mean_s", "ttft_median_s", "first_token", "decode" (or None),
+    "peak_memory" ({"kind", "scope", "bytes"}: on CUDA torch.cuda.max_memory_allocated, elsewhere
+    the process's peak resident set, over the warm-ups, timed calls and decodes, weights
+    included), "peak_memory_bytes" (its bytes), ...}."""
+    import copy
+
     torch, transformers = require()
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    cuda = device.type == "cuda"
     t0 = pixels.shape[0]
     visual = t0 * cfg.tokens_per_frame + 1
     ids = list(prefix_ids) + [cfg.video_token_id] * visual + list(suffix_ids)
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    pix = torch.from_numpy(np.asarray(pixels, np.float32)).to(dtype)[None]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    pix = torch.from_numpy(np.asarray(pixels, np.float32)).to(device=device, dtype=dtype)[None]
     # an explicit mask: without one, generate masks every id equal to pad_token_id
-    kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values_videos=pix,
-              max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values_videos=pix)
+    kept = None
 
-    def one():
+    def step(keep: bool) -> int:
+        nonlocal kept
+        if forward:
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            tok = int(out.logits[0, -1].argmax())
+        else:
+            out = model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+            tok = int(out.sequences[0, -1])
+        kept = out.past_key_values if keep else None
+        return tok
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def one(keep: bool = False) -> int:
         with torch.no_grad():
-            return int(model.generate(**kw)[0, -1])
+            tok = step(keep)
+        sync()
+        return tok
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        window = {"kind": "torch_cuda_max_memory_allocated", "scope": "the warm-ups, timed calls and decodes"}
+    else:
+        window = bench.host_peak_start("the warm-ups, timed calls and decodes")
     for _ in range(warmup):
         one()
     times, cpu = [], []
-    for _ in range(runs):
-        tok, wall, cpu_s = bench.timed(one)
+    for i in range(runs):
+        sync()
+        tok, wall, cpu_s = bench.timed(lambda keep=(i == runs - 1 and decode_tokens > 1): one(keep))
         times.append(wall)
         cpu.append(cpu_s)
+    decode = None
+    if decode_tokens > 1:
+        steps, dec_times = decode_tokens - 1, []
+        for _ in range(max(1, runs)):
+            cache = copy.deepcopy(kept)
+            sync()
+            with torch.no_grad():
+                toks, wall, _ = bench.timed(lambda c=cache: _greedy_steps(model, c, tok, len(ids), steps, device))
+            dec_times.append(wall)
+            del cache
+        decode = {"new_tokens": decode_tokens, "decode_steps": steps, "tokens": [tok] + toks, "seconds": dec_times,
+                  "tokens_per_s": steps / statistics.mean(dec_times),
+                  "tokens_per_s_median": steps / statistics.median(dec_times),
+                  "note": "greedy, one forward per token with the model's cache (as generate), EOS ignored; "
+                          "tokens/s = decode steps / wall time"}
+    kept = None
+    if cuda:
+        peak = dict(window, bytes=int(torch.cuda.max_memory_allocated(device)))
+    else:
+        peak = bench.peak_memory_read(window)
+    call = "forward passes (prefill, logits_to_keep=1)" if forward else "generate(max_new_tokens=1) calls"
     return {
         "label": "transformers full (PyTorch)",
         "library": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "torch_threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
-        "protocol": f"{warmup} warm-ups, then {runs} timed generate(max_new_tokens=1) calls under torch.no_grad",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "attn_implementation": model.config._attn_implementation,
+        "protocol": f"{warmup} warm-ups, then {runs} timed {call} under torch.no_grad"
+                    + (", torch.cuda.synchronize before and after each" if cuda else ""),
         "frames": t0,
         "visual_tokens": visual,
         "ttft_s": times,
         "ttft_mean_s": statistics.mean(times),
         "ttft_median_s": statistics.median(times),
         "first_token": tok,
+        "decode": decode,
+        "peak_memory": peak,
+        "peak_memory_bytes": peak["bytes"],
         "host_cpu_s": cpu,
         "host_cores_busy": bench.cores_busy(cpu, times),
     }

@@ -10,16 +10,51 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # a dependency, but a copy installed with --no-deps (a lent GPU machine) may lack it
+    tqdm = None
 
 QUIET_INTERVAL = 30.0  # seconds between redraws when stderr is not a terminal
 
 
+class _Silent:
+    """What `bar` gives without tqdm: iterates and counts, draws nothing."""
+
+    def __init__(self, iterable=None, initial: int = 0):
+        self.iterable, self.n = iterable, initial
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, *_, **__) -> None:
+        pass
+
+    set_postfix = set_description = set_postfix_str
+
+    def close(self) -> None:
+        pass
+
+
 def bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0, leave: bool = True,
-        iterable=None, unit_scale: bool = False) -> tqdm:
+        iterable=None, unit_scale: bool = False):
     """A tqdm bar on stderr, over `iterable` if given; `initial` counts work done before this
     run (e.g. resumed samples), shown but left out of the rate; `unit_scale` writes large
-    counts with SI prefixes (bytes as kB, MB, GB); `enabled=False` draws nothing."""
+    counts with SI prefixes (bytes as kB, MB, GB); `enabled=False` draws nothing. Without tqdm:
+    a `_Silent` counter."""
+    if tqdm is None:
+        return _Silent(iterable, initial)
     stderr = sys.stderr
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, leave=leave,
                 unit_scale=unit_scale, unit_divisor=1000, file=stderr, dynamic_ncols=True,
@@ -31,7 +66,7 @@ def say(*parts, **_) -> None:
     drop-in for the `log=print` callbacks: keyword arguments such as flush=True are accepted
     and ignored). Off a terminal the bars are not in the way, and clearing them would only
     write noise into the log."""
-    if not sys.stderr.isatty():
+    if tqdm is None or not sys.stderr.isatty():
         print(*parts, flush=True)
         return
     with tqdm.external_write_mode(file=sys.stdout):

@@ -19,9 +19,13 @@ import json
 import logging
 import os
 
-import av
 import numpy as np
 from PIL import Image
+
+try:
+    import av
+except ImportError:  # PyAV reads and writes files only; generated clips and preprocessing run without it
+    av = None
 
 from earlytom_jax.errors import CheckpointError, EarlyTomError
 
@@ -42,8 +46,14 @@ def _check_exists(path: str) -> None:
         raise VideoError(f"video path is not a file: {path}")
 
 
+def _require_av() -> None:
+    if av is None:
+        raise VideoError("video files need PyAV, which is not installed: pip install av")
+
+
 def _open(path: str):
     """Open a container (caller must use it as a context manager)."""
+    _require_av()
     _check_exists(path)
     try:
         return av.open(path, mode="r")
@@ -300,6 +310,7 @@ class Preprocessor:
 
 
 def _encoder_name() -> str:
+    _require_av()
     for name in ("libx264", "mpeg4"):
         try:
             av.codec.Codec(name, "w")

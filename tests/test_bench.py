@@ -74,6 +74,10 @@ def test_cli_json_chart_and_torch_reference(tmp_path):
     assert f"PyTorch full {ref['host_cores_busy']:.2f}" in p.stdout
     assert ref["jax_full_over_torch_full"] == pytest.approx(res[("full", None)]["ttft_mean_s"] / ref["ttft_mean_s"])
     assert ref["same_first_token_as_jax_full"]  # the same weights and inputs on both sides
+    # and the same greedy answer: PyTorch's timed decode (from the last timed call's cache) and JAX's
+    assert ref["decode"]["new_tokens"] == 32 and len(ref["decode"]["tokens"]) == 32 and ref["decode"]["tokens_per_s"] > 0
+    assert ref["decode"]["tokens"] == res[("full", None)]["decode"]["tokens"] and ref["same_tokens_as_jax_full"]
+    assert ref["peak_memory"]["kind"] in ("host_vmhwm", "host_ru_maxrss") and ref["peak_memory_bytes"] > 1e8
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == chart.SIZE
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "clip.mp4", "ttft.png"]  # no temporary left

@@ -23,14 +23,19 @@ def cores_busy(cpu_s, wall_s) -> float:
 def peak_memory_start(scope: str = "the timed prefills and decodes") -> dict:
     """Start a peak-memory window over `scope` (what runs in it, for the JSON). On
     accelerators: the devices' `peak_bytes_in_use` (not resettable: peak since the process
-    started). On CPU: the process's peak resident set (VmHWM), reset through
-    /proc/self/clear_refs where the kernel allows it, else getrusage's ru_maxrss (peak since
-    the process started)."""
+    started). On CPU: the process's peak resident set (`host_peak_start`)."""
     dev = jax.local_devices()
     if dev[0].platform != "cpu":
         stats = [d.memory_stats() or {} for d in dev]
         if all("peak_bytes_in_use" in st for st in stats):
             return {"kind": "device_peak_bytes_in_use", "scope": "max over local devices, since process start"}
+    return host_peak_start(scope)
+
+
+def host_peak_start(scope: str) -> dict:
+    """A window over the process's peak resident set (VmHWM), reset through
+    /proc/self/clear_refs where the kernel allows it, else getrusage's ru_maxrss (peak since
+    the process started). Touches no JAX backend (the PyTorch reference's process uses it)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

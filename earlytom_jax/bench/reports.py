@@ -87,9 +87,11 @@ def markdown(results: list[BenchResult], reference: dict | None = None) -> str:
         )
     if reference:
         vs = f"{full.ttft_mean / reference['ttft_mean_s']:.2f}x" if full else "-"
+        dec = _n(reference["decode"]["tokens_per_s"]) if reference.get("decode") else "-"
+        mem = f"{reference['peak_memory']['bytes'] / 2**20:,.0f}" if reference.get("peak_memory") else "-"
         rows.append(
             f"| {reference['label']} | - | {reference['frames']} | {reference['visual_tokens']} | - | - | - | "
-            f"{_n(reference['ttft_mean_s'])} | {_n(reference['ttft_median_s'])} | {vs} | - | - | - | - |"
+            f"{_n(reference['ttft_mean_s'])} | {_n(reference['ttft_median_s'])} | {vs} | - | - | {dec} | {mem} |"
         )
         if full:
             rows.append("")

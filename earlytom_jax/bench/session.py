@@ -1,8 +1,9 @@
 """One `earlytom bench` run as a library call: load the weights (a checkpoint, or a named
 architecture's random weights), time transformers' PyTorch model first when asked (alone in
-memory), time every method at every ratio (`measure` or `measure_interleaved`), relate them
-to full tokens, and describe the run (`meta`, with the host and the code's commit) for the
-JSON; `markdown`, `save_json` and `save_chart` write the results out."""
+memory), time every method at every ratio (`time_methods`: `measure` or `measure_interleaved`
+on weights already loaded, also what benchmarks/gpu_check.py runs), relate them to full
+tokens, and describe the run (`meta`, with the host and the code's commit) for the JSON;
+`markdown`, `save_json` and `save_chart` write the results out."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
         pix_np = pre(frames)
         if spec.reference == "torch":
             torch_model = bench_torch.load_pretrained(spec.model, spec.dtype)
-            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs)
+            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs,
+                                            decode_tokens=spec.decode_tokens)
             del torch_model
         shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
         cfg, params = load_hf(spec.model, spec.dtype, shardings, cfg=cfg)
@@ -111,7 +113,8 @@ def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
     if spec.reference == "torch":
         # the random transformers model first; our tree gets its very weights
         torch_model = bench_torch.build_random(cfg, spec.dtype)
-        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs)
+        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs,
+                                        decode_tokens=spec.decode_tokens)
         params = bench_torch.params_from_torch(torch_model, cfg, spec.dtype, shardings, release=True, held=True)
         del torch_model
         return cfg, params, pix_np, reference, f"random ({spec.arch}), the same in JAX and in the PyTorch reference"
@@ -121,7 +124,7 @@ def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
     return cfg, params, pix_np, reference, f"random ({spec.arch})"
 
 
-def _check_frames(spec: BenchSpec, make_method, names, text_tokens: int) -> None:
+def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int) -> None:
     """Every method's prompt at --frames within the context and the frames within the memory
     available (`api.check_frames`), from the config alone: no weights, no clip yet."""
     from earlytom_jax.api import check_frames
@@ -129,44 +132,39 @@ def _check_frames(spec: BenchSpec, make_method, names, text_tokens: int) -> None
     from earlytom_jax.checkpoint.load import load_any_config
 
     cfg = architecture(spec.arch) if spec.arch else load_any_config(spec.model)
-    for name in names:
-        for r in [None] if name == "full" else list(spec.ratios):
-            check_frames(cfg, make_method(cfg, name, r), spec.frames, text_tokens, max(16, spec.decode_tokens))
+    for name, r in spec_methods(spec):
+        check_frames(cfg, make_method(cfg, name, r), spec.frames, text_tokens, max(16, spec.decode_tokens))
 
 
-def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
-    """Time `spec`; make_method(cfg, name, ratio) builds each method (None ratio: full
-    tokens). `log(line)`: one line as the reference and each method finish (default: stderr).
-    ConfigError (one line) on a bad spec, a misspelt method or a missing torch, before any
-    loading."""
+def spec_methods(spec: BenchSpec) -> list[tuple[str, float | None]]:
+    """(name, ratio) of every method `spec` times, in order: full tokens once (ratio None),
+    every other method at each of `spec.ratios`. ConfigError (one line) on an unknown name."""
+    return [(name, r) for name in registry.resolve(spec.methods)
+            for r in ([None] if name == "full" else list(spec.ratios))]
+
+
+def time_methods(spec: BenchSpec, make_method, cfg, params, pix_np, prefix, suffix, mesh=None, log=to_stderr,
+                 after=None) -> list[BenchResult]:
+    """Time every method of `spec` (`spec_methods`) on weights already loaded, with its protocol,
+    and relate them to full tokens (`relate_to_full`). params: the tree as loaded (packed here
+    for CPU: its bf16 leaves are consumed); pix_np: preprocessed frames [T, 3, S, S]; prefix,
+    suffix: prompt ids. `log(line)` as each method finishes, then `after(result)`."""
     import jax
 
     from earlytom_jax import sharding as shd
     from earlytom_jax.models import stack
 
-    if spec.frames < 1 or spec.runs < 1 or spec.warmup < 0 or spec.decode_tokens < 0:
-        raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
-    names = registry.resolve(spec.methods)  # before any loading: a misspelt name fails at once
-    mesh = shd.parse_mesh(spec.mesh) if spec.mesh else None
-    if spec.reference == "torch":
-        from earlytom_jax import bench_torch
-
-        bench_torch.require()  # fail before any work when torch is missing
-    prefix, suffix = prompt_ids()
-    _check_frames(spec, make_method, names, len(prefix) + len(suffix))  # before the clip is made
-    frames = clip_frames(spec.video, spec.frames)
-    cfg, params, pix_np, reference, weights = _load(spec, mesh, frames, prefix, suffix)
-    if reference is not None:
-        log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
     params = stack.pack(params)  # bf16 on CPU: no f32 copy of the layer stacks (see models/stack.py)
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
     if mesh is not None:
         pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
     timers = [MethodTimer(params, cfg, pixels, prefix, suffix, make_method(cfg, name, r), name, r, mesh)
-              for name in names for r in ([None] if name == "full" else list(spec.ratios))]
+              for name, r in spec_methods(spec)]
 
     def progress(res):
         log(f"{res.method} r={res.ratio}: TTFT mean {res.ttft_mean:.3f} s (compile {res.compile_s:.1f} s)")
+        if after is not None:
+            after(res)
 
     opts = dict(warmup=spec.warmup, runs=spec.runs, staged=spec.staged, decode_tokens=spec.decode_tokens,
                 xla=spec.xla, bar=True)
@@ -177,6 +175,32 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         for timer in timers:
             results.append(measure(timer, **opts))
             progress(results[-1])
+    relate_to_full(results, interleaved=spec.timing == "interleaved")
+    return results
+
+
+def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
+    """Time `spec`; make_method(cfg, name, ratio) builds each method (None ratio: full
+    tokens). `log(line)`: one line as the reference and each method finish (default: stderr).
+    ConfigError (one line) on a bad spec, a misspelt method or a missing torch, before any
+    loading."""
+    from earlytom_jax import sharding as shd
+
+    if spec.frames < 1 or spec.runs < 1 or spec.warmup < 0 or spec.decode_tokens < 0:
+        raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
+    spec_methods(spec)  # before any loading: a misspelt name fails at once
+    mesh = shd.parse_mesh(spec.mesh) if spec.mesh else None
+    if spec.reference == "torch":
+        from earlytom_jax import bench_torch
+
+        bench_torch.require()  # fail before any work when torch is missing
+    prefix, suffix = prompt_ids()
+    check_spec_frames(spec, make_method, len(prefix) + len(suffix))  # before the clip is made
+    frames = clip_frames(spec.video, spec.frames)
+    cfg, params, pix_np, reference, weights = _load(spec, mesh, frames, prefix, suffix)
+    if reference is not None:
+        log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
+    results = time_methods(spec, make_method, cfg, params, pix_np, prefix, suffix, mesh, log)
     full = find_full(results)
     if reference is not None:
         for r in results:
@@ -185,7 +209,8 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
             reference["jax_full_over_torch_full"] = full.ttft_mean / reference["ttft_mean_s"]
             reference["jax_full_over_torch_full_median"] = full.ttft_median / reference["ttft_median_s"]
             reference["same_first_token_as_jax_full"] = full.first_token == reference["first_token"]
-    relate_to_full(results, interleaved=spec.timing == "interleaved")
+            if reference.get("decode") and full.decode:
+                reference["same_tokens_as_jax_full"] = reference["decode"]["tokens"] == full.decode["tokens"]
     meta = {"date": datetime.date.today().isoformat(), **host(), "weights": weights,
             "video": spec.video or "generated clip",
             "frames": spec.frames, "dtype": spec.dtype, "warmup": spec.warmup, "runs": spec.runs, "timing": spec.timing,

@@ -160,6 +160,7 @@ class MethodTimer:
                     dec_times.append(time.perf_counter() - t)
                 steps = count - 1  # the first token came from the prefill
                 decode = {"new_tokens": count, "decode_steps": steps, "compile_s": self.decode_compile_s,
+                          "tokens": jax.device_get(toks[:count]).tolist(),
                           "seconds": dec_times, "tokens_per_s": steps / statistics.mean(dec_times),
                           "tokens_per_s_median": steps / statistics.median(dec_times),
                           "note": "greedy, one on-device loop, EOS ignored; tokens/s = decode steps / wall time"}
