@@ -179,6 +179,25 @@ def test_choose_on_cpu():
     assert jax.default_backend() == "cpu" and attn.choose(q, q) == "cpu"
 
 
+@pytest.mark.parametrize("backend,q,k,bias,expect", [
+    ("gpu", (1, 2000, 28, 128), (1, 2000, 4, 128), None, "fused"),  # the 7B prefill in bf16
+    ("gpu", (1, 1, 28, 128), (1, 20000, 4, 128), None, "dense"),  # a decode step, however long the cache
+    ("gpu", (1, 2000, 14, 64), (1, 2000, 2, 64), "fp32", "dense"),  # cuDNN's flash kernel: bf16 / fp16 only
+    ("gpu", (1, 729, 16, 72), (1, 729, 16, 72), None, "fused"),  # SigLIP-so400m: head dim 72
+    ("gpu", (1, 2000, 16, 100), (1, 2000, 16, 100), None, "dense"),  # head dim not a multiple of 8
+    ("gpu", (8, 100, 16, 72), (8, 100, 16, 72), None, "dense"),  # product under 128 x 128
+    ("tpu", (1, 2000, 28, 128), (1, 2000, 4, 128), None, "splash"),
+    ("tpu", (1, 729, 16, 72), (1, 729, 16, 72), "bias", "dense"),  # ToMe's per-key bias: splash takes none
+])
+def test_choose_per_platform(monkeypatch, backend, q, k, bias, expect):
+    """The decision table, for shapes traced on each backend (only shapes are read)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(attn, "_nvidia", lambda: True)
+    dtype = jnp.float32 if bias == "fp32" else jnp.bfloat16
+    qs, ks = jax.ShapeDtypeStruct(q, dtype), jax.ShapeDtypeStruct(k, dtype)
+    assert attn.choose(qs, ks, jnp.zeros(()) if bias == "bias" else None) == expect
+
+
 def test_last_row_probs():
     rng = np.random.default_rng(11)
     b, L = 2, 90

@@ -22,7 +22,7 @@ Kernels (`impl`; None picks):
 | "cpu"    | `cpu`: a loop over heads; blockwise causal softmax  | CPU                                |
 | "fused"  | `fused`: jax.nn.dot_product_attention (cuDNN flash) | NVIDIA GPU, bf16/fp16, head dim ≤ 128 |
 | "splash" | `splash`: Pallas splash attention                   | TPU (no per-key bias)              |
-| "dense"  | `dense`: the materialised reference                 | anything else; products < 128²     |
+| "dense"  | `dense`: the materialised reference                 | anything else; < 16 queries or products < 128² |
 The choice is made when tracing, for `jax.default_backend()` (not `lax.platform_dependent`,
 whose unused branches would hide the CPU loops from the loop-aware FLOP count in bench).
 """
@@ -38,6 +38,7 @@ from earlytom_jax.models.attention import cpu, dense, fused, splash
 from earlytom_jax.models.attention.segments import Segments
 
 IMPLS = ("cpu", "fused", "splash", "dense")
+DENSE_MAX_QUERIES = 16  # fewer queries (decode steps) stay materialised on every platform
 
 __all__ = ["IMPLS", "Segments", "attention", "attention_colmean", "causal_attention", "choose",
            "last_row_probs", "segment_attention"]
@@ -53,8 +54,8 @@ def choose(q, k, bias=None) -> str:
     backend = jax.default_backend()
     if backend == "cpu":
         return "cpu"
-    if q.shape[1] * k.shape[1] < cpu.BY_HEAD_MIN_SCORES:
-        return "dense"  # decode steps: memory-bound, nothing to fuse
+    if q.shape[1] < DENSE_MAX_QUERIES or q.shape[1] * k.shape[1] < cpu.BY_HEAD_MIN_SCORES:
+        return "dense"  # decode steps and short products: memory-bound, nothing to fuse
     if backend == "gpu" and _nvidia() and fused.cudnn_applies(q):
         return "fused"
     if backend == "tpu" and bias is None:
