@@ -4,7 +4,11 @@ a generated clip, with random weights drawn on the device. One JSON file, one ta
 
 The device command (run in the repository root; the JSON lands in $OUT, which comes back):
 
-    pip install --no-deps --no-build-isolation -e . -q && python benchmarks/gpu_check.py --out $OUT/gpu_check.json --compile-cache /tmp/earlytom_jax_cache
+    pip install --no-deps --no-build-isolation -e . -q; PYTHONPATH=$PWD python benchmarks/gpu_check.py --out $OUT/gpu_check.json --compile-cache /tmp/earlytom_jax_cache
+
+(PYTHONPATH: should the install fail, e.g. setuptools older than 70.1 without `wheel` cannot build
+an editable install offline, the package still imports from the tree; the check reads no
+installed metadata of its own.)
 
 On CPU at a tiny shape (tests/test_gpu_check.py runs the same in-process):
 
@@ -261,7 +265,7 @@ def kernel_check(dtype: str, length: int = 1000) -> dict:
     """The attention kernels this device picks (cuDNN's fused attention on an NVIDIA GPU,
     splash on a TPU) against the materialised one on the same inputs at the 7B's heads
     (28 query, 4 key/value heads of 128): causal with invalid slots in the middle,
-    bidirectional with invalid keys, and windows of unequal lengths after a permutation. The CPU
+    bidirectional with invalid keys, and segments of unequal lengths after a permutation. The CPU
     tests check these paths through XLA's implementation and Pallas' interpreter; only here do
     the device kernels themselves run. → {"impl", case: {max_abs_err, mean_abs_err}, "ok"}."""
     import jax
@@ -278,8 +282,9 @@ def kernel_check(dtype: str, length: int = 1000) -> dict:
     valid[:, length // 3: length // 3 + 50] = False
     valid[:, 0] = True
     key_valid = jnp.asarray(valid)
-    lengths = [64] * (length // 64) + ([length % 64] if length % 64 else [])
-    windows = attn.Segments.from_lengths(lengths, rng.permutation(length))
+    # segments long enough for the fused kernel (64-token windows would stay materialised)
+    lengths = [length * 2 // 5, length * 7 // 20]
+    windows = attn.Segments.from_lengths(lengths + [length - sum(lengths)], rng.permutation(length))
     cases = {"causal": (lambda impl: attn.causal_attention(q, k, v, key_valid, impl=impl), valid),
              "bidirectional": (lambda impl: attn.attention(q, k, v, key_valid, impl=impl), None),
              "segments": (lambda impl: attn.segment_attention(q, k, v, windows, impl=impl), None)}
