@@ -194,13 +194,9 @@ def versions() -> dict:
     names = ["jax", "jaxlib", "flax", "torch", "transformers"]
     names += sorted({d.metadata["Name"] for d in metadata.distributions()
                      if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("jax-cuda")})
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from earlytom_jax.bench import package_versions
+
+    return {"python": platform.python_version(), **package_versions(names)}
 
 
 def device_peak() -> int | None:

@@ -62,7 +62,7 @@ def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_devic
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
     if on_device:
         key = jax.random.key(seed)
-        out = [jnp.ones(sd.shape, dtype) if inits[_path(path)] == "ones"
+        out = [jnp.ones(sd.shape, dtype) if inits[model_params.key_path(path)] == "ones"
                else _device_normal(jax.random.fold_in(key, i), sd.shape, jnp.dtype(dtype), _stacked(path))
                for i, (path, sd) in enumerate(leaves)]
         return jax.tree.unflatten(treedef, out)
@@ -70,7 +70,7 @@ def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_devic
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = []
     for path, sd in leaves:
-        if inits[_path(path)] == "ones":
+        if inits[model_params.key_path(path)] == "ones":
             out.append(jnp.ones(sd.shape, dtype))
             continue
         a = np.empty(sd.shape, np_dtype)
@@ -86,13 +86,9 @@ def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_devic
     return jax.tree.unflatten(treedef, out)
 
 
-def _path(keys) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in keys)
-
-
 def _stacked(keys) -> bool:
     """Whether the leaf at `keys` leads with a layer axis (under "blocks" or "layers")."""
-    return any(name in stack.STACKS for name in _path(keys))
+    return any(name in stack.STACKS for name in model_params.key_path(keys))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -82,7 +82,7 @@ def plan_shardings(shapes, mesh: Mesh):
     fallbacks: list[str] = []
 
     def one(path, leaf):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        key = "/".join(params.key_path(path))
         return NamedSharding(mesh, _spec_for(key, tuple(leaf.shape), mesh, fallbacks))
 
     tree = jax.tree_util.tree_map_with_path(one, shapes)

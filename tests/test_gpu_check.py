@@ -94,7 +94,7 @@ def test_device_draw_follows_the_declarations(dtype):
     jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(f"{a.shape} {b.shape}"),
                  dev, host)
     inits = model_params.metadata(LlavaOneVision, cfg, "init")
-    leaves = {tuple(str(k.key) for k in p): np.asarray(a, np.float32) for p, a in jax.tree.leaves_with_path(dev)}
+    leaves = {model_params.key_path(p): np.asarray(a, np.float32) for p, a in jax.tree.leaves_with_path(dev)}
     assert set(leaves) == set(inits)
     normal = []
     for path, a in leaves.items():

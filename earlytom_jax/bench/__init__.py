@@ -23,7 +23,7 @@ chart). The names below are re-exported so that `bench.X` reaches each.
 from earlytom_jax.bench.inputs import (add_input_args, clip_frames, named_method, prompt_ids, random_inputs,
                                        random_preprocessor)
 from earlytom_jax.bench.probes import (CPU_FEATURES, code_commit, cores_busy, host, host_cpu, host_peak_start,
-                                       peak_memory_read, peak_memory_start)
+                                       package_versions, peak_memory_read, peak_memory_start)
 from earlytom_jax.bench.reports import at_full_stage_rates, find_full, markdown, paired_speedups, relate_to_full
 from earlytom_jax.bench.timing import (NEVER, STAGES, BenchResult, MethodTimer, measure, measure_interleaved, rounds,
                                        timed)
@@ -31,7 +31,8 @@ from earlytom_jax.bench.xla_flops import xla_stage_flops
 
 __all__ = [
     "CPU_FEATURES", "NEVER", "STAGES", "BenchResult", "MethodTimer", "add_input_args", "at_full_stage_rates",
-    "clip_frames", "code_commit", "cores_busy", "find_full", "host", "host_cpu", "host_peak_start", "markdown", "measure",
-    "measure_interleaved", "named_method", "paired_speedups", "peak_memory_read", "peak_memory_start", "prompt_ids",
-    "random_inputs", "random_preprocessor", "relate_to_full", "rounds", "timed", "xla_stage_flops",
+    "clip_frames", "code_commit", "cores_busy", "find_full", "host", "host_cpu", "host_peak_start", "markdown",
+    "measure", "measure_interleaved", "named_method", "package_versions", "paired_speedups", "peak_memory_read",
+    "peak_memory_start", "prompt_ids", "random_inputs", "random_preprocessor", "relate_to_full", "rounds", "timed",
+    "xla_stage_flops",
 ]

@@ -68,6 +68,19 @@ def peak_memory_read(window: dict) -> dict:
 CPU_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what decides bf16/f32 dot speed
 
 
+def package_versions(names) -> dict:
+    """{name: its installed version, or None} from the packages' metadata (nothing imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def host_cpu(cpuinfo: str | None = None) -> dict:
     """The host CPU as benchmark tables should name it: model, logical cores, and the few
     instruction-set features that decide matmul speed (PyTorch's bf16 runs on AMX or AVX512-BF16

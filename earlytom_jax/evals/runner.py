@@ -37,7 +37,7 @@ import jax
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from earlytom_jax import flops, sharding
-from earlytom_jax.bench import host
+from earlytom_jax.bench import host, package_versions
 from earlytom_jax.compression import registry
 from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
@@ -80,15 +80,7 @@ def method_description(method) -> dict:
 
 
 def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("earlytom-jax", "jax", "jaxlib", "flax", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions(("earlytom-jax", "jax", "jaxlib", "flax", "numpy"))
 
 
 def _token_limit(task, requested: int | None) -> tuple[int, str | None]:

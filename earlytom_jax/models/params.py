@@ -52,7 +52,8 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> n
     return build(rngs)
 
 
-def _path(keys) -> tuple[str, ...]:
+def key_path(keys) -> tuple[str, ...]:
+    """A jax tree path (dict keys or plain names) as the tuple of names the tables use."""
     return tuple(str(getattr(k, "key", k)) for k in keys)
 
 
@@ -76,14 +77,14 @@ def bind(cls, cfg, params: dict):
 def shapes(cls, cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every parameter of `cls(cfg)`, in the order of its flattened tree."""
     leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract(cls, cfg)))
-    return {_path(p): tuple(x.shape) for p, x in leaves}
+    return {key_path(p): tuple(x.shape) for p, x in leaves}
 
 
 def metadata(cls, cfg, key: str) -> dict[tuple[str, ...], object]:
     """{path: the parameter's metadata `key`} ("out_sharding": logical axes, "init") for `cls(cfg)`."""
     out = {}
     for p, v in nnx.to_flat_state(abstract(cls, cfg)):
-        out[_path(p)] = v.get_metadata().get(key)
+        out[key_path(p)] = v.get_metadata().get(key)
     return out
 
 

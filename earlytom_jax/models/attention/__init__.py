@@ -122,7 +122,9 @@ def segment_attention(q, k, v, segments: Segments, scale=None, impl=None):
     b = q.shape[0]
     s, w = segments.shape
     rows = [a[:, segments.index].reshape((b * s, w) + a.shape[2:]) for a in (q, k, v)]
-    valid = None if segments.valid.all() else jnp.broadcast_to(jnp.asarray(segments.valid)[None], (b, s, w)).reshape(b * s, w)
+    valid = None  # all slots valid: no key mask at all
+    if not segments.valid.all():
+        valid = jnp.broadcast_to(jnp.asarray(segments.valid)[None], (b, s, w)).reshape(b * s, w)
     o = attention(*rows, valid, scale, impl=impl)
     return o.reshape((b, s * w) + o.shape[2:])[:, segments.back]
 
@@ -130,9 +132,6 @@ def segment_attention(q, k, v, segments: Segments, scale=None, impl=None):
 def last_row_probs(q, k, key_valid, scale=None):
     """The last query's attention probabilities averaged over heads: q [B, L, Hq, D],
     k [B, L, Hk, D], key_valid bool [B, L] → [B, L] fp32."""
-    b, _, hq, d = q.shape
-    hk = k.shape[2]
-    ql = q[:, -1].reshape(b, hk, hq // hk, d)
-    s = jnp.einsum("bhgd,bkhd->bhgk", ql, k, preferred_element_type=jnp.float32) * _scale(q, scale)
-    s = jnp.where(key_valid[:, None, None, :], s, dense.NEG)
-    return jax.nn.softmax(s, -1).mean(axis=(1, 2))
+    s = dense.scores(q[:, -1:], k, _scale(q, scale))  # [B, Hk, G, 1, L]
+    s = jnp.where(key_valid[:, None, None, None, :], s, dense.NEG)
+    return jax.nn.softmax(s, -1).mean(axis=(1, 2, 3))

@@ -50,7 +50,7 @@ def attention(q, k, v, key_valid, scale, bias=None):
     if key_valid is not None:
         order, lengths = _valid_first(key_valid)
         k, v = _take(k, order), _take(v, order)
-        bias = None if bias is None else jnp.take_along_axis(bias, order, axis=1)
+        bias = None if bias is None else _take(bias, order)
     if bias is not None:
         bias = jnp.broadcast_to(bias[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1])).astype(q.dtype)
     return jax.nn.dot_product_attention(
