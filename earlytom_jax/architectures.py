@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
+from earlytom_jax.config import LlavaOVConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import params as model_params
 from earlytom_jax.models import stack
-from earlytom_jax.models.llava_onevision import LlavaOneVision
+from earlytom_jax.models import family
 
 ARCHITECTURES = {
     "tiny": LlavaOVConfig(
@@ -33,22 +33,35 @@ ARCHITECTURES = {
         text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                          num_kv_heads=4, head_dim=128, vocab_size=152128, tie_word_embeddings=False),
     ),
+    # Qwen/Qwen2.5-VL-{3B,7B}-Instruct's config.json
+    "qwen2.5-vl-3b": Qwen25VLConfig(
+        vision=QwenVisionConfig(out_hidden_size=2048),
+        text=Qwen2Config(hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16, num_kv_heads=2,
+                         head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=128000, mrope_section=(16, 24, 24)),
+    ),
+    "qwen2.5-vl-7b": Qwen25VLConfig(
+        vision=QwenVisionConfig(out_hidden_size=3584),
+        text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                         head_dim=128, vocab_size=152064, tie_word_embeddings=False,
+                         max_position_embeddings=128000, mrope_section=(16, 24, 24)),
+    ),
 }
 
 
-def architecture(name: str) -> LlavaOVConfig:
+def architecture(name: str) -> ModelConfig:
     if name not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 
 
-def param_shapes(cfg: LlavaOVConfig) -> dict:
+def param_shapes(cfg: ModelConfig) -> dict:
     """The parameter tree of `cfg` as fp32 ShapeDtypeStructs (the module's state, as nested dicts)."""
-    shapes = model_params.shapes(LlavaOneVision, cfg)
+    shapes = model_params.shapes(family.module(cfg), cfg)
     return model_params.tree({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
 
 
-def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_device: bool = False) -> dict:
+def random_params(cfg: ModelConfig, dtype=jnp.float32, seed: int = 0, on_device: bool = False) -> dict:
     """Random weights as each parameter's declaration says (`models.params.param`): N(0, 0.02),
     or ones for norm scales; numpy's PCG64 in fp32, several times faster than threefry on CPU
     for the 7B shape. Stacked leaves are drawn one layer at a time straight into `dtype`, so the
@@ -58,7 +71,7 @@ def random_params(cfg: LlavaOVConfig, dtype=jnp.float32, seed: int = 0, on_devic
     on_device: draw every leaf with jax.random on the default device instead (`_device_normal`;
     other values, the same tree, shapes, dtypes and init rules): on an accelerator the host
     draw of the 7B shape (8B numpy draws, then the copy over) takes minutes, this seconds."""
-    inits = model_params.metadata(LlavaOneVision, cfg, "init")
+    inits = model_params.metadata(family.module(cfg), cfg, "init")
     leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg))
     if on_device:
         key = jax.random.key(seed)

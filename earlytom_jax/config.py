@@ -1,8 +1,11 @@
 """Typed, frozen model configuration read from a checkpoint's `config.json`.
 
-Three layouts reach us (see docs/algorithm.md): llava-hf / transformers `llava_onevision`
-configs with `vision_config` and `text_config`, and the lmms-lab originals (`llava_qwen`),
-whose config is a flat Qwen2 config plus `mm_*` keys and whose SigLIP is the so400m/14-384.
+Two model families. LLaVA-OneVision arrives in three layouts (see docs/algorithm.md):
+llava-hf / transformers `llava_onevision` configs with `vision_config` and `text_config`, and
+the lmms-lab originals (`llava_qwen`), whose config is a flat Qwen2 config plus `mm_*` keys and
+whose SigLIP is the so400m/14-384. Qwen2.5-VL (`model_type` "qwen2_5_vl") arrives as Qwen's
+release writes it (text settings at the top level, `rope_scaling.mrope_section`) or as
+transformers 5's `save_pretrained` does (`text_config`, `rope_parameters`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
+    # Qwen2.5-VL's multimodal RoPE: frequencies [0, s0) rotate by the temporal position, the
+    # next s1 by the height position, the last s2 by the width position (sum = head_dim / 2)
+    mrope_section: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,8 @@ class LlavaOVConfig:
     video_token_id: int = 151647
     image_token_id: int = 151646
 
+    family = "llava_onevision"
+
     @property
     def pooled_grid(self) -> int:
         """Side of the pooled per-frame map: ceil(grid / 2) (14 for 27)."""
@@ -70,6 +78,58 @@ class LlavaOVConfig:
     @property
     def tokens_per_frame(self) -> int:
         return self.pooled_grid**2
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """Qwen2.5-VL's vision encoder (defaults: the 7B's). Blocks attend within windows of
+    `window_size` pixels (`window_merged` merged tokens a side), except the
+    `fullatt_block_indexes`, which attend over a whole temporal patch."""
+
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_layers: int = 32
+    num_heads: int = 16
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    out_hidden_size: int = 3584
+    tokens_per_second: float = 2.0
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per merged token (4 for 2x2)."""
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Merged tokens per window side (112 // 2 // 14 = 4)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def factor(self) -> int:
+        """Frame sides are multiples of this many pixels (28)."""
+        return self.patch_size * self.spatial_merge_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    vision: QwenVisionConfig
+    text: Qwen2Config
+    video_token_id: int = 151656
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    family = "qwen2_5_vl"
 
 
 def _rope_theta(d: dict) -> float:
@@ -125,7 +185,70 @@ def _siglip_from_dict(v: dict, depth: int) -> SiglipConfig:
     )
 
 
-def config_from_dict(d: dict) -> LlavaOVConfig:
+ModelConfig = LlavaOVConfig | Qwen25VLConfig
+FAMILIES = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+_OTHER_FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
+                   "llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_next_video": "LLaVA-NeXT-Video",
+                   "internvl": "InternVL", "gemma3": "Gemma 3", "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
+
+
+def _mrope_section(rope: dict, head_dim: int) -> tuple[int, ...]:
+    section = rope.get("mrope_section")
+    if not isinstance(section, (list, tuple)) or len(section) != 3 or not all(isinstance(s, int) and s > 0 for s in section):
+        raise CheckpointError(f"mrope_section={section!r}: Qwen2.5-VL needs three positive counts (temporal, height, width)")
+    if sum(section) != head_dim // 2:
+        raise CheckpointError(
+            f"mrope_section={list(section)} sums to {sum(section)}, not half the head size ({head_dim} / 2 = "
+            f"{head_dim // 2}); the checkpoint's config.json is inconsistent"
+        )
+    return tuple(section)
+
+
+def _qwen25vl_from_dict(d: dict) -> Qwen25VLConfig:
+    t = dict(d.get("text_config") or {k: v for k, v in d.items() if k != "vision_config"})
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
+    t.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+    tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
+    text = _qwen2_from_dict(t, tie)
+    text = dataclasses.replace(text, mrope_section=_mrope_section(rope, text.head_dim))
+    v = d["vision_config"]
+    act = v.get("hidden_act", "silu")
+    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu"):
+        raise CheckpointError(f"vision_config.hidden_act={act!r}: not an activation this model knows")
+    vision = QwenVisionConfig(
+        hidden_size=int(v.get("hidden_size", 1280)),
+        intermediate_size=int(v.get("intermediate_size", 3420)),
+        num_layers=int(v.get("depth", v.get("num_hidden_layers", 32))),
+        num_heads=int(v.get("num_heads", v.get("num_attention_heads", 16))),
+        patch_size=int(v.get("patch_size", 14)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        window_size=int(v.get("window_size", 112)),
+        fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        out_hidden_size=int(v.get("out_hidden_size", text.hidden_size)),
+        tokens_per_second=float(v.get("tokens_per_second", 2)),
+        hidden_act=act,
+        rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+    )
+    if vision.out_hidden_size != text.hidden_size:
+        raise CheckpointError(f"vision_config.out_hidden_size={vision.out_hidden_size} differs from the LLM's "
+                              f"hidden_size={text.hidden_size}")
+    if vision.window_merged < 1:
+        raise CheckpointError(f"vision_config.window_size={vision.window_size} is smaller than one merged token "
+                              f"({vision.factor} pixels)")
+    bad = [i for i in vision.fullatt_block_indexes if not 0 <= i < vision.num_layers]
+    if bad:
+        raise CheckpointError(f"vision_config.fullatt_block_indexes {bad} name no block of {vision.num_layers}")
+    return Qwen25VLConfig(
+        vision=vision, text=text,
+        video_token_id=int(d.get("video_token_id", 151656)),
+        image_token_id=int(d.get("image_token_id", 151655)),
+        vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
+    )
+
+
+def config_from_dict(d: dict) -> ModelConfig:
     """Build the config from a parsed config.json (any of the supported layouts)."""
     try:
         return _config_from_dict(d)
@@ -133,7 +256,13 @@ def config_from_dict(d: dict) -> LlavaOVConfig:
         raise CheckpointError(f"incomplete config ({e.__class__.__name__}: {e} missing or invalid)") from None
 
 
-def _config_from_dict(d: dict) -> LlavaOVConfig:
+def _config_from_dict(d: dict) -> ModelConfig:
+    kind = d.get("model_type")
+    if kind == "qwen2_5_vl":
+        return _qwen25vl_from_dict(d)
+    if kind in _OTHER_FAMILIES:
+        raise CheckpointError(f"model_type {kind!r} ({_OTHER_FAMILIES[kind]}) is not a supported family; "
+                              f"supported: {', '.join(FAMILIES.values())}")
     if "vision_config" in d and "text_config" in d:
         strategy = d.get("vision_feature_select_strategy", "full")
         if strategy != "full":
@@ -168,12 +297,12 @@ def _config_from_dict(d: dict) -> LlavaOVConfig:
             image_token_id=int(d.get("image_token_index", 151646)),
         )
     raise CheckpointError(
-        "config.json is neither a llava_onevision config (vision_config + text_config) "
-        "nor an lmms-lab llava_qwen config (mm_vision_tower)"
+        f"config.json (model_type {kind!r}) is neither a llava_onevision config (vision_config + text_config), "
+        "an lmms-lab llava_qwen config (mm_vision_tower) nor a qwen2_5_vl config"
     )
 
 
-def load_config(directory: str) -> LlavaOVConfig:
+def load_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no config.json; point --model at a checkpoint directory")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from earlytom_jax import pipeline
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ def to_python(stats: dict) -> dict:
 
 def generate(
     params,
-    cfg: LlavaOVConfig,
+    cfg: ModelConfig,
     pixels,
     prefix_ids,
     suffix_ids,
@@ -52,13 +52,15 @@ def generate(
     eos_ids=(),
     on_token: Callable[[int], None] | None = None,
     suffix_valid=None,
+    video_time=None,
 ) -> Generation:
     """Prefill, then greedy decoding until an EOS id or `max_new_tokens`.
 
     With `on_token`, tokens are decoded one jitted step at a time and passed to the callback as
     they come (streaming); without it, all steps run in one device loop with no host sync per
     token, and tokens after the first EOS are cut on the host. `suffix_valid` marks padding in
-    `suffix_ids` (see `pipeline.pad_suffix`).
+    `suffix_ids` (see `pipeline.pad_suffix`); `video_time`: Qwen2.5-VL's seconds per temporal
+    patch (`pipeline.prefill`).
 
     Timings leave compilation out (as `bench` does): a call that compiles the prefill runs it
     again to time TTFT, one that compiles the decode loop runs it again to time decoding, and
@@ -73,7 +75,7 @@ def generate(
 
     def prefill():
         t = time.perf_counter()
-        out = pipeline.prefill_jit(params, pixels, prefix, suffix, cfg, method, max_new, suffix_valid)
+        out = pipeline.prefill_jit(params, pixels, prefix, suffix, cfg, method, max_new, suffix_valid, video_time)
         first = int(jnp.argmax(out[0]))
         return out, first, time.perf_counter() - t
 

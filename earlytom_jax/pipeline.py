@@ -14,6 +14,13 @@ valid slots only, so padding never moves a RoPE id and is never attended.
 
 A method is a frozen dataclass with the hooks of compression/base.py; `FullTokens()` (the
 default) is the uncompressed model exactly as transformers runs it.
+
+Qwen2.5-VL runs through the same functions: its encoder (window attention, the 2x2 merger)
+gives merged tokens [T, S, H] per temporal patch, hook 2 selects from them, no newline follows,
+and the splice gives every slot its 3-D position (models/qwen2_5_vl.py), the video's
+positions scaled by `video_time` (seconds per temporal patch, transformers'
+`second_per_grid_ts`). Its encoder and LLM hooks come with issue 33: until then a method
+that merges frames or acts in the LLM is refused for this family (`check_family`).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from earlytom_jax.compression.base import FullTokens
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.compression.base import FullTokens, NoHooks
+from earlytom_jax.config import LlavaOVConfig, ModelConfig
+from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
-from earlytom_jax.models import qwen2
 from earlytom_jax.models.attention import last_row_probs
+from earlytom_jax.models.qwen2_5_vl import video_positions
 
 
 FULL = FullTokens()
@@ -57,9 +66,37 @@ def _bucketed(fn, x, n, buckets):
     return jax.lax.switch(idx, [branch(b) for b in buckets], x)
 
 
-def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
+def check_family(cfg: ModelConfig, method) -> None:
+    """ConfigError unless `method` runs on `cfg`'s family: on Qwen2.5-VL, for now, only
+    methods that select tokens after the encoder (hook 2)."""
+    if not family.is_qwen(cfg):
+        return
+    hooks = ("input_frames", "encoder_merge", "encode_tokens", "llm_merge")
+    acts = [h for h in hooks if getattr(type(method), h, None) is not getattr(NoHooks, h, None)]
+    if acts or method.encoder_layers or method.token_merging or method.llm_layer is not None or not method.pooled:
+        name = getattr(method, "name", type(method).__name__)
+        raise ConfigError(f"method {name!r} acts inside the encoder or the LLM, which Qwen2.5-VL does not support yet "
+                          "(issue 33); use --method full")
+
+
+def _qwen_video(params, pixels, cfg, method, video_time):
+    """Qwen2.5-VL's encoder: pixels [T', 3, H, W] → (merged tokens [T, S, H], n = T,
+    {"positions": int32 [T, S, 3]}) with T = T' / temporal_patch_size."""
+    check_family(cfg, method)
+    vision = family.bind(cfg, params).vision
+    grid = vision.grid(pixels.shape)
+    pos = video_positions(grid, cfg.vision.spatial_merge_size, 1.0 if video_time is None else video_time,
+                          cfg.vision.tokens_per_second)
+    return vision(pixels), jnp.asarray(grid[0], jnp.int32), {"positions": pos}
+
+
+def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None):
     """pixels [T0,3,S,S] → (features [T, N, C] with the first `n` frames valid, n, state);
-    T = T0, or the number of frames the method's `input_frames` picks."""
+    T = T0, or the number of frames the method's `input_frames` picks. Qwen2.5-VL: pixels
+    [T', 3, H, W] → merged tokens [T'/2, S, H] and their positions in `state` (video_time: seconds
+    per temporal patch, None = 1)."""
+    if family.is_qwen(cfg):
+        return _qwen_video(params, pixels, cfg, method, video_time)
     vcfg = cfg.vision
     vision = lov.bind(cfg, params).vision
     picked = method.input_frames(pixels.shape[0])
@@ -96,9 +133,14 @@ def encode_video(params, pixels, cfg: LlavaOVConfig, method=FULL):
 # ----------------------------------------------------------------------------- tokens
 
 
-def visual_buffer(params, feats, n, state, cfg: LlavaOVConfig, method=FULL):
+def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
-    tokens packed at the front, then the newline right after the last kept token."""
+    tokens packed at the front, then the newline right after the last kept token.
+    Qwen2.5-VL: merged tokens [T, S, H] → (buffer [Vc, H], valid [Vc], info) with no newline
+    and info["positions"] int32 [Vc, 3], each slot's video position."""
+    if family.is_qwen(cfg):
+        buf, valid, info = method.select(feats, n, state, cfg)
+        return buf, valid, {**info, "positions": state["positions"].reshape(-1, 3)}
     model = lov.bind(cfg, params)
     if method.pooled:
         # on the smallest frame bucket that holds the n frames left after the encoder's merges
@@ -141,14 +183,13 @@ def _alloc(ks, vs, valid, extra: int) -> CacheGroup:
     )
 
 
-def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOVConfig, max_new: int, method=FULL):
+def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: ModelConfig, max_new: int, method=FULL):
     """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer.
 
     → (logits [V] fp32 of the last slot, caches tuple[CacheGroup], next position [1], info).
     """
-    tcfg = cfg.text
-    text = lov.bind(cfg, params).text
-    nl = tcfg.num_layers
+    text = family.bind(cfg, params).text
+    nl = cfg.text.num_layers
     if method.llm_layer is None:
         h, ks, vs = text.run_layers(h, positions, valid, 0, nl)
         caches = (_alloc(ks, vs, valid, max_new),)
@@ -156,7 +197,7 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
     else:
         k_layer = method.llm_layer
         h, ks_a, vs_a = text.run_layers(h, positions, valid, 0, k_layer - 1)
-        cos, sin = qwen2.rope_tables(positions, tcfg.head_dim, tcfg.rope_theta)
+        cos, sin = text.rope(positions)
         h, k, v, q = text.layer(k_layer - 1)(h, cos, sin, valid, causal=not method.llm_noncausal)
         ks_a = jnp.concatenate([ks_a, k[None]], 0)
         vs_a = jnp.concatenate([vs_a, v[None]], 0)
@@ -174,16 +215,17 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: LlavaOV
         info = {"llm_kept": keep.sum(), "llm_keep_mask": keep}
         h = h_new
     logits = text.logits(h[0, -1])
-    next_pos = positions[:, -1] + 1
+    next_pos = positions.reshape(positions.shape[:2] + (-1,))[:, -1, 0] + 1  # the last slot is text
     return logits, caches, next_pos, info
 
 
-def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
+def decode_step(params, token, position, caches, step, cfg: ModelConfig):
     """One greedy step. token/position int32 [1]; step int32 scalar (0 for the first new token).
+    A generated token's three multimodal positions are equal: the 1-D position serves both families.
 
     → (logits [V], caches). Compiles once per set of cache lengths.
     """
-    text = lov.bind(cfg, params).text
+    text = family.bind(cfg, params).text
     h = text.embed_tokens(token)[:, None]
     out, start = [], 0
     for g in caches:
@@ -197,15 +239,28 @@ def decode_step(params, token, position, caches, step, cfg: LlavaOVConfig):
 # ----------------------------------------------------------------------------- whole
 
 
-def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=FULL, max_new: int = 32, suffix_valid=None):
+def splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg: ModelConfig, suffix_valid=None):
+    """The prompt around the visual buffer → (h [1, L, H], valid [1, L], positions [1, L] or
+    [1, L, 3] for Qwen2.5-VL's multimodal RoPE, info without the slots' positions)."""
+    model = family.bind(cfg, params)
+    if family.is_qwen(cfg):
+        info = dict(info)
+        pos = info.pop("positions")
+        return (*model.splice(prefix_ids, buf, buf_valid, pos, suffix_ids, suffix_valid), info)
+    return (*model.splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid), info)
+
+
+def prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FULL, max_new: int = 32, suffix_valid=None,
+            video_time=None):
     """Video + prompt → (first-token logits [V], caches, next position [1], stats dict).
 
     prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder; suffix_valid
-    (optional bool [Q]) marks padding at the front of the suffix (see `pad_suffix`).
+    (optional bool [Q]) marks padding at the front of the suffix (see `pad_suffix`);
+    video_time: Qwen2.5-VL's seconds per temporal patch (fp32 scalar; None = 1).
     """
-    feats, n, state = encode_video(params, pixels, cfg, method)
+    feats, n, state = encode_video(params, pixels, cfg, method, video_time)
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
-    h, valid, positions = lov.bind(cfg, params).splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid)
+    h, valid, positions, info = splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg, suffix_valid)
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
     logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
@@ -214,8 +269,9 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=F
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new"))
-def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32, suffix_valid=None):
-    return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new, suffix_valid)
+def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32, suffix_valid=None,
+                video_time=None):
+    return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new, suffix_valid, video_time)
 
 
 def pad_suffix(suffix_ids, multiple: int = 32, pad_id: int = 0):
@@ -229,7 +285,8 @@ def pad_suffix(suffix_ids, multiple: int = 32, pad_id: int = 0):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
 
 
-def compile_prefill(params, n_frames: int, prefix_len: int, suffix_len: int, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):
+def compile_prefill(params, n_frames: int, prefix_len: int, suffix_len: int, cfg: LlavaOVConfig, method=FULL,
+                    max_new: int = 32):
     """Compile ahead of time the one program that serves every video of `n_frames` frames
     and prompts of these lengths, whatever frame count the merges reach (all frame buckets
     are branches inside it). Returns a callable `(params, pixels, prefix_ids, suffix_ids)`."""
@@ -266,28 +323,28 @@ def decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids
     return toks, count
 
 
-def sequence_logits(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig):
+def sequence_logits(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, video_time=None):
     """Full-token logits at every prompt position [L, V] fp32 (for inspection and parity)."""
-    feats, n, state = encode_video(params, pixels, cfg)
-    buf, buf_valid, _ = visual_buffer(params, feats, n, state, cfg)
-    model = lov.bind(cfg, params)
-    h, valid, positions = model.splice(prefix_ids, buf, buf_valid, suffix_ids)
-    h, _, _ = model.text.run_layers(h, positions, valid, 0, cfg.text.num_layers)
-    return model.text.logits(h[0])
+    feats, n, state = encode_video(params, pixels, cfg, FULL, video_time)
+    buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg)
+    h, valid, positions, _ = splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg)
+    text = family.bind(cfg, params).text
+    h, _, _ = text.run_layers(h, positions, valid, 0, cfg.text.num_layers)
+    return text.logits(h[0])
 
 
 # ----------------------------------------------------------------------------- timing
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def stage_vision(params, pixels, cfg, method):
-    return encode_video(params, pixels, cfg, method)
+def stage_vision(params, pixels, cfg, method, video_time=None):
+    return encode_video(params, pixels, cfg, method, video_time)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
 def stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
     buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
-    h, valid, positions = lov.bind(cfg, params).splice(prefix_ids, buf, buf_valid, suffix_ids)
+    h, valid, positions, info = splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg)
     return h, valid, positions, buf_valid.sum(), info
 
 
@@ -297,7 +354,8 @@ def stage_llm(params, h, valid, positions, span, cfg, method, max_new):
     return jnp.argmax(logits), caches, next_pos, info
 
 
-def staged_prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, method=FULL, max_new: int = 32):
+def staged_prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FULL, max_new: int = 32,
+                   video_time=None):
     """The prefill split into three jitted stages, each waited for, to see where time goes.
 
     → (first token, {"vision": s, "tokens": s, "llm": s}). The stages are the same functions
@@ -307,7 +365,7 @@ def staged_prefill(params, pixels, prefix_ids, suffix_ids, cfg: LlavaOVConfig, m
 
     times = {}
     t = time.perf_counter()
-    feats, n, state = jax.block_until_ready(stage_vision(params, pixels, cfg, method))
+    feats, n, state = jax.block_until_ready(stage_vision(params, pixels, cfg, method, video_time))
     times["vision"] = time.perf_counter() - t
     t = time.perf_counter()
     h, valid, positions, _, _ = jax.block_until_ready(

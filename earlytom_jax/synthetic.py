@@ -1,31 +1,49 @@
-"""Things made in code so that the demo and the tests need no download: a character-level
-tokenizer with the qwen_1_5 special tokens, and procedural video clips."""
+"""Things made in code so that the demo and the tests need no download: character-level
+tokenizers with the qwen_1_5 special tokens (and Qwen2.5-VL's), and procedural video clips."""
 
 from __future__ import annotations
 
 import numpy as np
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2.5-VL's added tokens in id order (151643.. in the released tokenizer)
+QWEN_VL_SPECIALS = SPECIALS + ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                               "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def char_tokenizer(image_token_id: int):
-    """A `tokenizers.Tokenizer` laid out like Qwen2's: plain ids 0..image_token_id-4 (one per
-    printable ASCII character, space and newline included, then fillers), then
-    `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<image>` = image_token_id and
-    `<video>` = image_token_id + 1 (151643..151647 for the real models)."""
+def _chars(n_plain: int, specials: tuple[str, ...]):
+    """A character-level `tokenizers.Tokenizer`: plain ids 0..n_plain-1 (one per printable ASCII
+    character, space and newline included, then fillers), then `specials` in order."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     chars = ["<unk>", "\n"] + [chr(c) for c in range(32, 127)]
-    n_plain = image_token_id - len(SPECIALS)
     if n_plain < 2:
-        raise ValueError(f"image token id {image_token_id} is too small for a tokenizer")
+        raise ValueError(f"{n_plain} plain ids are too few for a tokenizer")
     vocab = {w: i for i, w in enumerate(chars[:n_plain])}
     vocab.update({f"<|w{i}|>": i for i in range(len(vocab), n_plain)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS + ("<image>", "<video>")])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return tok
+
+
+def char_tokenizer(image_token_id: int):
+    """A tokenizer laid out like Qwen2's: plain ids 0..image_token_id-4, then `<|endoftext|>`,
+    `<|im_start|>`, `<|im_end|>`, `<image>` = image_token_id and `<video>` = image_token_id + 1
+    (151643..151647 for the real models)."""
+    tok = _chars(image_token_id - len(SPECIALS), SPECIALS + ("<image>", "<video>"))
     assert tok.token_to_id("<video>") == image_token_id + 1
+    return tok
+
+
+def qwen_vl_tokenizer(vocab_size: int):
+    """A tokenizer laid out like Qwen2.5-VL's: plain ids, then its 14 added tokens ending with
+    `<|image_pad|>` = vocab_size - 2 and `<|video_pad|>` = vocab_size - 1 (151655, 151656 in the
+    released one, whose vocabulary is padded further)."""
+    tok = _chars(vocab_size - len(QWEN_VL_SPECIALS), QWEN_VL_SPECIALS)
+    assert tok.token_to_id("<|video_pad|>") == vocab_size - 1
     return tok
 
 

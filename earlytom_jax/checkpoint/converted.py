@@ -1,6 +1,6 @@
 """A converted checkpoint directory's layout and its config file (`earlytom_config.json`).
 
-    earlytom_config.json       our LlavaOVConfig (dataclasses.asdict), stored dtype, format version
+    earlytom_config.json       our model config (dataclasses.asdict: LlavaOVConfig or Qwen25VLConfig), stored dtype, format version
     params/                    an orbax checkpoint of the parameter tree (checkpoint/orbax_io.py)
     hf_config.json             the source config.json, verbatim
     tokenizer.json, preprocessor_config.json, tokenizer_config.json (when the source has one)
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from earlytom_jax.checkpoint.placement import resolve_dtype
-from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
+from earlytom_jax.config import LlavaOVConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
 from earlytom_jax.errors import CheckpointError, one_line
 from earlytom_jax.io_utils import read_json
 
@@ -25,7 +25,7 @@ PARAMS_DIR = "params"
 
 
 
-def config_dict(cfg: LlavaOVConfig, dtype: np.dtype) -> dict:
+def config_dict(cfg: ModelConfig, dtype: np.dtype) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -50,16 +50,19 @@ def read_config_file(path: str) -> dict:
     return d
 
 
-def config_from_json(path: str) -> LlavaOVConfig:
+def config_from_json(path: str) -> ModelConfig:
     """Our config from `earlytom_config.json` (the file, or the converted directory holding it)."""
     d = read_config_file(path)
     try:
         c = dict(d["config"])
-        return LlavaOVConfig(
-            vision=SiglipConfig(**c.pop("vision")),
-            text=Qwen2Config(**c.pop("text")),
-            **c,
-        )
+        text = dict(c.pop("text"))
+        if text.get("mrope_section") is not None:
+            text["mrope_section"] = tuple(text["mrope_section"])
+        vision = dict(c.pop("vision"))
+        if "fullatt_block_indexes" in vision:  # only Qwen2.5-VL's encoder has full-attention blocks
+            vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
+            return Qwen25VLConfig(vision=QwenVisionConfig(**vision), text=Qwen2Config(**text), **c)
+        return LlavaOVConfig(vision=SiglipConfig(**vision), text=Qwen2Config(**text), **c)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: config does not match this version's fields ({one_line(e)})") from None
 

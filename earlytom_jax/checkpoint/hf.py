@@ -4,7 +4,9 @@ state it is; which tensor feeds which parameter is `checkpoint.table`).
 Source names are first reduced to a canonical form (`vision.encoder.layers.3.mlp.fc1.weight`,
 `text.layers.0.self_attn.q_proj.bias`, `projector.1.weight`, `newline`, `lm_head.weight`)
 whatever the layout: llava-hf (transformers 4), transformers 5 `save_pretrained`, or the
-lmms-lab originals.
+lmms-lab originals; for Qwen2.5-VL `vision.blocks.0.attn.qkv.weight`, `vision.merger.ln_q.weight`
+and the same LLM names, from Qwen's release (`visual.`, `model.`) or transformers 5
+(`model.visual.`, `model.language_model.`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from earlytom_jax.checkpoint.table import Row, rows
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.config import ModelConfig
 from earlytom_jax.errors import CheckpointError
 
 # Longest first: the first matching prefix wins.
@@ -21,6 +23,8 @@ _PREFIXES = (
     ("model.vision_tower.vision_model.", "vision."),
     ("vision_tower.vision_model.", "vision."),
     ("model.vision_tower.", "vision."),
+    ("model.visual.", "vision."),
+    ("visual.", "vision."),
     ("vision_tower.", "vision."),
     ("model.multi_modal_projector.linear_1.", "projector.1."),
     ("model.multi_modal_projector.linear_2.", "projector.2."),
@@ -46,11 +50,11 @@ def canonical_name(name: str) -> str | None:
     return None
 
 
-def _ignored(canon: str, cfg: LlavaOVConfig) -> bool:
+def _ignored(canon: str, cfg: ModelConfig) -> bool:
     """Stored tensors we knowingly skip: blocks past the feature depth, post-LN, SigLIP head."""
     if canon.startswith("vision.post_layernorm.") or canon.startswith("vision.head."):
         return True
-    if canon.startswith("vision.encoder.layers."):
+    if canon.startswith("vision.encoder.layers.") and cfg.family == "llava_onevision":
         return int(canon.split(".")[3]) >= cfg.vision.num_layers
     if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
         return True
@@ -77,7 +81,7 @@ def mismatch(missing, unexpected, wrong, wrong_label: str = "mis-shaped") -> lis
     return parts
 
 
-def map_tensors(files: dict, cfg: LlavaOVConfig) -> tuple[dict[str, tuple[object, str]], list[Row]]:
+def map_tensors(files: dict, cfg: ModelConfig) -> tuple[dict[str, tuple[object, str]], list[Row]]:
     """Check every tensor against the config. Returns ({canonical: (file, source name)}, the
     table's rows for `cfg`).
 
@@ -109,7 +113,7 @@ def map_tensors(files: dict, cfg: LlavaOVConfig) -> tuple[dict[str, tuple[object
     return canon, table
 
 
-def iter_params(files: dict, cfg: LlavaOVConfig, dtype):
+def iter_params(files: dict, cfg: ModelConfig, dtype):
     """Yield (path, array) for every parameter of our tree, one tensor (or layer stack) at a time.
 
     Sources are memory-mapped; only the yielded tensor is materialised, already in `dtype`.

@@ -10,12 +10,12 @@ from earlytom_jax.checkpoint.orbax_io import is_converted, load_converted
 from earlytom_jax.checkpoint.converted import config_from_json
 from earlytom_jax.checkpoint.placement import resolve_dtype, sharding_lookup
 from earlytom_jax.checkpoint.safetensors_io import open_checkpoint_files
-from earlytom_jax.config import LlavaOVConfig, load_config
+from earlytom_jax.config import ModelConfig, load_config
 from earlytom_jax.models.params import set_path
 
 
-def load_hf(directory: str, dtype="float32", shardings=None, cfg: LlavaOVConfig | None = None
-            ) -> tuple[LlavaOVConfig, dict]:
+def load_hf(directory: str, dtype="float32", shardings=None, cfg: ModelConfig | None = None
+            ) -> tuple[ModelConfig, dict]:
     """HF safetensors directory (any supported layout, single or sharded) → (config, params).
     `cfg`: the directory's config when the caller has already read it.
 
@@ -33,7 +33,7 @@ def load_hf(directory: str, dtype="float32", shardings=None, cfg: LlavaOVConfig 
     return cfg, params
 
 
-def load_any(directory: str, dtype="float32", shardings=None) -> tuple[LlavaOVConfig, dict]:
+def load_any(directory: str, dtype="float32", shardings=None) -> tuple[ModelConfig, dict]:
     """A converted (orbax) directory or an HF safetensors directory → (config, params).
 
     `dtype` None keeps a converted checkpoint's stored dtype (HF checkpoints then load fp32)."""
@@ -42,6 +42,6 @@ def load_any(directory: str, dtype="float32", shardings=None) -> tuple[LlavaOVCo
     return load_hf(directory, "float32" if dtype is None else dtype, shardings=shardings)
 
 
-def load_any_config(directory: str) -> LlavaOVConfig:
+def load_any_config(directory: str) -> ModelConfig:
     """The model config of an HF or a converted checkpoint directory (no weights read)."""
     return config_from_json(directory) if is_converted(directory) else load_config(directory)

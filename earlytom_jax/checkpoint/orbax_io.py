@@ -39,7 +39,7 @@ from earlytom_jax.checkpoint.converted import (
 from earlytom_jax.checkpoint.hf import iter_params, map_tensors, mismatch
 from earlytom_jax.checkpoint.placement import resolve_dtype, sharding_lookup
 from earlytom_jax.checkpoint.safetensors_io import fresh_maps, open_checkpoint_files
-from earlytom_jax.config import LlavaOVConfig, load_config
+from earlytom_jax.config import ModelConfig, load_config
 from earlytom_jax.errors import CheckpointError, one_line
 from earlytom_jax.models.params import set_path
 from earlytom_jax.progress import bar as progress_bar, human_bytes as _human
@@ -199,7 +199,7 @@ def _restore(params_dir: str, abstract: dict, partial_load: bool = False) -> dic
         raise CheckpointError(f"{params_dir}: cannot restore the parameters ({one_line(e)})") from None
 
 
-def _spot_check(params_dir: str, cfg: LlavaOVConfig, files: dict, dtype: np.dtype) -> int:
+def _spot_check(params_dir: str, cfg: ModelConfig, files: dict, dtype: np.dtype) -> int:
     """Compare the first and last layer of a few stored tensors with the source, bit for bit."""
     canon, rows = map_tensors(files, cfg)
     rows = {r.path: r for r in rows if r.path in _SPOT}
@@ -366,7 +366,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", progress: bo
 # ----------------------------------------------------------------------------- loading
 
 
-def load_converted(directory: str, dtype=None, shardings=None) -> tuple[LlavaOVConfig, dict]:
+def load_converted(directory: str, dtype=None, shardings=None) -> tuple[ModelConfig, dict]:
     """A converted directory → (config, params), restored by orbax straight into jax arrays.
 
     dtype: None keeps the stored dtype; "float32"/"bfloat16" (or a numpy dtype) casts on read.

@@ -1,6 +1,7 @@
 """The one table from checkpoint tensors to the model's parameters.
 
-Each row names a parameter of `models.llava_onevision.LlavaOneVision` (its path in the state,
+Each row names a parameter of the family's model (`models.llava_onevision.LlavaOneVision`,
+`models.qwen2_5_vl.Qwen25VL`: `TABLES[cfg.family]`; its path in the state,
 e.g. ("text", "layers", "q_w")), the tensor it comes from under its canonical checkpoint name
 (`hf.canonical_name` reduces every supported layout to these; `{i}` stands for the layer of
 a stacked parameter) and the `Layout` that turns the checkpoint's torch layout into ours. Shapes
@@ -17,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.config import ModelConfig
+from earlytom_jax.models import family
 from earlytom_jax.models import params as model_params
-from earlytom_jax.models.llava_onevision import LlavaOneVision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,36 @@ PATCH = Layout("patch", lambda x, s: x.reshape(x.shape[0], -1).T,
                lambda y: y.T.reshape(y.shape[1], 3, _side(y.shape[0]), _side(y.shape[0])),
                lambda s: (s[1], 3, _side(s[0]), _side(s[0])))
 
+# Conv3d kernel [C, 3, tp, p, p] → [3, tp, p, p, C]
+PATCH3D = Layout("patch3d", lambda x, s: np.moveaxis(x, 0, -1), lambda y: np.moveaxis(y, -1, 0),
+                 lambda s: (s[-1],) + tuple(s[:-1]))
+# fused q/k/v weight [3·H·D, C] → [C, 3, H, D], its bias [3·H·D] → [3, H, D]
+QKV_IN = Layout("qkv_in", lambda x, s: x.T.reshape(s), lambda y: y.reshape(y.shape[0], -1).T,
+                lambda s: (s[1] * s[2] * s[3], s[0]))
+QKV_BIAS = Layout("qkv_bias", lambda x, s: x.reshape(s), lambda y: y.reshape(-1), lambda s: (s[0] * s[1] * s[2],))
+
 _VB = "vision.encoder.layers.{i}."
 _TB = "text.layers.{i}."
+_QB = "vision.blocks.{i}."
+
+# the LLM's rows, shared by both families
+_TEXT: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("text", "embed"): ("text.embed_tokens.weight", SAME),
+    ("text", "norm"): ("text.norm.weight", SAME),
+    ("text", "lm_head"): ("lm_head.weight", SAME),
+    ("text", "layers", "ln1"): (_TB + "input_layernorm.weight", SAME),
+    ("text", "layers", "ln2"): (_TB + "post_attention_layernorm.weight", SAME),
+    ("text", "layers", "q_w"): (_TB + "self_attn.q_proj.weight", HEADS_IN),
+    ("text", "layers", "k_w"): (_TB + "self_attn.k_proj.weight", HEADS_IN),
+    ("text", "layers", "v_w"): (_TB + "self_attn.v_proj.weight", HEADS_IN),
+    ("text", "layers", "q_b"): (_TB + "self_attn.q_proj.bias", HEADS_BIAS),
+    ("text", "layers", "k_b"): (_TB + "self_attn.k_proj.bias", HEADS_BIAS),
+    ("text", "layers", "v_b"): (_TB + "self_attn.v_proj.bias", HEADS_BIAS),
+    ("text", "layers", "o_w"): (_TB + "self_attn.o_proj.weight", HEADS_OUT),
+    ("text", "layers", "gate_w"): (_TB + "mlp.gate_proj.weight", LINEAR),
+    ("text", "layers", "up_w"): (_TB + "mlp.up_proj.weight", LINEAR),
+    ("text", "layers", "down_w"): (_TB + "mlp.down_proj.weight", LINEAR),
+}
 
 # parameter path → (canonical checkpoint name, layout)
 TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
@@ -82,22 +111,29 @@ TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
     ("projector", "w2"): ("projector.2.weight", LINEAR),
     ("projector", "b2"): ("projector.2.bias", SAME),
     ("newline",): ("newline", SAME),
-    ("text", "embed"): ("text.embed_tokens.weight", SAME),
-    ("text", "norm"): ("text.norm.weight", SAME),
-    ("text", "lm_head"): ("lm_head.weight", SAME),
-    ("text", "layers", "ln1"): (_TB + "input_layernorm.weight", SAME),
-    ("text", "layers", "ln2"): (_TB + "post_attention_layernorm.weight", SAME),
-    ("text", "layers", "q_w"): (_TB + "self_attn.q_proj.weight", HEADS_IN),
-    ("text", "layers", "k_w"): (_TB + "self_attn.k_proj.weight", HEADS_IN),
-    ("text", "layers", "v_w"): (_TB + "self_attn.v_proj.weight", HEADS_IN),
-    ("text", "layers", "q_b"): (_TB + "self_attn.q_proj.bias", HEADS_BIAS),
-    ("text", "layers", "k_b"): (_TB + "self_attn.k_proj.bias", HEADS_BIAS),
-    ("text", "layers", "v_b"): (_TB + "self_attn.v_proj.bias", HEADS_BIAS),
-    ("text", "layers", "o_w"): (_TB + "self_attn.o_proj.weight", HEADS_OUT),
-    ("text", "layers", "gate_w"): (_TB + "mlp.gate_proj.weight", LINEAR),
-    ("text", "layers", "up_w"): (_TB + "mlp.up_proj.weight", LINEAR),
-    ("text", "layers", "down_w"): (_TB + "mlp.down_proj.weight", LINEAR),
+    **_TEXT,
 }
+
+
+QWEN_TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("vision", "patch_w"): ("vision.patch_embed.proj.weight", PATCH3D),
+    ("vision", "blocks", "ln1"): (_QB + "norm1.weight", SAME),
+    ("vision", "blocks", "ln2"): (_QB + "norm2.weight", SAME),
+    ("vision", "blocks", "qkv_w"): (_QB + "attn.qkv.weight", QKV_IN),
+    ("vision", "blocks", "qkv_b"): (_QB + "attn.qkv.bias", QKV_BIAS),
+    ("vision", "blocks", "o_w"): (_QB + "attn.proj.weight", HEADS_OUT),
+    ("vision", "blocks", "o_b"): (_QB + "attn.proj.bias", SAME),
+    **{("vision", "blocks", f"{n}_w"): (_QB + f"mlp.{n}_proj.weight", LINEAR) for n in ("gate", "up", "down")},
+    **{("vision", "blocks", f"{n}_b"): (_QB + f"mlp.{n}_proj.bias", SAME) for n in ("gate", "up", "down")},
+    ("vision", "merger", "ln"): ("vision.merger.ln_q.weight", SAME),
+    ("vision", "merger", "w1"): ("vision.merger.mlp.0.weight", LINEAR),
+    ("vision", "merger", "b1"): ("vision.merger.mlp.0.bias", SAME),
+    ("vision", "merger", "w2"): ("vision.merger.mlp.2.weight", LINEAR),
+    ("vision", "merger", "b2"): ("vision.merger.mlp.2.bias", SAME),
+    **_TEXT,
+}
+
+TABLES = {"llava_onevision": TABLE, "qwen2_5_vl": QWEN_TABLE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,19 +164,20 @@ class Row:
         return self.layout.to_source(y)
 
 
-def shapes(cfg: LlavaOVConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+def shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every parameter of the model `cfg` (the module's), in loader order."""
-    return model_params.shapes(LlavaOneVision, cfg)
+    return model_params.shapes(family.module(cfg), cfg)
 
 
-def rows(cfg: LlavaOVConfig) -> list[Row]:
+def rows(cfg: ModelConfig) -> list[Row]:
     """A `Row` for every parameter of the model `cfg`, in the module's order. A parameter
-    without a row of the table is a bug: ValueError."""
+    without a row of its family's table is a bug: ValueError."""
     out = []
+    table = TABLES[cfg.family]
     for path, shape in shapes(cfg).items():
-        if path not in TABLE:
-            raise ValueError(f"parameter {'/'.join(path)} has no row in checkpoint.table.TABLE")
-        source, layout = TABLE[path]
+        if path not in table:
+            raise ValueError(f"parameter {'/'.join(path)} has no row in checkpoint.table.TABLES[{cfg.family!r}]")
+        source, layout = table[path]
         stacked = "{i}" in source  # then the module's shape leads with the layer axis
         out.append(Row(path, source, layout, shape[1:] if stacked else shape, shape[0] if stacked else 0))
     return out

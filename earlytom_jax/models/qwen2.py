@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from earlytom_jax.config import Qwen2Config
@@ -30,10 +31,21 @@ def rms_norm(x, w, eps):
     return w * y.astype(x.dtype)
 
 
-def rope_tables(positions, head_dim: int, theta: float):
-    """positions int [B, L] → cos, sin fp32 [B, L, D] (HF default rope, halves duplicated)."""
+def rope_tables(positions, head_dim: int, theta: float, mrope_section=None):
+    """positions int [B, L] → cos, sin fp32 [B, L, D] (HF default rope, halves duplicated).
+
+    Multimodal RoPE (Qwen2.5-VL): positions int [B, L, 3] (temporal, height, width) and
+    mrope_section (s0, s1, s2) summing to D / 2: frequency j < s0 turns with the temporal
+    position, the next s1 with the height, the last s2 with the width. A text token, whose
+    three positions are equal, gets exactly the 1-D rope."""
     inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    f = positions.astype(jnp.float32)[..., None] * inv
+    if positions.ndim == 3:
+        if mrope_section is None or sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"3-D positions need an mrope_section summing to {head_dim // 2}, got {mrope_section}")
+        component = np.repeat(np.arange(3), mrope_section)  # [D/2]: which position each frequency reads
+        f = positions.astype(jnp.float32)[..., component] * inv
+    else:
+        f = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([f, f], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -139,11 +151,16 @@ class Qwen2(nnx.Module):
         """Layer `index` (int; or a traced int32 unless held per layer) as a module of its own."""
         return stack.layer(self.layers, index)
 
-    def run_layers(self, h, positions, key_valid, start: int, stop: int, block: int | None = None):
-        """Causal prefill of layers [start, stop). h [B,L,C]; positions int [B, L] (RoPE ids);
-        key_valid bool [B, L]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
+    def rope(self, positions):
+        """cos, sin fp32 [B, L, D] for positions int [B, L], or [B, L, 3] with multimodal RoPE."""
         cfg = self.cfg
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        return rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+    def run_layers(self, h, positions, key_valid, start: int, stop: int, block: int | None = None):
+        """Causal prefill of layers [start, stop). h [B,L,C]; positions int [B, L] (RoPE ids; [B, L, 3]
+        with multimodal RoPE); key_valid bool [B, L]. → (h, ks, vs) with ks [n, B, L, Hk, D]."""
+        cfg = self.cfg
+        cos, sin = self.rope(positions)
 
         def step(h, lay, _):
             h, k, v, _ = lay(h, cos, sin, key_valid, block=block)
@@ -163,8 +180,7 @@ class Qwen2(nnx.Module):
         key_valid bool [B, Lc] (before writing); index: int32 scalar slot to write.
         → (h, cache_k, cache_v, key_valid).
         """
-        cfg = self.cfg
-        cos, sin = rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta)
+        cos, sin = self.rope(position[:, None])
         key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((h.shape[0], 1), bool), (0, index))
 
         def step(h, lay, xs):
