@@ -9,6 +9,11 @@
 `llm.method("earlytom", ratio=0.1)` builds a method with the model's own defaults (the
 checkpoint's, else the built-in ones scaled to its depth: `compression/defaults.py`), so the
 same code runs on the shipped toy model (4 encoder blocks, 4 LLM layers) and on 0.5B.
+
+Both families load the same way; the family (`cfg.family`, read from config.json) decides the
+video sampling, the preprocessing and the prompt: LLaVA-OneVision as lmms-eval's
+`llava_onevision` (`video.load_video`, `video.Preprocessor`), Qwen2.5-VL as lmms-eval's
+`qwen2_5_vl` with qwen-vl-utils (`video_qwen`, at `QwenVideoSettings`' pixel bounds).
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from earlytom_jax.architectures import param_shapes
 from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.compression import defaults as compression_defaults
 from earlytom_jax.compression import registry
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.config import ModelConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import Generation, generate
-from earlytom_jax.models import stack
-from earlytom_jax.prompt import PromptIds, Tokenizer, encode_video_prompt
+from earlytom_jax.models import family, stack
+from earlytom_jax.prompt import PromptIds, Tokenizer, encode_prompt
 from earlytom_jax.progress import human_bytes
 from earlytom_jax.video import Preprocessor, VideoFrames, load_video
+from earlytom_jax.video_qwen import QwenClip, QwenPreprocessor, QwenVideoSettings, load_video_qwen, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +55,29 @@ def available_memory() -> int | None:
     return None
 
 
-def frames_memory(cfg: LlavaOVConfig, num_frames: int) -> int:
+def visual_grid(cfg: ModelConfig, num_frames: int, settings: QwenVideoSettings | None = None) -> tuple[int, int]:
+    """(frames the encoder sees, tokens per such frame at most) for `num_frames` frames: T0 and
+    the pooled tokens of a frame for LLaVA-OneVision; for Qwen2.5-VL the temporal patches
+    (pairs of frames) and the merged tokens of one at the largest size `settings` allow."""
+    if not family.is_qwen(cfg):
+        return num_frames, cfg.tokens_per_frame
+    settings = settings or QwenVideoSettings()
+    v = cfg.vision
+    return -(-num_frames // v.temporal_patch_size), settings.max_pixels // v.factor**2
+
+
+def frames_memory(cfg: ModelConfig, num_frames: int, settings: QwenVideoSettings | None = None) -> int:
     """A lower bound on the bytes `num_frames` frames take before the LLM: the frames resized
     to the model's size (uint8), their fp32 pixels (host and device copies) and the encoder's
     widest activation over all frames (fp32, input and output of one block)."""
     v = cfg.vision
+    if family.is_qwen(cfg):
+        t, s = visual_grid(cfg, num_frames, settings)
+        side2 = s * v.factor**2  # pixels of a frame at the largest size
+        patches = t * s * v.merge_unit
+        frames = t * v.temporal_patch_size * side2 * 3
+        act = patches * max(v.hidden_size, v.intermediate_size) * 4
+        return frames + 2 * frames * 4 + 2 * act
     side = v.image_size
     frames = num_frames * side * side * 3
     pixels = num_frames * 3 * side * side * 4
@@ -61,20 +85,21 @@ def frames_memory(cfg: LlavaOVConfig, num_frames: int) -> int:
     return frames + 2 * pixels + 2 * act
 
 
-def check_frames(cfg: LlavaOVConfig, method, num_frames: int, text_tokens: int, max_new_tokens: int,
-                 memory: bool = True) -> None:
+def check_frames(cfg: ModelConfig, method, num_frames: int, text_tokens: int, max_new_tokens: int,
+                 memory: bool = True, settings: QwenVideoSettings | None = None) -> None:
     """Before any frame is decoded or any program compiled: the prompt (`text_tokens` of text,
-    `method`'s visual buffer for `num_frames` frames, the newline) plus `max_new_tokens`
+    `method`'s visual buffer for `num_frames` frames, LLaVA's newline) plus `max_new_tokens`
     within the model's context, and (memory=True) the frames within the memory available
     (`frames_memory`). ConfigError (one line) otherwise."""
-    length = text_tokens + method.capacity(num_frames, cfg.tokens_per_frame) + 1
+    t, s = visual_grid(cfg, num_frames, settings)
+    length = text_tokens + method.capacity(t, s) + (0 if family.is_qwen(cfg) else 1)
     limit = cfg.text.max_position_embeddings
     if length + max_new_tokens > limit:
         raise ConfigError(
             f"prompt of {length} tokens ({num_frames} frames) plus {max_new_tokens} new tokens "
             f"exceeds the model's context of {limit}; use fewer frames or a shorter prompt"
         )
-    need, free = frames_memory(cfg, num_frames), available_memory() if memory else None
+    need, free = frames_memory(cfg, num_frames, settings), available_memory() if memory else None
     if free is not None and need > free:
         raise ConfigError(
             f"--frames {num_frames}: the frames and the encoder's activations need at least {human_bytes(need)}, "
@@ -86,7 +111,7 @@ def check_frames(cfg: LlavaOVConfig, method, num_frames: int, text_tokens: int, 
 class Answer:
     text: str
     generation: Generation
-    video: VideoFrames | None
+    video: VideoFrames | QwenClip | None
 
     @property
     def tokens(self) -> list[int]:
@@ -103,21 +128,26 @@ class Answer:
 
 @dataclasses.dataclass
 class VideoLLM:
-    """A LLaVA-OneVision model with its tokenizer and preprocessor."""
+    """A video LLM (LLaVA-OneVision or Qwen2.5-VL) with its tokenizer and preprocessor;
+    `video`: Qwen2.5-VL's sampling and pixel bounds (unused by LLaVA-OneVision, whose frames
+    are resized to the encoder's square)."""
 
-    cfg: LlavaOVConfig
+    cfg: ModelConfig
     params: dict
     tokenizer: Tokenizer
-    preprocessor: Preprocessor
+    preprocessor: Preprocessor | QwenPreprocessor
     mesh: object = None  # jax.sharding.Mesh or None (one device)
     info: compression_defaults.ModelInfo = dataclasses.field(default_factory=compression_defaults.ModelInfo)
+    video: QwenVideoSettings = QwenVideoSettings()
 
     @classmethod
-    def load(cls, directory: str, dtype: str = "float32", mesh=None) -> "VideoLLM":
+    def load(cls, directory: str, dtype: str = "float32", mesh=None, video: QwenVideoSettings | None = None
+             ) -> "VideoLLM":
         """An HF checkpoint directory (safetensors, any supported layout) or a converted one
         (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
         every weight straight into its shard on the devices (see earlytom_jax.sharding).
-        On CPU, bf16 layer stacks are held in the forms `models.stack.pack` gives."""
+        On CPU, bf16 layer stacks are held in the forms `models.stack.pack` gives.
+        video: Qwen2.5-VL's pixel bounds (default: the official EarlyTom script's)."""
         xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
@@ -127,7 +157,9 @@ class VideoLLM:
         cfg, params = load_any(directory, dtype, shardings)
         params = stack.pack(params)
         info = compression_defaults.read_model_info(directory)
-        return cls(cfg, params, Tokenizer.from_dir(directory), Preprocessor.from_dir(directory), m, info)
+        video = video or QwenVideoSettings()
+        pre = QwenPreprocessor.from_dir(directory, video) if family.is_qwen(cfg) else Preprocessor.from_dir(directory)
+        return cls(cfg, params, Tokenizer.from_dir(directory), pre, m, info, video)
 
     def method(self, name: str = "earlytom", ratio: float | None = None, preset: str | None = None, **settings):
         """The compression method `name` at `ratio` (default: --preset TASK@R's, else 0.1) for
@@ -165,15 +197,43 @@ class VideoLLM:
         text = len(ids.prefix) + len(ids.suffix)
         if pad_multiple:
             text = len(ids.prefix) + max(pad_multiple, -(-len(ids.suffix) // pad_multiple) * pad_multiple)
-        check_frames(self.cfg, method, num_frames, text, max_new_tokens)
+        check_frames(self.cfg, method, num_frames, text, max_new_tokens, settings=self.video)
 
-    def _check_length(self, t0: int, text_tokens: int, method, max_new_tokens: int) -> None:
+    def _check_length(self, pixels, text_tokens: int, method, max_new_tokens: int) -> None:
+        """The prompt around these pixels' visual tokens (Qwen2.5-VL: at their actual frame size)."""
         if max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {max_new_tokens}: need at least 1 (the first token is the answer's start)")
-        check_frames(self.cfg, method, t0, text_tokens, max_new_tokens, memory=False)
+        settings = self.video
+        if family.is_qwen(self.cfg):
+            settings = dataclasses.replace(settings, max_pixels=max(settings.min_pixels, pixels.shape[2] * pixels.shape[3]))
+        check_frames(self.cfg, method, pixels.shape[0], text_tokens, max_new_tokens, memory=False, settings=settings)
 
     def prompt_ids(self, question: str) -> PromptIds:
-        return encode_video_prompt(self.tokenizer, question, self.cfg.video_token_id)
+        return encode_prompt(self.tokenizer, question, self.cfg)
+
+    def load_video(self, path: str, num_frames: int) -> VideoFrames | QwenClip:
+        """`num_frames` frames of a video file as this model's family samples them (Qwen2.5-VL:
+        qwen-vl-utils' frames, at most `num_frames`, already resized to its pixel bounds)."""
+        if family.is_qwen(self.cfg):
+            return load_video_qwen(path, dataclasses.replace(self.video, frames=num_frames))
+        return load_video(path, num_frames)
+
+    def token_grid(self, frames: np.ndarray) -> tuple[tuple[int, int], int]:
+        """((rows, columns) of one encoded frame's tokens, sampled frames per encoded frame) for
+        frames uint8 [T, H, W, 3] as this model encodes them (what `visualize.render` draws)."""
+        if family.is_qwen(self.cfg):
+            v = self.cfg.vision
+            h, w = smart_resize(frames.shape[1], frames.shape[2], v.factor, self.video.min_pixels, self.video.max_pixels)
+            return (h // v.factor, w // v.factor), v.temporal_patch_size
+        return (self.cfg.pooled_grid, self.cfg.pooled_grid), 1
+
+    def prepare(self, frames: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """uint8 frames [T, H, W, 3] → (pixels, video_time): pixels [T, 3, S, S] and None for
+        LLaVA-OneVision; [T', 3, H', W'] (T' even) and seconds per temporal patch for Qwen2.5-VL."""
+        out = self.preprocessor(frames)
+        if family.is_qwen(self.cfg):
+            return out.pixels, out.second_per_grid_t
+        return out, None
 
     def ask(
         self,
@@ -191,25 +251,28 @@ class VideoLLM:
             method = method.check(self.cfg)
         if isinstance(video, (str, os.PathLike)):
             self.check_request(num_frames, question, method, max_new_tokens)
-        vf = load_video(os.fspath(video), num_frames) if isinstance(video, (str, os.PathLike)) else None
+        vf = self.load_video(os.fspath(video), num_frames) if isinstance(video, (str, os.PathLike)) else None
         frames = vf.frames if vf is not None else np.asarray(video)
-        ans = self.answer(self.preprocessor(frames), question, method, max_new_tokens, on_token)
+        pixels, video_time = self.prepare(frames)
+        ans = self.answer(pixels, question, method, max_new_tokens, on_token, video_time=video_time)
         return dataclasses.replace(ans, video=vf)
 
     def answer(self, pixels: np.ndarray, question: str, method=pipeline.FULL, max_new_tokens: int = 32,
-               on_token=None, pad_multiple: int | None = None) -> Answer:
-        """Answer about preprocessed pixels [T, 3, S, S] (see `self.preprocessor`).
+               on_token=None, pad_multiple: int | None = None, video_time: float | None = None) -> Answer:
+        """Answer about preprocessed pixels (see `prepare`; video_time: Qwen2.5-VL's seconds per
+        temporal patch).
 
         pad_multiple: left-pad the prompt after the video to a multiple of this many tokens,
         so that questions of nearby lengths reuse one compiled program (evaluation loops).
         """
         if hasattr(method, "check"):
             method = method.check(self.cfg)
+        pipeline.check_family(self.cfg, method)
         ids = self.prompt_ids(question)
         suffix, suffix_valid = ids.suffix, None
         if pad_multiple:
             suffix, suffix_valid = pipeline.pad_suffix(ids.suffix, pad_multiple)
-        self._check_length(pixels.shape[0], len(ids.prefix) + len(suffix), method, max_new_tokens)
+        self._check_length(pixels, len(ids.prefix) + len(suffix), method, max_new_tokens)
         if self.mesh is not None:
             pixels = jax.device_put(pixels, sharding.frames_sharding(self.mesh, pixels.shape[0]))
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
@@ -218,5 +281,6 @@ class VideoLLM:
                 max_new_tokens, self.tokenizer.eos_ids,
                 on_token=None if on_token is None else (lambda t: on_token(self.tokenizer.decode([t]))),
                 suffix_valid=suffix_valid,
+                video_time=None if video_time is None else np.float32(video_time),
             )
         return Answer(self.tokenizer.decode(gen.tokens).strip(), gen, None)

@@ -1,10 +1,16 @@
-"""The qwen_1_5 chat prompt and a thin offline wrapper around a checkpoint's `tokenizer.json`.
+"""The chat prompts of both families and a thin offline wrapper around a checkpoint's
+`tokenizer.json`.
 
-Prompt (spec section 1, step 6):
+LLaVA-OneVision, the qwen_1_5 template (spec section 1, step 6):
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<video>\\n
     {question}<|im_end|>\\n<|im_start|>assistant\\n
+Qwen2.5-VL, its chat template on lmms-eval's messages (system prompt, then the video and the
+question in one user turn; see earlytom_jax/video_qwen.py):
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
+    <|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n
 The single video placeholder is later replaced by the visual tokens, so the token ids are kept
-as a prefix and a suffix around it (`PromptIds`).
+as a prefix and a suffix around it (`PromptIds`; Qwen2.5-VL's prefix ends with <|vision_start|>
+and its suffix starts with <|vision_end|>).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class PromptError(EarlyTomError, ValueError):
 
 QWEN_SYSTEM = "You are a helpful assistant."
 VIDEO_PLACEHOLDER = "<video>"
+QWEN_VL_PLACEHOLDER = "<|video_pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 _EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -33,6 +40,15 @@ def chat_prompt(question: str, placeholder: str = VIDEO_PLACEHOLDER) -> str:
     return (
         f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
         f"<|im_start|>user\n{placeholder}\n{question}<|im_end|>\n"
+        f"<|im_start|>assistant\n"
+    )
+
+
+def qwen_vl_prompt(question: str) -> str:
+    """Qwen2.5-VL's chat template on lmms-eval's messages: the video, then the question."""
+    return (
+        f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n<|vision_start|>{QWEN_VL_PLACEHOLDER}<|vision_end|>{question}<|im_end|>\n"
         f"<|im_start|>assistant\n"
     )
 
@@ -128,3 +144,26 @@ def encode_video_prompt(
     if placeholder_id in prefix or placeholder_id in suffix:
         raise PromptError(f"the question contains the placeholder {placeholder!r}; remove it")
     return PromptIds(prefix=tuple(prefix), suffix=tuple(suffix))
+
+
+def encode_qwen_vl_prompt(tokenizer: Tokenizer, question: str, cfg) -> PromptIds:
+    """Ids of `qwen_vl_prompt(question)` split around <|video_pad|>; the tokenizer's vision
+    tokens must carry the ids of the model's config (`cfg`: a Qwen25VLConfig)."""
+    for token, want in (("<|vision_start|>", cfg.vision_start_token_id), ("<|vision_end|>", cfg.vision_end_token_id),
+                        (QWEN_VL_PLACEHOLDER, cfg.video_token_id)):
+        got = tokenizer.token_id(token)
+        if got != want:
+            raise PromptError(f"tokenizer maps {token!r} to {got}, but the model's config says {want}; "
+                              "the tokenizer.json belongs to another checkpoint")
+    before, after = qwen_vl_prompt(question).split(QWEN_VL_PLACEHOLDER, 1)
+    prefix, suffix = tokenizer.encode(before), tokenizer.encode(after)
+    if cfg.video_token_id in prefix or cfg.video_token_id in suffix:
+        raise PromptError(f"the question contains the placeholder {QWEN_VL_PLACEHOLDER!r}; remove it")
+    return PromptIds(prefix=tuple(prefix), suffix=tuple(suffix))
+
+
+def encode_prompt(tokenizer: Tokenizer, question: str, cfg) -> PromptIds:
+    """The prompt ids of `cfg`'s family around its video placeholder."""
+    if cfg.family == "qwen2_5_vl":
+        return encode_qwen_vl_prompt(tokenizer, question, cfg)
+    return encode_video_prompt(tokenizer, question, cfg.video_token_id)

@@ -38,12 +38,12 @@ def char_tokenizer(image_token_id: int):
     return tok
 
 
-def qwen_vl_tokenizer(vocab_size: int):
-    """A tokenizer laid out like Qwen2.5-VL's: plain ids, then its 14 added tokens ending with
-    `<|image_pad|>` = vocab_size - 2 and `<|video_pad|>` = vocab_size - 1 (151655, 151656 in the
-    released one, whose vocabulary is padded further)."""
-    tok = _chars(vocab_size - len(QWEN_VL_SPECIALS), QWEN_VL_SPECIALS)
-    assert tok.token_to_id("<|video_pad|>") == vocab_size - 1
+def qwen_vl_tokenizer(video_token_id: int):
+    """A tokenizer laid out like Qwen2.5-VL's: plain ids, then its 14 added tokens from
+    `<|endoftext|>` to `<|video_pad|>` = video_token_id (151643..151656 in the released one,
+    whose model pads the vocabulary further)."""
+    tok = _chars(video_token_id + 1 - len(QWEN_VL_SPECIALS), QWEN_VL_SPECIALS)
+    assert tok.token_to_id("<|video_pad|>") == video_token_id
     return tok
 
 

@@ -6,7 +6,8 @@ the caption says which sampled frames the merged frame absorbed and whether it w
 (D: top-k tokens) or static (S: one token per run), and a coloured bar marks the final
 segments. Methods without frame merging show their frames one to one (uniform frames: the
 frames it kept), and every token entering the LLM when they select none (full tokens; FastV,
-which drops tokens only inside the LLM).
+which drops tokens only inside the LLM). Qwen2.5-VL's encoder sees pairs of frames (temporal
+patches) and keeps a rows x columns grid of merged tokens for each: one tile per pair.
 """
 
 from __future__ import annotations
@@ -19,23 +20,27 @@ from earlytom_jax.io_utils import atomic_write_bytes
 _SEGMENT_COLOURS = [(230, 80, 80), (80, 160, 240), (90, 200, 120), (240, 180, 60), (180, 110, 230), (60, 200, 200)]
 
 
-def render(frames: np.ndarray, stats: dict, pooled_grid: int, label: str = "EarlyTom", picked=None,
+def render(frames: np.ndarray, stats: dict, grid, label: str = "EarlyTom", picked=None, group: int = 1,
            tile: int = 168, columns: int = 8):
     """frames uint8 [T0, H, W, 3] (the sampled frames); stats: the pipeline's statistics as
-    Python values (any method whose tokens are pooled-grid tokens: all but ToMe); label: the
-    method's name for the title; picked: the sampled frames a frame-dropping method encoded
-    (`method.input_frames`). → (PIL image, number of highlighted tokens)."""
+    Python values (any method whose tokens are grid tokens: all but ToMe); grid: the token grid
+    of one encoded frame, a side (LLaVA's pooled grid) or (rows, columns); label: the method's
+    name for the title; picked: the sampled frames a frame-dropping method encoded
+    (`method.input_frames`); group: sampled frames per encoded frame (Qwen2.5-VL's 2).
+    → (PIL image, number of highlighted tokens)."""
     n = int(stats["frames"])
+    gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
     merging = "frame_mixing" in stats
     if merging:
         mixing = np.asarray(stats["frame_mixing"], np.float32)[:n, : len(frames)]
     else:
         sources = list(picked) if picked is not None else list(range(len(frames)))
         mixing = np.zeros((n, len(frames)), np.float32)
-        mixing[np.arange(n), sources[:n]] = 1.0
+        for r in range(n):
+            mixing[r, [sources[min(r * group + k, len(sources) - 1)] for k in range(group)]] = 1.0
     starts = list(stats["segment_starts"])[:n] if merging else None
     dynamic = list(stats["dynamic"])[:n] if merging else None
-    per_frame = pooled_grid * pooled_grid
+    per_frame = gh * gw
     kept = [set() for _ in range(n)]
     if "kept_index" in stats:
         for idx in stats["kept_index"]:
@@ -54,7 +59,7 @@ def render(frames: np.ndarray, stats: dict, pooled_grid: int, label: str = "Earl
                       f"(bright){legend}", fill=(235, 235, 235))
     segment = -1
     highlighted = 0
-    cell = tile / pooled_grid
+    cell_h, cell_w = tile / gh, tile / gw
     for r in range(n):
         if starts is None or starts[r]:
             segment += 1
@@ -65,13 +70,13 @@ def render(frames: np.ndarray, stats: dict, pooled_grid: int, label: str = "Earl
         arr = np.asarray(thumb).astype(np.float32)
         mask = np.zeros((tile, tile), bool)
         for k in kept[r]:
-            i, j = divmod(k, pooled_grid)
-            mask[int(i * cell) : int((i + 1) * cell), int(j * cell) : int((j + 1) * cell)] = True
+            i, j = divmod(k, gw)
+            mask[int(i * cell_h) : int((i + 1) * cell_h), int(j * cell_w) : int((j + 1) * cell_w)] = True
         arr = np.where(mask[..., None], arr, arr * 0.3)
         img.paste(Image.fromarray(arr.astype(np.uint8)), (x0, y0))
         for k in sorted(kept[r]):
-            i, j = divmod(k, pooled_grid)
-            draw.rectangle([x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1],
+            i, j = divmod(k, gw)
+            draw.rectangle([x0 + j * cell_w, y0 + i * cell_h, x0 + (j + 1) * cell_w - 1, y0 + (i + 1) * cell_h - 1],
                            outline=(255, 220, 0))
             highlighted += 1
         src = ",".join(map(str, sources)) if len(sources) <= 4 else f"{sources[0]}..{sources[-1]} ({len(sources)})"
@@ -81,7 +86,8 @@ def render(frames: np.ndarray, stats: dict, pooled_grid: int, label: str = "Earl
             draw.text((x0 + 4, y0 + tile + 7), f"#{r} {'D' if dynamic[r] else 'S'} <- {src}", fill=(235, 235, 235))
             draw.text((x0 + 4, y0 + tile + 20), f"{len(kept[r])} tokens, seg {segment}", fill=(170, 170, 170))
         else:
-            draw.text((x0 + 4, y0 + tile + 7), f"#{r} <- frame {src}", fill=(235, 235, 235))
+            draw.text((x0 + 4, y0 + tile + 7), f"#{r} <- frame{'s' if len(sources) > 1 else ''} {src}",
+                      fill=(235, 235, 235))
             draw.text((x0 + 4, y0 + tile + 20), f"{len(kept[r])} tokens", fill=(170, 170, 170))
     return img, highlighted
 

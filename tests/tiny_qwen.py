@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 VOCAB = 300
-VIDEO, IMAGE, VSTART, VEND = 299, 298, 295, 296  # synthetic.qwen_vl_tokenizer(300)'s ids
+VIDEO, IMAGE, VSTART, VEND = 299, 298, 295, 296  # synthetic.qwen_vl_tokenizer(299)'s ids
 PREPROCESSOR = {  # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_config.json
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -66,7 +66,7 @@ def write_assets(directory: str) -> str:
     """tokenizer.json (character level, Qwen2.5-VL's added tokens) and preprocessor_config.json."""
     from earlytom_jax.synthetic import qwen_vl_tokenizer
 
-    qwen_vl_tokenizer(VOCAB).save(os.path.join(directory, "tokenizer.json"))
+    qwen_vl_tokenizer(VIDEO).save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
         json.dump(PREPROCESSOR, f)
     return directory

@@ -52,6 +52,8 @@ _COPIES = (
     ("tokenizer.json", "tokenizer.json", True),
     ("preprocessor_config.json", "preprocessor_config.json", True),
     ("tokenizer_config.json", "tokenizer_config.json", False),
+    ("video_preprocessor_config.json", "video_preprocessor_config.json", False),
+    ("chat_template.json", "chat_template.json", False),
 )
 _GROUP_BYTES = 256 << 20  # leaves per orbax partial save: flush once this much is gathered
 _CHUNK_BYTES = 64 << 20  # zarr chunk size of stored arrays

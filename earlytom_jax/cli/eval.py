@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-from earlytom_jax.cli.flags import check_counts, compression_flags, floats, method_from_args, names, ratio_from_args
+from earlytom_jax.cli.flags import (check_counts, compression_flags, default_method, floats, method_from_args, names,
+                                    ratio_from_args, video_flags, video_settings)
 from earlytom_jax.errors import ConfigError
 
 
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
                    help="run several methods (e.g. full,earlytom,fastv) at --ratios and print one table")
     e.add_argument("--ratios", type=floats, default=None, help="ratios for --compare (default: --ratio, else 0.1)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    video_flags(e)
     m = e.add_argument_group("multi-host (every host runs the same command; --out on a shared file system)")
     m.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
     m.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with --num-processes, --process-id)")
@@ -72,7 +74,8 @@ def eval_runs(args, cfg, info=None) -> list:
     ratio = ratio_from_args(args)
     if args.compare:
         return [build(name, r) for name in args.compare for r in ([None] if name == "full" else list(args.ratios or (ratio,)))]
-    return [build(args.method, None if args.method == "full" else ratio)]
+    name = args.method or default_method(cfg)
+    return [build(name, None if name == "full" else ratio)]
 
 
 def cmd_eval(args) -> int:
@@ -88,8 +91,9 @@ def cmd_eval(args) -> int:
     s = runner.EvalSettings(
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
         limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
-        prefetch=args.prefetch, progress=not args.quiet,
+        prefetch=args.prefetch, progress=not args.quiet, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
     )
+    video_settings(args)  # contradictory bounds: one line, before anything loads
     runs = eval_runs(args, load_any_config(args.model), read_model_info(args.model))
     if args.compare:
         rows = compare.compare(s, runs)

@@ -41,11 +41,38 @@ def names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def video_flags(p: argparse.ArgumentParser) -> None:
+    """Qwen2.5-VL's frame size bounds (the official EarlyTom script's by default)."""
+    from earlytom_jax.video_qwen import QwenVideoSettings
+
+    d = QwenVideoSettings()
+    g = p.add_argument_group("Qwen2.5-VL video (ignored by LLaVA-OneVision, which resizes to its square)")
+    g.add_argument("--min-pixels", type=int, default=d.min_pixels, help="smallest frame area: frames are resized "
+                   "(sides multiples of 28, aspect kept) to at least this many pixels")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest frame area, in pixels")
+
+
+def video_settings(args):
+    """The `QwenVideoSettings` of --frames, --min-pixels and --max-pixels (ConfigError, one line,
+    for bounds that contradict each other)."""
+    from earlytom_jax.video_qwen import QwenVideoSettings
+
+    return QwenVideoSettings(frames=getattr(args, "frames", None) or QwenVideoSettings.frames,
+                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+
+def default_method(cfg) -> str:
+    """--method when not given: EarlyTom; full tokens on Qwen2.5-VL, where EarlyTom is not
+    available yet (issue 33)."""
+    return "full" if cfg.family == "qwen2_5_vl" else "earlytom"
+
+
 def compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--method", default="earlytom", choices=list(registry.METHODS),
+    g.add_argument("--method", default=None, choices=list(registry.METHODS),
                    help="compression method; every one keeps --ratio of the T0·196 visual tokens "
-                        "(fastv: from LLM layer --llm-merge-layer on)")
+                        "(fastv: from LLM layer --llm-merge-layer on) (default: earlytom); on Qwen2.5-VL: full, "
+                        "the only one it runs yet")
     g.add_argument("--ratio", type=float, default=None,
                    help=f"retention ratio r in (0, 1] (default {registry.DEFAULT_RATIO}, or --preset TASK@R's)")
     g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6, or --preset's)")
@@ -81,8 +108,9 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
     built-in ones scaled to the model's depth. Notes (a default scaled) are appended to
     `notes` when given, else printed on stderr, each once."""
     from earlytom_jax.compression import defaults
+    from earlytom_jax.pipeline import check_family
 
-    name = registry.canonical(name or args.method)
+    name = registry.canonical(name or args.method or default_method(cfg))
     if name == "full":
         return registry.build("full", None, cfg)
     takes = registry.SETTINGS[name]
@@ -96,6 +124,8 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
         if key is not None and key != "preset":
             explicit[key] = getattr(args, flag)
     kw, said = defaults.settings(name, cfg, explicit, args.preset, info)
+    method = registry.build(name, ratio if ratio is not None else ratio_from_args(args), cfg, **kw)
+    check_family(cfg, method)  # before any note about its settings
     if notes is not None:
         notes.extend(said)
     else:
@@ -103,7 +133,7 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
             if line not in _PRINTED:  # once per process (bench and eval build a method per ratio)
                 _PRINTED.add(line)
                 print(line, file=sys.stderr)
-    return registry.build(name, ratio if ratio is not None else ratio_from_args(args), cfg, **kw)
+    return method
 
 
 def check_counts(args) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args
+from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args, video_flags, video_settings
 from earlytom_jax.cli.run import DTYPE_HELP, MODEL_HELP
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.progress import status
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     v.add_argument("--frames", type=int, default=32, help="frames sampled evenly from the video")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=DTYPE_HELP)
     v.add_argument("--out", required=True, help="PNG file to write")
+    video_flags(v)
     compression_flags(v)
     v.set_defaults(fn=cmd_visualize)
 
@@ -29,11 +30,11 @@ def cmd_visualize(args) -> int:
 
     check_counts(args)
     check_writable(args.out, "--out")
-    if registry.canonical(args.method) == "tome":
+    if args.method and registry.canonical(args.method) == "tome":
         raise ConfigError("--method tome merges tokens inside the encoder (no pooled-token grid): there is no "
                           "kept-token map to draw; choose another method")
     status(f"earlytom: loading {args.model}...")
-    llm = VideoLLM.load(args.model, args.dtype)
+    llm = VideoLLM.load(args.model, args.dtype, video=video_settings(args))
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, 1)
     status(f"earlytom: decoding {args.frames} frames, then compiling and running {registry.label(method)}...")
@@ -42,7 +43,8 @@ def cmd_visualize(args) -> int:
     finally:
         status(None)
     picked = method.input_frames(len(ans.video.frames)) if hasattr(method, "input_frames") else None
-    img, highlighted = render(ans.video.frames, ans.stats, llm.cfg.pooled_grid, registry.label(method), picked)
+    grid, group = llm.token_grid(ans.video.frames)
+    img, highlighted = render(ans.video.frames, ans.stats, grid, registry.label(method), picked, group)
     save_png(img, args.out)
     print(f"wrote {args.out}: {ans.stats['frames']} frames, {highlighted} kept tokens highlighted "
           f"({registry.label(method)})")

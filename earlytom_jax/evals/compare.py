@@ -35,7 +35,7 @@ def compare(s: EvalSettings, runs: list[tuple[str, float | None, object]], llm=N
     from earlytom_jax.api import VideoLLM
 
     if llm is None:
-        llm = VideoLLM.load(s.model, s.dtype, s.mesh)
+        llm = VideoLLM.load(s.model, s.dtype, s.mesh, video=s.video())
     rows = []
     for name, ratio, method in runs:
         tag = run_tag(name, ratio)

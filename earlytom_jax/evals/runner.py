@@ -43,7 +43,7 @@ from earlytom_jax.errors import ConfigError, EarlyTomError
 from earlytom_jax.evals import records as rec
 from earlytom_jax.progress import bar as progress_bar
 from earlytom_jax.io_utils import atomic_write_text, read_json, strict_json
-from earlytom_jax.video import load_frame_dir, load_video
+from earlytom_jax.video import load_frame_dir
 
 # lmms-eval let EgoSchema generate up to 1024 tokens (no generation_kwargs in its yaml); the
 # answer is one letter, so by default we stop far earlier and record that we did.
@@ -67,6 +67,14 @@ class EvalSettings:
     prefetch: int = 4
     pad_multiple: int = 32
     progress: bool = True
+    min_pixels: int = 37632  # Qwen2.5-VL's frame area bounds (the official script's)
+    max_pixels: int = 200704
+
+    def video(self):
+        """Qwen2.5-VL's `QwenVideoSettings` of these settings."""
+        from earlytom_jax.video_qwen import QwenVideoSettings
+
+        return QwenVideoSettings(frames=self.frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
 
 def method_description(method) -> dict:
@@ -176,12 +184,13 @@ class _Writer:
 
 def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, writer, stop: threading.Event):
     """Answer `items` in order on one device group, decoding videos `s.prefetch` ahead."""
-    pre = llm.preprocessor
-
     def load(sample):
-        reader = load_frame_dir if os.path.isdir(sample.video) else load_video
-        vf = reader(sample.video, s.frames)
-        return pre(vf.frames)
+        """(pixels, video_time) of one sample: a video file as the model's family samples it; a
+        folder of frames (MVBench) read as `s.frames` evenly spaced stills, then preprocessed
+        (for Qwen2.5-VL at its pixel bounds: lmms-eval's qwen2_5_vl passes no folder on at all)."""
+        if os.path.isdir(sample.video):
+            return llm.prepare(load_frame_dir(sample.video, s.frames).frames)
+        return llm.prepare(llm.load_video(sample.video, s.frames).frames)
 
     pending: collections.deque = collections.deque()
     it = iter(items)
@@ -198,11 +207,11 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
         sample, fut = pending.popleft()
         fill()
         try:
-            pixels = fut.result()
+            pixels, video_time = fut.result()
         except EarlyTomError as e:
             writer.error(sample, e)
             continue
-        ans = llm.answer(pixels, sample.context, method, max_new, pad_multiple=s.pad_multiple)
+        ans = llm.answer(pixels, sample.context, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
         ids = llm.prompt_ids(sample.context)
         writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), s.frames))
 
@@ -227,7 +236,7 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
 
     os.makedirs(s.out, exist_ok=True)
     if llm is None:
-        llm = VideoLLM.load(s.model, s.dtype, groups[0])
+        llm = VideoLLM.load(s.model, s.dtype, groups[0], video=s.video())
     elif groups[0] is not None:
         llm = llm.placed(groups[0])
     if hasattr(method, "check"):
