@@ -22,6 +22,8 @@ import dataclasses
 
 import numpy as np
 
+from earlytom_jax.errors import ConfigError
+
 KINDS = ("colour", "count", "order", "motion", "scene")
 LETTERS = "ABCD"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -103,7 +105,9 @@ def _colour(rng, t, size):
 
 
 def _count(rng, t, size):
-    n = int(rng.integers(1, 5))
+    # at most 4 flashes, and no more than fit non-adjacent in 1..t-2 (clips of 9+ frames: the
+    # draws the toy model was trained on; fewer frames would loop forever looking for room)
+    n = int(rng.integers(1, min(4, (t - 1) // 2) + 1))
     # distinct, non-adjacent flash frames in 1..t-2
     while True:
         frames = np.sort(rng.choice(np.arange(1, t - 1), size=n, replace=False))
@@ -184,10 +188,16 @@ DARK = 0.2  # brightness of the frames after the screen goes dark
 _MAKERS = {"colour": _colour, "count": _count, "order": _order, "motion": _motion, "scene": _scene}
 
 
+MIN_FRAMES = 8  # the ordering clip needs two windows of 3+ frames, one in each half
+
+
 def make_sample(kind: str, seed: int, num_frames: int = 16, size: int = 48) -> Sample:
     """One clip and its question; identical for identical (kind, seed, num_frames, size)."""
     if kind not in _MAKERS:
         raise ValueError(f"unknown question type {kind!r}; choose one of {', '.join(KINDS)}")
+    if num_frames < MIN_FRAMES:
+        raise ConfigError(f"the toy clips need at least {MIN_FRAMES} frames (--frames {num_frames}); "
+                          "ask for more, or pass --video")
     rng = np.random.default_rng([KINDS.index(kind), seed])
     img, options, letter, meta = _MAKERS[kind](rng, num_frames, size)
     return Sample(kind, seed, _finish(img, rng), QUESTIONS[kind], tuple(options), letter, meta)
