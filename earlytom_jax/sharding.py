@@ -16,6 +16,7 @@ the mesh over `jax.devices()` as here; params placed with these shardings span h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -23,23 +24,32 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
+from earlytom_jax.config import LlavaOVConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
 from earlytom_jax.errors import ConfigError
-from earlytom_jax.models import params
+from earlytom_jax.models import family, params
 from earlytom_jax.models.axes import LOGICAL_RULES
-from earlytom_jax.models.llava_onevision import LlavaOneVision
 
 __all__ = ["LOGICAL_RULES", "describe", "frames_sharding", "logical_axes", "parse_mesh", "plan_shardings", "shard_params"]
 
 
 @functools.lru_cache(maxsize=1)
-def logical_axes() -> dict[str, tuple[str | None, ...]]:
-    """Parameter path (joined by "/") → the logical names of its dimensions, as the model's
-    modules declare them (models/params.py; stacked layers lead with None). Names and axes do
-    not depend on the sizes, so a one-layer model with an untied head (every parameter there
-    is) stands for all."""
-    cfg = LlavaOVConfig(vision=SiglipConfig(num_layers=1), text=Qwen2Config(num_layers=1, tie_word_embeddings=False))
-    return {"/".join(p): names for p, names in params.logical_axes(LlavaOneVision, cfg).items()}
+def logical_axes() -> dict[tuple[str, int], tuple[str | None, ...]]:
+    """(parameter path joined by "/", its rank) → the logical names of its dimensions, as the
+    models' modules declare them (models/params.py; stacked layers lead with None), both
+    families. Names and axes do not depend on the sizes, so a one-layer model with an untied
+    head (every parameter there is) stands for each family; a path both families have with one
+    rank is named alike (`vision/patch_w` is 2-D in SigLIP, a 5-D Conv3d kernel in Qwen2.5-VL)."""
+    text = Qwen2Config(num_layers=1, tie_word_embeddings=False)
+    cfgs = (LlavaOVConfig(vision=SiglipConfig(num_layers=1), text=text),
+            Qwen25VLConfig(vision=QwenVisionConfig(num_layers=1, fullatt_block_indexes=(0,), out_hidden_size=896),
+                           text=dataclasses.replace(text, mrope_section=(8, 12, 12))))
+    out: dict[tuple[str, int], tuple[str | None, ...]] = {}
+    for cfg in cfgs:
+        for p, names in params.logical_axes(family.module(cfg), cfg).items():
+            key = ("/".join(p), len(names))
+            if out.setdefault(key, names) != names:
+                raise ValueError(f"{key}: the families name its axes differently ({out[key]} and {names})")
+    return out
 
 
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
@@ -63,7 +73,7 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
 
 
 def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fallbacks: list[str]) -> PartitionSpec:
-    names = logical_axes().get(path)
+    names = logical_axes().get((path, len(shape)))
     if names is None or all(n is None for n in names):
         return PartitionSpec()
     axes = []

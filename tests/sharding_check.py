@@ -18,11 +18,17 @@ from tests.helpers import random_pixels
 
 def main(directory: str, meshes: list[str]) -> None:
     cfg, params = load_hf(directory)
-    pix = random_pixels(8, cfg.vision.image_size, seed=3)
     pre, suf = jnp.asarray([1, 2, 3], jnp.int32), jnp.asarray([4, 5, 6, 7], jnp.int32)
-    methods = {"full": pipeline.FULL, "earlytom": EarlyTom(ratio=0.5, tau=0.5, layers=(1, 2), llm_layer=2, buckets=2)}
+    if cfg.family == "qwen2_5_vl":  # 8 frames (4 temporal patches) of 112 x 140; full tokens only for now
+        pix = np.random.default_rng(3).normal(size=(8, 3, 112, 140)).astype(np.float32)
+        methods, video_time = {"full": pipeline.FULL}, jnp.float32(1.0)
+    else:
+        pix = random_pixels(8, cfg.vision.image_size, seed=3)
+        methods = {"full": pipeline.FULL, "earlytom": EarlyTom(ratio=0.5, tau=0.5, layers=(1, 2), llm_layer=2, buckets=2)}
+        video_time = None
+
     def run(p, x, m):
-        logits, caches, pos, _ = pipeline.prefill_jit(p, x, pre, suf, cfg, m, 6)
+        logits, caches, pos, _ = pipeline.prefill_jit(p, x, pre, suf, cfg, m, 6, None, video_time)
         toks, _ = pipeline.decode_loop(p, logits, pos, caches, cfg, 6, jnp.asarray([-1], jnp.int32))
         return np.asarray(logits), np.asarray(toks).tolist()
 

@@ -62,7 +62,12 @@ def test_sharding_reads_the_modules_axes():
     assert plan["text"]["layers"]["q_w"].spec == jax.sharding.PartitionSpec(None, None, "model", None)
     assert plan["projector"]["b1"].spec == jax.sharding.PartitionSpec("model")
     assert plan["vision"]["pos"].spec == jax.sharding.PartitionSpec()
-    assert set(sharding.logical_axes()) >= {"/".join(p) for p in P.shapes(LlavaOneVision, cfg)}
+    assert set(sharding.logical_axes()) >= {("/".join(p), len(s)) for p, s in P.shapes(LlavaOneVision, cfg).items()}
+    qwen = architecture("qwen2.5-vl-3b")
+    plan, _ = sharding.plan_shardings(param_shapes(qwen), mesh)
+    assert plan["vision"]["blocks"]["qkv_w"].spec == jax.sharding.PartitionSpec(None, None, None, "model", None)
+    assert plan["vision"]["merger"]["w1"].spec == jax.sharding.PartitionSpec(None, "model")
+    assert plan["vision"]["patch_w"].spec == jax.sharding.PartitionSpec()
 
 
 def test_random_params_follow_the_declared_inits():

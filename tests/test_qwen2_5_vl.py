@@ -121,3 +121,26 @@ def test_bf16_logits_close_by_kl_and_one_compile_per_shape(tmp_path):
     before = pipeline.prefill_jit._cache_size()
     pipeline.prefill_jit(params, jnp.asarray(_pixels(4, 112, 140, seed=4)), *args, jnp.float32(0.5))
     assert pipeline.prefill_jit._cache_size() == before  # another clip and another fps: the same program
+
+
+def test_meshes_match_single_device(tmp_path):
+    """Sharded over 8 host devices (data x model), the logits within 1e-5 of one device and
+    the same 6 greedy tokens (tests/sharding_check.py, in a subprocess)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_qwen.build(seed=9, vision_heads=4, vision_hidden=64, heads=4, kv_heads=2)
+    d = tiny_qwen.save(model, str(tmp_path / "ckpt"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    meshes = ["data=2,model=2", "data=4", "model=4"]
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_check", d, *meshes], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for spec in meshes:
+        assert out[spec]["max_abs"]["full"] <= 1e-5, (spec, out[spec])
+        assert out[spec]["same_tokens"]["full"], spec
+    assert out["data=2,model=2"]["sharded_leaves"] > 0 and out["model=4"]["sharded_leaves"] > 0
