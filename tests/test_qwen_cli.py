@@ -83,3 +83,24 @@ def test_cli_run_visualize_and_errors(qwen, tmp_path, capsys):
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--min-pixels", "90000",
                  "--max-pixels", "50000"]) == 2
     assert "--max-pixels 50000 is below --min-pixels 90000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["videomme", "mvbench"])
+def test_eval_on_fixture_datasets(qwen, tmp_path, capsys, task):
+    """`earlytom eval` on Qwen2.5-VL: video files as qwen-vl-utils samples them, MVBench's frame
+    folders as stills; records complete, with the encoder's FLOPs at the frame size."""
+    from earlytom_jax.evals import records as rec
+    from earlytom_jax.evals.fixtures import write_fixture
+
+    _, d, _ = qwen
+    data = write_fixture(task, str(tmp_path / "data"), per_group=1, frames=6, size=32)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", d, "--task", task, "--data", data, "--out", str(out), "--frames", "4",
+                 "--limit", "3", "--quiet"]) == 0
+    rows = rec.read_records(str(out / "samples.jsonl"))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["frames_after_merge"] == 2 and r["visual_tokens"] == 2 * 7 * 7  # 32 px scaled up to 196 x 196
+        assert r["flops"] > 0
+    results = json.load(open(out / "results.json"))
+    assert results["complete"] and results["config"]["method"]["name"] == "full"

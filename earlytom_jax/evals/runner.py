@@ -140,11 +140,14 @@ def device_groups(mesh_spec: str | None) -> tuple[list, list[int]]:
     return groups, index
 
 
-def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int) -> dict:
+def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int, pixel_shape) -> dict:
     parsed, drawn = task.parse(ans.text, sample, random.Random(f"{task.name}:{sample.id}"))
     correct = task.correct(parsed, sample)
     stats = ans.stats
-    pf = flops.prefill_flops(cfg, frames, n_prompt_tokens, stats, method)
+    if cfg.family == "qwen2_5_vl":  # its encoder's work depends on the frame size
+        pf = flops.qwen_prefill_flops(cfg, flops.qwen_grid(cfg.vision, pixel_shape), n_prompt_tokens, stats, method)
+    else:
+        pf = flops.prefill_flops(cfg, frames, n_prompt_tokens, stats, method)
     return {
         "id": sample.id, "prompt": sample.context, "answer": ans.text, "parsed": parsed,
         "random": bool(drawn), "gold": sample.gold, "correct": correct,
@@ -213,7 +216,8 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
             continue
         ans = llm.answer(pixels, sample.context, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
         ids = llm.prompt_ids(sample.context)
-        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), s.frames))
+        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), s.frames,
+                           pixels.shape))
 
 
 def run_eval(s: EvalSettings, method, llm=None) -> dict:
