@@ -79,7 +79,9 @@ def test_cli_run_visualize_and_errors(qwen, tmp_path, capsys):
 
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "earlytom"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Qwen2.5-VL does not support yet (issue 33)" in err
+    assert err.count("\n") == 0 and "method 'earlytom' is not adapted to Qwen2.5-VL yet" in err
+    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "uniform_tokens"]) == 2
+    assert "method 'uniform_tokens' is not adapted to Qwen2.5-VL yet" in capsys.readouterr().err
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--min-pixels", "90000",
                  "--max-pixels", "50000"]) == 2
     assert "--max-pixels 50000 is below --min-pixels 90000" in capsys.readouterr().err

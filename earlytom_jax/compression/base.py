@@ -24,6 +24,9 @@ hook 3, inside the LLM (prefill only)
     llm_capacity(span) -> int         static length of the visual span after the hook
     llm_merge(h [span,H], attn [span], valid [span]) -> (h, keep [span])
 
+A method runs on the model families it names (`families`, config.py's `cfg.family`; default
+LLaVA-OneVision alone); the pipeline refuses it on any other in one line (`pipeline.check_family`).
+
 A method that leaves a hook out inherits the no-op below. For the FLOP counter a method may
 also say how many frames it encodes (`input_frames`) and what its hook 2 computes beyond
 projector and pooling (`select_flops(cfg, t0)`).
@@ -63,6 +66,7 @@ def frame_budgets(t0: int, ratio: float, s: int = 196) -> np.ndarray:
 class NoHooks:
     """Defaults: no frame merging, keep every token, no in-LLM merging."""
 
+    families: tuple[str, ...] = ("llava_onevision",)
     encoder_layers: tuple[int, ...] = ()
     encoder_keys = False
     token_merging = False
@@ -108,3 +112,5 @@ class NoHooks:
 @dataclasses.dataclass(frozen=True)
 class FullTokens(NoHooks):
     """The uncompressed model: every pooled token of every frame, as transformers runs it."""
+
+    families = ("llava_onevision", "qwen2_5_vl")
