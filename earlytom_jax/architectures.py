@@ -33,6 +33,15 @@ ARCHITECTURES = {
         text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                          num_kv_heads=4, head_dim=128, vocab_size=152128, tie_word_embeddings=False),
     ),
+    # Qwen2.5-VL's layout at the `tiny` arch's widths: 56-pixel windows (2 x 2 merged tokens),
+    # blocks 1 and 3 attending over a whole temporal patch, 16 rotary frequencies in 4 / 6 / 6
+    "qwen-tiny": Qwen25VLConfig(
+        vision=QwenVisionConfig(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, window_size=56,
+                                fullatt_block_indexes=(1, 3), out_hidden_size=128),
+        text=Qwen2Config(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                         head_dim=32, vocab_size=512, tie_word_embeddings=True, mrope_section=(4, 6, 6)),
+        video_token_id=509, image_token_id=508, vision_start_token_id=505, vision_end_token_id=506,
+    ),
     # Qwen/Qwen2.5-VL-{3B,7B}-Instruct's config.json
     "qwen2.5-vl-3b": Qwen25VLConfig(
         vision=QwenVisionConfig(out_hidden_size=2048),

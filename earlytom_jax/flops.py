@@ -5,13 +5,20 @@ Exact counts here count what the model computes for the *valid* tokens: causal a
 counts the lower triangle (i + 1 keys for query i), vision attention the full square.
 Padding slots of our static buffers are not counted (see `padded=True` figures in the
 benchmark for what the hardware actually executes).
+
+Qwen2.5-VL (`qwen_*`): its encoder attends within windows of one temporal patch (the full
+square of each window; the `fullatt_block_indexes` blocks over the whole temporal patch), so
+its count needs the grid (temporal patches, patch rows, patch columns: `qwen_grid`); its LLM
+is counted as LLaVA-OneVision's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from earlytom_jax.config import LlavaOVConfig
+import numpy as np
+
+from earlytom_jax.config import LlavaOVConfig, Qwen25VLConfig, QwenVisionConfig
 from earlytom_jax.models.attention.cpu import causal_block
 
 
@@ -206,4 +213,72 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
         llm += 2 * t.num_heads * t.head_dim * L  # the last query's attention over the span
         llm += (t.num_layers - k) * llm_layer_executed(cfg, L2, attention_entries(L2, True, conditionals))
     llm += 2 * t.hidden_size * t.vocab_size
+    return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+
+def qwen_grid(vcfg: QwenVisionConfig, pixel_shape) -> tuple[int, int, int]:
+    """(temporal patches, patch rows, patch columns) of Qwen2.5-VL pixels [T', 3, H, W]."""
+    t, _, hh, ww = pixel_shape
+    return t // vcfg.temporal_patch_size, hh // vcfg.patch_size, ww // vcfg.patch_size
+
+
+def qwen_windows(vcfg: QwenVisionConfig, grid: tuple[int, int, int]) -> np.ndarray:
+    """Patches in each attention window of one temporal patch: int [windows] (row-major,
+    edge windows smaller), as `WindowLayout` lays them out."""
+    from earlytom_jax.models.qwen_vision import WindowLayout
+
+    _, gh, gw = grid
+    seg = WindowLayout.of(gh, gw, vcfg.spatial_merge_size, vcfg.window_merged).segments
+    return seg.valid.sum(1)
+
+
+def qwen_vision(cfg: Qwen25VLConfig, grid: tuple[int, int, int], padded: bool = False) -> int:
+    """Qwen2.5-VL's encoder on a grid (T, gh, gw): per temporal patch of N = gh·gw patches the
+    patch embedding (3·tp·p² → C), each block's qkv, output projection and gated MLP on N
+    rows, its attention (scores and values, 4·C per query-key pair) within each window for a
+    window block, over all N patches for a `fullatt_block_indexes` block, and the merger's two
+    linears on N / unit rows. padded: every window as wide as the widest (what `Segments`
+    computes). Elementwise work (norms, RoPE, activations, softmax) is not counted."""
+    v = cfg.vision
+    t, gh, gw = grid
+    n, c, f, unit = gh * gw, v.hidden_size, v.intermediate_size, v.merge_unit
+    windows = qwen_windows(v, grid)
+    window_pairs = int(windows.size * windows.max() ** 2 if padded else (windows.astype(np.int64) ** 2).sum())
+    embed = 2 * n * 3 * v.temporal_patch_size * v.patch_size**2 * c
+    rows = 8 * n * c * c + 6 * n * c * f
+    full = len(v.fullatt_block_indexes)
+    attn = 4 * c * (full * n * n + (v.num_layers - full) * window_pairs)
+    merger = 2 * (n // unit) * (unit * c) * (unit * c + v.out_hidden_size)
+    return t * (embed + v.num_layers * rows + attn + merger)
+
+
+def qwen_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tokens: int, stats: dict,
+                       method) -> PrefillFlops:
+    """Counts for one Qwen2.5-VL prefill (full tokens: no method acts in the encoder or the
+    LLM on this family yet, `pipeline.check_family`): the encoder on `grid` (`qwen_vision`),
+    hook 2's own work (`select_flops`; none for full tokens), the LLM on the text and the
+    visual tokens the pipeline reported."""
+    n = text_tokens + int(stats["visual_tokens"])
+    extra = method.select_flops(cfg, grid[0]) if hasattr(method, "select_flops") else 0
+    return PrefillFlops(vision=qwen_vision(cfg, grid), tokens=extra, llm=llm_prefill(cfg, n),
+                        paper_llm=paper_llm(cfg, n))
+
+
+def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tokens: int, stats: dict,
+                                method, conditionals: str = "executed") -> dict:
+    """`executed_prefill_flops` for Qwen2.5-VL: the encoder with padded windows
+    (`qwen_vision(padded=True)`), the LLM over the static sequence (text, then the method's
+    visual buffer for T temporal patches of gh·gw / unit tokens, no newline) with attention
+    as the CPU kernel computes it (`attention_entries`). → {"vision", "tokens", "llm", "total"}."""
+    t, gh, gw = grid
+    per_patch = gh * gw // cfg.vision.merge_unit
+    span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
+    L = text_tokens + span
+    vis = qwen_vision(cfg, grid, padded=True)
+    tok = method.select_flops(cfg, t) if hasattr(method, "select_flops") else 0
+    llm = cfg.text.num_layers * llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
+    llm += 2 * cfg.text.hidden_size * cfg.text.vocab_size
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

@@ -20,8 +20,8 @@ tokens), `session` (the whole `earlytom bench` run: loading, the PyTorch referen
 chart). The names below are re-exported so that `bench.X` reaches each.
 """
 
-from earlytom_jax.bench.inputs import (add_input_args, clip_frames, named_method, prompt_ids, random_inputs,
-                                       random_preprocessor)
+from earlytom_jax.bench.inputs import (BenchVideo, add_input_args, bench_video, clip_frames, named_method, prompt_ids,
+                                       random_inputs, random_preprocessor)
 from earlytom_jax.bench.probes import (CPU_FEATURES, code_commit, cores_busy, host, host_cpu, host_peak_start,
                                        package_versions, peak_memory_read, peak_memory_start)
 from earlytom_jax.bench.reports import at_full_stage_rates, find_full, markdown, paired_speedups, relate_to_full
@@ -30,9 +30,9 @@ from earlytom_jax.bench.timing import (NEVER, STAGES, BenchResult, MethodTimer, 
 from earlytom_jax.bench.xla_flops import xla_stage_flops
 
 __all__ = [
-    "CPU_FEATURES", "NEVER", "STAGES", "BenchResult", "MethodTimer", "add_input_args", "at_full_stage_rates",
-    "clip_frames", "code_commit", "cores_busy", "find_full", "host", "host_cpu", "host_peak_start", "markdown",
-    "measure", "measure_interleaved", "named_method", "package_versions", "paired_speedups", "peak_memory_read",
-    "peak_memory_start", "prompt_ids", "random_inputs", "random_preprocessor", "relate_to_full", "rounds", "timed",
-    "xla_stage_flops",
+    "CPU_FEATURES", "NEVER", "STAGES", "BenchResult", "BenchVideo", "MethodTimer", "add_input_args",
+    "at_full_stage_rates", "bench_video", "clip_frames", "code_commit", "cores_busy", "find_full", "host", "host_cpu",
+    "host_peak_start", "markdown", "measure", "measure_interleaved", "named_method", "package_versions",
+    "paired_speedups", "peak_memory_read", "peak_memory_start", "prompt_ids", "random_inputs", "random_preprocessor",
+    "relate_to_full", "rounds", "timed", "xla_stage_flops",
 ]

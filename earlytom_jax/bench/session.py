@@ -1,9 +1,11 @@
-"""One `earlytom bench` run as a library call: load the weights (a checkpoint, or a named
-architecture's random weights), time transformers' PyTorch model first when asked (alone in
-memory), time every method at every ratio (`time_methods`: `measure` or `measure_interleaved`
-on weights already loaded, also what benchmarks/gpu_check.py runs), relate them to full
-tokens, and describe the run (`meta`, with the host and the code's commit) for the JSON;
-`markdown`, `save_json` and `save_chart` write the results out."""
+"""One `earlytom bench` run as a library call: preprocess the clip as the model's family reads it
+(Qwen2.5-VL: sampled and sized within its pixel bounds, `inputs.bench_video`), load the weights
+(a checkpoint, or a named architecture's random weights), time transformers' PyTorch model
+first when asked (alone in memory), time every method at every ratio (`time_methods`:
+`measure` or `measure_interleaved` on weights already loaded, also what
+benchmarks/gpu_check.py runs), relate them to full tokens, and describe the run (`meta`, with
+the host and the code's commit) for the JSON; `markdown`, `save_json` and `save_chart` write
+the results out."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import json
 import os
 import sys
 
-from earlytom_jax.bench.inputs import clip_frames, prompt_ids, random_preprocessor
+from earlytom_jax.bench.inputs import BenchVideo, bench_video, prompt_ids
 from earlytom_jax.bench.probes import host
 from earlytom_jax.bench.reports import find_full, markdown, relate_to_full
 from earlytom_jax.bench.timing import BenchResult, MethodTimer, measure, measure_interleaved
 from earlytom_jax.compression import registry
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import family
+from earlytom_jax.video_qwen import QwenVideoSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +31,9 @@ class BenchSpec:
     or `arch` (random weights of a named shape); `methods` (registry names or groups) at every
     one of `ratios` (full tokens once); the protocol (`warmup`, `runs`, `timing` "sequential" or
     "interleaved"); `staged` breakdown, `decode_tokens`, `xla` FLOP counts; `reference` "torch"
-    to time transformers' full-token model too; `mesh` to shard (e.g. "data=2,model=4")."""
+    to time transformers' full-token model too; `mesh` to shard (e.g. "data=2,model=4");
+    `min_pixels`, `max_pixels`: Qwen2.5-VL's frame area bounds (ignored by LLaVA-OneVision,
+    which resizes to its square)."""
 
     model: str | None = None
     arch: str | None = None
@@ -44,6 +50,8 @@ class BenchSpec:
     xla: bool = True
     reference: str | None = None
     mesh: str | None = None
+    min_pixels: int = QwenVideoSettings.min_pixels
+    max_pixels: int = QwenVideoSettings.max_pixels
 
 
 @dataclasses.dataclass
@@ -79,59 +87,92 @@ def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _load(spec: BenchSpec, mesh, frames, prefix, suffix):
-    """(cfg, params, pixels as numpy, reference or None, weights' description). The PyTorch
-    reference runs first, alone in memory, so that the 7B shape (15 GB in bf16) never needs
-    two models on a 24 GB host; its weights then move into our tree."""
+def _load(spec: BenchSpec, mesh, video: BenchVideo, prefix, suffix):
+    """(cfg, params, reference or None, weights' description). The PyTorch reference runs
+    first, alone in memory, so that the 7B shape (15 GB in bf16) never needs two models on a
+    24 GB host; its weights then move into our tree."""
     import jax
 
     from earlytom_jax import sharding as shd
     from earlytom_jax.architectures import architecture, param_shapes, random_params
     from earlytom_jax.checkpoint.load import load_hf
-    from earlytom_jax.video import Preprocessor
 
     if spec.reference == "torch":
         from earlytom_jax import bench_torch
+
+        def reference_of(model, cfg):
+            return bench_torch.measure(model, video.pixels, prefix, suffix, cfg, spec.warmup, spec.runs,
+                                       decode_tokens=spec.decode_tokens, video_time=video.video_time)
     reference = None
     if spec.model:
         from earlytom_jax.checkpoint.load import load_config
 
         cfg = load_config(spec.model)
-        pre = Preprocessor.from_dir(spec.model)
-        pix_np = pre(frames)
         if spec.reference == "torch":
             torch_model = bench_torch.load_pretrained(spec.model, spec.dtype)
-            reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs,
-                                            decode_tokens=spec.decode_tokens)
+            reference = reference_of(torch_model, cfg)
             del torch_model
         shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
         cfg, params = load_hf(spec.model, spec.dtype, shardings, cfg=cfg)
-        return cfg, params, pix_np, reference, spec.model
+        return cfg, params, reference, spec.model
     cfg = architecture(spec.arch)
-    pix_np = random_preprocessor(cfg)(frames)
     shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]
     if spec.reference == "torch":
         # the random transformers model first; our tree gets its very weights
         torch_model = bench_torch.build_random(cfg, spec.dtype)
-        reference = bench_torch.measure(torch_model, pix_np, prefix, suffix, cfg, spec.warmup, spec.runs,
-                                        decode_tokens=spec.decode_tokens)
+        reference = reference_of(torch_model, cfg)
         params = bench_torch.params_from_torch(torch_model, cfg, spec.dtype, shardings, release=True, held=True)
         del torch_model
-        return cfg, params, pix_np, reference, f"random ({spec.arch}), the same in JAX and in the PyTorch reference"
+        return cfg, params, reference, f"random ({spec.arch}), the same in JAX and in the PyTorch reference"
     params = random_params(cfg, dtype=jax.numpy.dtype(spec.dtype))
     if mesh is not None:
         params, _ = shd.shard_params(params, mesh)
-    return cfg, params, pix_np, reference, f"random ({spec.arch})"
+    return cfg, params, reference, f"random ({spec.arch})"
+
+
+def source_config(arch: str | None, model: str | None):
+    """The config of a named architecture `arch`, else of the checkpoint directory `model`
+    (read from its files, no weights)."""
+    from earlytom_jax.architectures import architecture
+    from earlytom_jax.checkpoint.load import load_any_config
+
+    return architecture(arch) if arch else load_any_config(model)
+
+
+def default_methods(cfg) -> tuple[str, ...]:
+    """`earlytom bench`'s methods when --methods is not given: full tokens and EarlyTom; full
+    tokens alone on Qwen2.5-VL (`check_family_methods`)."""
+    return ("full",) if family.is_qwen(cfg) else ("full", "earlytom")
+
+
+def check_family_methods(spec: BenchSpec, cfg) -> None:
+    """On Qwen2.5-VL the bench times full tokens only, until the pipeline's hooks and the FLOP
+    counts cover its methods (issue 33; `pipeline.check_family`): ConfigError (one line)
+    naming the others, before any weight is loaded."""
+    others = [name for name, _ in spec_methods(spec) if name != "full"]
+    if family.is_qwen(cfg) and others:
+        raise ConfigError(f"--methods {','.join(others)}: on Qwen2.5-VL only full tokens run yet (issue 33); "
+                          "use --methods full")
+
+
+def check_qwen_length(cfg, video: BenchVideo, text_tokens: int, new_tokens: int) -> None:
+    """The Qwen2.5-VL prompt (text and the clip's visual tokens) plus `new_tokens` within the
+    model's context: ConfigError (one line) otherwise, before any weight is loaded."""
+    length = text_tokens + video.meta["visual_tokens"]
+    limit = cfg.text.max_position_embeddings
+    if length + new_tokens > limit:
+        raise ConfigError(f"prompt of {length} tokens ({video.meta['sampled_frames']} frames of "
+                          f"{video.meta['frame_size'][0]}x{video.meta['frame_size'][1]}) plus {new_tokens} new tokens "
+                          f"exceeds the model's context of {limit}; use fewer frames or a lower --max-pixels")
 
 
 def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int) -> None:
     """Every method's prompt at --frames within the context and the frames within the memory
-    available (`api.check_frames`), from the config alone: no weights, no clip yet."""
+    available (`api.check_frames`), from the config alone: no weights, no clip yet
+    (LLaVA-OneVision; Qwen2.5-VL's length depends on the clip: `check_qwen_length`)."""
     from earlytom_jax.api import check_frames
-    from earlytom_jax.architectures import architecture
-    from earlytom_jax.checkpoint.load import load_any_config
 
-    cfg = architecture(spec.arch) if spec.arch else load_any_config(spec.model)
+    cfg = source_config(spec.arch, spec.model)
     for name, r in spec_methods(spec):
         check_frames(cfg, make_method(cfg, name, r), spec.frames, text_tokens, max(16, spec.decode_tokens))
 
@@ -144,11 +185,12 @@ def spec_methods(spec: BenchSpec) -> list[tuple[str, float | None]]:
 
 
 def time_methods(spec: BenchSpec, make_method, cfg, params, pix_np, prefix, suffix, mesh=None, log=to_stderr,
-                 after=None) -> list[BenchResult]:
+                 after=None, video_time: float | None = None) -> list[BenchResult]:
     """Time every method of `spec` (`spec_methods`) on weights already loaded, with its protocol,
     and relate them to full tokens (`relate_to_full`). params: the tree as loaded (packed here
-    for CPU: its bf16 leaves are consumed); pix_np: preprocessed frames [T, 3, S, S]; prefix,
-    suffix: prompt ids. `log(line)` as each method finishes, then `after(result)`."""
+    for CPU: its bf16 leaves are consumed); pix_np: preprocessed frames [T, 3, S, S] (Qwen2.5-VL:
+    [T', 3, H, W], with `video_time` its seconds per temporal patch); prefix, suffix: prompt ids.
+    `log(line)` as each method finishes, then `after(result)`."""
     import jax
 
     from earlytom_jax import sharding as shd
@@ -158,7 +200,7 @@ def time_methods(spec: BenchSpec, make_method, cfg, params, pix_np, prefix, suff
     pixels = jax.numpy.asarray(pix_np, params["vision"]["patch_w"].dtype)
     if mesh is not None:
         pixels = jax.device_put(pixels, shd.frames_sharding(mesh, pixels.shape[0]))
-    timers = [MethodTimer(params, cfg, pixels, prefix, suffix, make_method(cfg, name, r), name, r, mesh)
+    timers = [MethodTimer(params, cfg, pixels, prefix, suffix, make_method(cfg, name, r), name, r, mesh, video_time)
               for name, r in spec_methods(spec)]
 
     def progress(res):
@@ -194,13 +236,21 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         from earlytom_jax import bench_torch
 
         bench_torch.require()  # fail before any work when torch is missing
-    prefix, suffix = prompt_ids()
-    check_spec_frames(spec, make_method, len(prefix) + len(suffix))  # before the clip is made
-    frames = clip_frames(spec.video, spec.frames)
-    cfg, params, pix_np, reference, weights = _load(spec, mesh, frames, prefix, suffix)
+    cfg = source_config(spec.arch, spec.model)
+    check_family_methods(spec, cfg)
+    prefix, suffix = prompt_ids(cfg)
+    if family.is_qwen(cfg):
+        settings = QwenVideoSettings(spec.frames, spec.min_pixels, spec.max_pixels)
+        video = bench_video(cfg, spec.video, spec.frames, spec.model, settings)
+        check_qwen_length(cfg, video, len(prefix) + len(suffix), max(16, spec.decode_tokens))
+    else:
+        check_spec_frames(spec, make_method, len(prefix) + len(suffix))  # before the clip is made
+        video = bench_video(cfg, spec.video, spec.frames, spec.model)
+    cfg, params, reference, weights = _load(spec, mesh, video, prefix, suffix)
     if reference is not None:
         log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
-    results = time_methods(spec, make_method, cfg, params, pix_np, prefix, suffix, mesh, log)
+    results = time_methods(spec, make_method, cfg, params, video.pixels, prefix, suffix, mesh, log,
+                           video_time=video.video_time)
     full = find_full(results)
     if reference is not None:
         for r in results:
@@ -217,5 +267,7 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
             "decode_tokens": spec.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
             "reference": spec.reference, "command": " ".join(sys.argv),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if video.meta:
+        meta["video_input"] = video.meta
     source = spec.arch or os.path.basename(os.path.normpath(spec.model))
     return BenchRun(results, reference, meta, source)

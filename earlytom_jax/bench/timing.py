@@ -16,6 +16,7 @@ import numpy as np
 from earlytom_jax import flops, pipeline, progress
 from earlytom_jax.bench.probes import cores_busy, peak_memory_read, peak_memory_start
 from earlytom_jax.bench.xla_flops import xla_stage_flops
+from earlytom_jax.models import family
 
 STAGES = ("vision", "tokens", "llm")  # the staged breakdown's keys, in pipeline order
 NEVER = np.asarray([-1], np.int32)  # an EOS list no token id matches: timed decodes run their full length
@@ -81,13 +82,17 @@ class MethodTimer:
     of the fused prefill program, first token fetched to the host), `finish` (decode, peak
     memory, staged breakdown, FLOP counts → BenchResult).
 
-    mesh: run under `jax.set_mesh(mesh)` (params and pixels already placed on it)."""
+    mesh: run under `jax.set_mesh(mesh)` (params and pixels already placed on it).
+    video_time: Qwen2.5-VL's seconds per temporal patch (`pipeline.prefill`'s; a Python float,
+    passed as a traced fp32 scalar), None for LLaVA-OneVision."""
 
-    def __init__(self, params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, ratio=None, mesh=None):
+    def __init__(self, params, cfg, pixels, prefix_ids, suffix_ids, method, name: str, ratio=None, mesh=None,
+                 video_time: float | None = None):
         self.params, self.cfg, self.pixels, self.method, self.name, self.ratio = params, cfg, pixels, method, name, ratio
         self.pre = jnp.asarray(prefix_ids, jnp.int32)
         self.suf = jnp.asarray(suffix_ids, jnp.int32)
         self.mesh = mesh
+        self.video_time = None if video_time is None else jnp.float32(video_time)
         self.times: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds of each timed run
         self.compiled = self.compile_s = self.first = self.stats = self.decode = self.decode_compile_s = None
@@ -96,8 +101,12 @@ class MethodTimer:
     def _ctx(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
+    def _timing(self) -> dict:
+        """The prefill's `video_time` keyword where the family takes one (Qwen2.5-VL), else none."""
+        return {} if self.video_time is None else {"video_time": self.video_time}
+
     def _run(self):
-        return self.compiled(self.params, self.pixels, self.pre, self.suf)
+        return self.compiled(self.params, self.pixels, self.pre, self.suf, **self._timing())
 
     def prepare(self, warmup: int, decode_tokens: int) -> None:
         """Compile the prefill (timed apart), `warmup` untimed calls; and, when decoding is
@@ -105,7 +114,7 @@ class MethodTimer:
         with self._ctx():
             t = time.perf_counter()
             self.compiled = pipeline.prefill_jit.lower(self.params, self.pixels, self.pre, self.suf, self.cfg,
-                                                       self.method, max(16, decode_tokens)).compile()
+                                                       self.method, max(16, decode_tokens), **self._timing()).compile()
             self.compile_s = time.perf_counter() - t
             out = None
             for _ in range(warmup):
@@ -168,17 +177,18 @@ class MethodTimer:
             del logits, caches
             stages = {}
             if staged:
-                pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)  # compile the stages
-                _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16)
+                vt = self.video_time
+                pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)  # compile the stages
+                _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)
         stats = {k: jax.device_get(v).tolist() for k, v in self.stats.items()
                  if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
         text = pre.shape[0] + suf.shape[0]
-        f = flops.prefill_flops(cfg, pixels.shape[0], text, stats, method)
-        executed = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method)
+        f, executed = stage_flops(cfg, pixels.shape, text, stats, method)
         fx = None
         if xla:
-            fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16)
-            same = flops.executed_prefill_flops(cfg, pixels.shape[0], text, stats, method, conditionals="largest")
+            fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16,
+                                 pixel_shape=pixels.shape)
+            _, same = stage_flops(cfg, pixels.shape, text, stats, method, conditionals="largest")
             fx["analytic"] = same
             fx["xla_over_analytic"] = {k: fx[k] / same[k] for k in STAGES + ("total",) if same[k]}
         return BenchResult(
@@ -189,6 +199,19 @@ class MethodTimer:
             flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
             first_token=self.first, host_cpu_s=list(self.cpu),
         )
+
+
+def stage_flops(cfg, pixel_shape, text_tokens: int, stats: dict, method, conditionals: str = "executed"):
+    """(exact `flops.PrefillFlops`, executed counts dict) of one prefill of pixels of
+    `pixel_shape` ([T0, 3, S, S], or Qwen2.5-VL's [T', 3, H, W], whose grid the encoder's
+    count needs), from the statistics the pipeline returned (Python values)."""
+    if family.is_qwen(cfg):
+        grid = flops.qwen_grid(cfg.vision, pixel_shape)
+        return (flops.qwen_prefill_flops(cfg, grid, text_tokens, stats, method),
+                flops.qwen_executed_prefill_flops(cfg, grid, text_tokens, stats, method, conditionals))
+    t0 = pixel_shape[0]
+    return (flops.prefill_flops(cfg, t0, text_tokens, stats, method),
+            flops.executed_prefill_flops(cfg, t0, text_tokens, stats, method, conditionals=conditionals))
 
 
 def rounds(runs: int, desc: str, bar: bool):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax import pipeline
+from earlytom_jax.models import family
 
 
 def _cost_flops(stage) -> float:
@@ -82,32 +83,36 @@ def _abstract(tree):
 
 
 def xla_stage_flops(params, cfg, t0: int, prefix_len: int, suffix_len: int, method, max_new: int = 16,
-                    compile_parts: bool = False) -> dict:
+                    compile_parts: bool = False, pixel_shape: tuple | None = None) -> dict:
     """XLA's cost analysis of the three compiled prefill stages of `method` (the very jitted
     functions `pipeline.staged_prefill` times; for one device, from abstract shapes, so after
     a staged run without a mesh the compiled programs come from JAX's cache), made loop-aware.
     Loop bodies and branches are costed from their lowered HLO (`compile_parts=True`: compiled
     too; slower, same figures within 0.5%). Call it outside any `jax.set_mesh`: the count is
-    of the model, not of one partition.
+    of the model, not of one partition. pixel_shape: the pixels' shape (default [t0, 3, S, S];
+    Qwen2.5-VL's [T', 3, H, W] must be given, and its encoder then takes a traced fp32
+    `video_time`).
     → {"vision", "tokens", "llm", "total", "as_reported": {...}, "while_loops_counted_once"}."""
     count = _LoopAwareCount(compile_parts)
-    size = cfg.vision.image_size
+    if pixel_shape is None:
+        pixel_shape = (t0, 3, cfg.vision.image_size, cfg.vision.image_size)
     P = _abstract(params)
-    pix = jax.ShapeDtypeStruct((t0, 3, size, size), params["vision"]["patch_w"].dtype)
+    pix = jax.ShapeDtypeStruct(tuple(pixel_shape), params["vision"]["patch_w"].dtype)
+    timing = {"video_time": jax.ShapeDtypeStruct((), jnp.float32)} if family.is_qwen(cfg) else {}
     pre = jax.ShapeDtypeStruct((prefix_len,), jnp.int32)
     suf = jax.ShapeDtypeStruct((suffix_len,), jnp.int32)
-    feats, n, state = jax.eval_shape(pipeline.stage_vision, P, pix, cfg, method)
+    feats, n, state = jax.eval_shape(pipeline.stage_vision, P, pix, cfg, method, **timing)
     h, valid, positions, _, _ = jax.eval_shape(pipeline.stage_tokens, P, feats, n, state, pre, suf, cfg, method)
     span = (prefix_len, h.shape[1] - suffix_len)
     stages = (
-        ("vision", pipeline.stage_vision, (P, pix), (cfg, method)),
-        ("tokens", pipeline.stage_tokens, (P, feats, n, state, pre, suf), (cfg, method)),
-        ("llm", pipeline.stage_llm, (P, h, valid, positions), (span, cfg, method, max_new)),
+        ("vision", pipeline.stage_vision, (P, pix), (cfg, method), timing),
+        ("tokens", pipeline.stage_tokens, (P, feats, n, state, pre, suf), (cfg, method), {}),
+        ("llm", pipeline.stage_llm, (P, h, valid, positions), (span, cfg, method, max_new), {}),
     )
     out, raw = {}, {}
-    for name, stage, args, static in stages:
-        raw[name] = _cost_flops(stage.lower(*args, *static).compile())
-        jaxpr = jax.make_jaxpr(lambda *a, stage=stage, static=static: stage(*a, *static))(*args)
+    for name, stage, args, static, kw in stages:
+        raw[name] = _cost_flops(stage.lower(*args, *static, **kw).compile())
+        jaxpr = jax.make_jaxpr(lambda *a, stage=stage, static=static, **k: stage(*a, *static, **k))(*args, **kw)
         out[name] = raw[name] + count.extra(jaxpr)
     out["total"] = out["vision"] + out["tokens"] + out["llm"]
     raw["total"] = raw["vision"] + raw["tokens"] + raw["llm"]

@@ -3,7 +3,7 @@ flags become a `bench.session.BenchSpec`, the library runs it."""
 
 from __future__ import annotations
 
-from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args
+from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args, video_flags
 from earlytom_jax.errors import ConfigError
 
 
@@ -11,10 +11,13 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF checkpoint or converted directory")
-    src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b, random weights")
+    src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b | qwen-tiny | qwen2.5-vl-3b | qwen2.5-vl-7b, "
+                                    "random weights")
     b.add_argument("--video", default=None, help="video file (default: a generated clip)")
-    b.add_argument("--frames", type=int, default=32, help="frames sampled from the video")
-    b.add_argument("--methods", type=names, default=("full", "earlytom"), help="comma-separated methods (or groups: uniform)")
+    b.add_argument("--frames", type=int, default=32, help="frames sampled from the video (Qwen2.5-VL: at most this "
+                                                          "many, as qwen-vl-utils and lmms-eval sample them)")
+    b.add_argument("--methods", type=names, default=None,
+                   help="comma-separated methods (or groups: uniform); default full,earlytom (Qwen2.5-VL: full)")
     b.add_argument("--ratios", type=floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     b.add_argument("--runs", type=int, default=5, help="timed calls per method")
@@ -34,6 +37,7 @@ def add_parser(sub) -> None:
     b.add_argument("--chart", default=None, help="write a PNG stacked-bar chart of the TTFT breakdown here")
     b.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
     compression_flags(b)
+    video_flags(b)
     b.set_defaults(fn=cmd_bench)
 
 
@@ -48,11 +52,12 @@ def bench_ratios(args) -> tuple[float, ...]:
 def cmd_bench(args) -> int:
     from earlytom_jax.bench import session
 
+    methods = args.methods or session.default_methods(session.source_config(args.arch, args.model))
     spec = session.BenchSpec(
-        model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=args.methods,
+        model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=methods,
         ratios=bench_ratios(args), warmup=args.warmup, runs=args.runs, timing=args.timing, dtype=args.dtype,
         staged=not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops,
-        reference=args.reference, mesh=args.mesh)
+        reference=args.reference, mesh=args.mesh, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     from earlytom_jax.io_utils import check_writable
 
     for flag, path in (("--json", args.json), ("--chart", args.chart)):
