@@ -34,8 +34,7 @@ import jax.numpy as jnp
 
 from earlytom_jax.compression import registry
 from earlytom_jax.compression.base import FullTokens
-from earlytom_jax.config import FAMILIES, LlavaOVConfig, ModelConfig
-from earlytom_jax.errors import ConfigError
+from earlytom_jax.config import LlavaOVConfig, ModelConfig
 from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models.attention import last_row_probs
@@ -68,12 +67,8 @@ def _bucketed(fn, x, n, buckets):
 
 
 def check_family(cfg: ModelConfig, method) -> None:
-    """ConfigError (one line) unless `method` runs on `cfg`'s family (its `families`; on
-    Qwen2.5-VL only full tokens for now: the methods' adaptation is issue 33)."""
-    if cfg.family not in getattr(method, "families", ("llava_onevision",)):
-        raise ConfigError(f"method {registry.name(method)!r} is not adapted to {FAMILIES[cfg.family]} yet "
-                          f"(it runs on {', '.join(FAMILIES[f] for f in method.families)}; Qwen2.5-VL: issue 33); "
-                          "use --method full")
+    """ConfigError (one line) unless `method` runs on `cfg`'s family (`registry.check_family`)."""
+    registry.check_family(registry.name(method), cfg)
 
 
 def _qwen_video(params, pixels, cfg, method, video_time):

@@ -82,6 +82,8 @@ def test_cli_run_visualize_and_errors(qwen, tmp_path, capsys):
     assert err.count("\n") == 0 and "method 'earlytom' is not adapted to Qwen2.5-VL yet" in err
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "uniform_tokens"]) == 2
     assert "method 'uniform_tokens' is not adapted to Qwen2.5-VL yet" in capsys.readouterr().err
+    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "tome"]) == 2  # not even built
+    assert "method 'tome' is not adapted to Qwen2.5-VL yet" in capsys.readouterr().err
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--min-pixels", "90000",
                  "--max-pixels", "50000"]) == 2
     assert "--max-pixels 50000 is below --min-pixels 90000" in capsys.readouterr().err

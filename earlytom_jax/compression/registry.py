@@ -30,7 +30,7 @@ from earlytom_jax.compression import registration
 from earlytom_jax.compression.base import token_budget
 from earlytom_jax.compression.presets import preset as published
 from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
-from earlytom_jax.config import LlavaOVConfig
+from earlytom_jax.config import FAMILIES, LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 
 # The order METHODS lists the built-in methods in (by module); a method of any other module
@@ -117,12 +117,24 @@ def default_ratio(preset: str | None = None) -> float:
     return published(preset)["ratio"] if preset and "@" in preset else DEFAULT_RATIO
 
 
+def check_family(name: str, cfg) -> None:
+    """ConfigError (one line) unless the method `name` runs on `cfg`'s model family (its
+    class's `families`; on Qwen2.5-VL only full tokens for now, the rest is issue 33)."""
+    families = getattr(registration.TABLE[canonical(name)].cls, "families", ("llava_onevision",))
+    if cfg.family not in families:
+        raise ConfigError(f"method {canonical(name)!r} is not adapted to {FAMILIES[cfg.family]} yet "
+                          f"(it runs on {', '.join(FAMILIES[f] for f in families)}; Qwen2.5-VL: issue 33); "
+                          "use --method full")
+
+
 def build(name: str, ratio: float | None, cfg: LlavaOVConfig, **kw):
     """The method `name` at retention `ratio` (None only for "full"), checked against `cfg`;
     `kw`: the method's settings (`SETTINGS[name]`).
 
-    Raises ConfigError (one line) on an unknown name, a ratio outside (0, 1], a setting the
-    method does not take, or a setting the method rejects."""
+    Raises ConfigError (one line) on an unknown name, a method not adapted to `cfg`'s family
+    (`check_family`), a ratio outside (0, 1], a setting the method does not take, or a setting
+    the method rejects."""
+    check_family(name, cfg)
     reg = registration.TABLE[canonical(name)]
     if ratio is None and reg.takes_ratio:
         raise ConfigError(f"method {reg.name} needs a ratio in (0, 1]")
