@@ -66,6 +66,12 @@ def visual_grid(cfg: ModelConfig, num_frames: int, settings: QwenVideoSettings |
     return -(-num_frames // v.temporal_patch_size), settings.max_pixels // v.factor**2
 
 
+def sized_settings(settings: QwenVideoSettings, pixel_shape) -> QwenVideoSettings:
+    """Qwen2.5-VL's bounds narrowed to preprocessed pixels of `pixel_shape` [T', 3, H, W]: the
+    largest frame is theirs, so `visual_grid` counts exactly their tokens."""
+    return dataclasses.replace(settings, max_pixels=max(settings.min_pixels, pixel_shape[2] * pixel_shape[3]))
+
+
 def frames_memory(cfg: ModelConfig, num_frames: int, settings: QwenVideoSettings | None = None) -> int:
     """A lower bound on the bytes `num_frames` frames take before the LLM: the frames resized
     to the model's size (uint8), their fp32 pixels (host and device copies) and the encoder's
@@ -203,9 +209,7 @@ class VideoLLM:
         """The prompt around these pixels' visual tokens (Qwen2.5-VL: at their actual frame size)."""
         if max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {max_new_tokens}: need at least 1 (the first token is the answer's start)")
-        settings = self.video
-        if family.is_qwen(self.cfg):
-            settings = dataclasses.replace(settings, max_pixels=max(settings.min_pixels, pixels.shape[2] * pixels.shape[3]))
+        settings = sized_settings(self.video, pixels.shape) if family.is_qwen(self.cfg) else self.video
         check_frames(self.cfg, method, pixels.shape[0], text_tokens, max_new_tokens, memory=False, settings=settings)
 
     def prompt_ids(self, question: str) -> PromptIds:

@@ -2,7 +2,7 @@
 
 Positions: transformers 5.x starts the text after a video at P + max(rows, columns) merged
 (its `get_rope_index`), where Qwen2.5-VL as trained and transformers 4.x start it one past the
-largest position (`reference_positions`, written here from transformers 4.51's
+largest position (`reference_positions`: the torch reference's statement of transformers 4.51's
 `Qwen2_5_VLForConditionalGeneration.get_rope_index`); the helpers below hand transformers
 these positions explicitly, for the prefill and for every decoding step.
 """
@@ -83,19 +83,11 @@ def flatten(pixels: np.ndarray, tp: int = 2, p: int = 14, merge: int = 2):
 
 def reference_positions(prefix_len: int, grid, suffix_len: int, second_per_grid_t: float,
                         tokens_per_second: float, merge: int = 2) -> np.ndarray:
-    """int64 [3, L]: text 0..P-1; video (P + floor(t · interval), P + r, P + c); text after from
-    max + 1 (interval = tokens_per_second · second_per_grid_t in fp32, as torch computes it)."""
-    gt, gh, gw = grid
-    mh, mw = gh // merge, gw // merge
-    interval = torch.tensor(second_per_grid_t, dtype=torch.float32) * tokens_per_second
-    t = (torch.arange(gt).view(-1, 1).expand(-1, mh * mw) * interval).long().flatten().numpy()
-    h = np.tile(np.repeat(np.arange(mh), mw), gt)
-    w = np.tile(np.arange(mw), gt * mh)
-    pre = np.tile(np.arange(prefix_len), (3, 1))
-    vid = np.stack([t, h, w]) + prefix_len
-    start = vid.max() + 1
-    suf = np.tile(np.arange(suffix_len) + start, (3, 1))
-    return np.concatenate([pre, vid, suf], 1)
+    """int64 [3, L]: Qwen's rule as the torch reference states it (`bench_torch.qwen_positions`:
+    text 0..P-1; video (P + floor(t · interval), P + r, P + c); text after from max + 1)."""
+    from earlytom_jax.bench_torch import qwen_positions
+
+    return qwen_positions(prefix_len, grid, suffix_len, second_per_grid_t, tokens_per_second, merge).numpy()
 
 
 def inputs(pixels: np.ndarray, prefix, suffix, second_per_grid_t: float, tokens_per_second: float):

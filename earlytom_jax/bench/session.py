@@ -155,26 +155,20 @@ def check_family_methods(spec: BenchSpec, cfg) -> None:
                           "use --methods full")
 
 
-def check_qwen_length(cfg, video: BenchVideo, text_tokens: int, new_tokens: int) -> None:
-    """The Qwen2.5-VL prompt (text and the clip's visual tokens) plus `new_tokens` within the
-    model's context: ConfigError (one line) otherwise, before any weight is loaded."""
-    length = text_tokens + video.meta["visual_tokens"]
-    limit = cfg.text.max_position_embeddings
-    if length + new_tokens > limit:
-        raise ConfigError(f"prompt of {length} tokens ({video.meta['sampled_frames']} frames of "
-                          f"{video.meta['frame_size'][0]}x{video.meta['frame_size'][1]}) plus {new_tokens} new tokens "
-                          f"exceeds the model's context of {limit}; use fewer frames or a lower --max-pixels")
-
-
-def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int) -> None:
+def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int, video: BenchVideo | None = None) -> None:
     """Every method's prompt at --frames within the context and the frames within the memory
-    available (`api.check_frames`), from the config alone: no weights, no clip yet
-    (LLaVA-OneVision; Qwen2.5-VL's length depends on the clip: `check_qwen_length`)."""
-    from earlytom_jax.api import check_frames
+    available (`api.check_frames`), before any weight is loaded: from the config alone for
+    LLaVA-OneVision (no clip yet); for Qwen2.5-VL, whose length depends on the frame size, at
+    the size of the preprocessed clip `video`."""
+    from earlytom_jax.api import check_frames, sized_settings
 
     cfg = source_config(spec.arch, spec.model)
+    frames, settings = spec.frames, None
+    if video is not None and family.is_qwen(cfg):
+        frames = video.pixels.shape[0]
+        settings = sized_settings(QwenVideoSettings(frames, spec.min_pixels, spec.max_pixels), video.pixels.shape)
     for name, r in spec_methods(spec):
-        check_frames(cfg, make_method(cfg, name, r), spec.frames, text_tokens, max(16, spec.decode_tokens))
+        check_frames(cfg, make_method(cfg, name, r), frames, text_tokens, max(16, spec.decode_tokens), settings=settings)
 
 
 def spec_methods(spec: BenchSpec) -> list[tuple[str, float | None]]:
@@ -242,7 +236,7 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
     if family.is_qwen(cfg):
         settings = QwenVideoSettings(spec.frames, spec.min_pixels, spec.max_pixels)
         video = bench_video(cfg, spec.video, spec.frames, spec.model, settings)
-        check_qwen_length(cfg, video, len(prefix) + len(suffix), max(16, spec.decode_tokens))
+        check_spec_frames(spec, make_method, len(prefix) + len(suffix), video)
     else:
         check_spec_frames(spec, make_method, len(prefix) + len(suffix))  # before the clip is made
         video = bench_video(cfg, spec.video, spec.frames, spec.model)
