@@ -67,35 +67,65 @@ def _bucketed(fn, x, n, buckets):
 
 
 def check_family(cfg: ModelConfig, method) -> None:
-    """ConfigError (one line) unless `method` runs on `cfg`'s family (`registry.check_family`)."""
-    registry.check_family(registry.name(method), cfg)
+    """ConfigError (one line) unless `method` runs on `cfg`'s family (its `families`)."""
+    if cfg.family not in getattr(method, "families", ("llava_onevision",)):
+        registry.check_family(registry.name(method), cfg)
 
 
-def _qwen_video(params, pixels, cfg, method, video_time):
-    """Qwen2.5-VL's encoder: pixels [T', 3, H, W] → (merged tokens [T, S, H], n = T,
-    {"positions": int32 [T, S, 3]}) with T = T' / temporal_patch_size."""
-    check_family(cfg, method)
-    vision = family.bind(cfg, params).vision
-    grid = vision.grid(pixels.shape)
+def _qwen_positions(vision, cfg, shape, video_time, picked):
+    """(positions int32 [T, S, 3] of the encoded temporal patches, text_start int32: one past the
+    largest position of the whole video, both relative to the video's first slot)."""
+    grid = vision.grid(shape)
     pos = video_positions(grid, cfg.vision.spatial_merge_size, 1.0 if video_time is None else video_time,
                           cfg.vision.tokens_per_second)
-    return vision(pixels), jnp.asarray(grid[0], jnp.int32), {"positions": pos}
+    text_start = pos.max() + 1
+    return (pos if picked is None else pos[jnp.asarray(picked, jnp.int32)]), text_start
+
+
+def _encoder(cfg, params, pixels):
+    """(vision module, run_blocks(x, start, stop), with_attention(x, layer, keys), finish(x) →
+    features) of the model's encoder for pixels of this shape."""
+    vision = family.bind(cfg, params).vision
+    if not family.is_qwen(cfg):
+        return vision, vision.run_blocks, vision.block_with_attention, lambda x: x
+    layout = vision.layout(pixels.shape)
+    return (vision, lambda x, a, b: vision.run_blocks(x, layout, a, b),
+            lambda x, i, keys: vision.block_with_attention(x, layout, i, keys),
+            lambda x: vision.merge(x, layout))
+
+
+def _pick(pixels, picked, cfg):
+    """The input frames (LLaVA-OV) or temporal patches (Qwen2.5-VL: frame pairs) `picked`."""
+    if picked is None:
+        return pixels
+    idx = jnp.asarray(picked, jnp.int32)
+    if not family.is_qwen(cfg):
+        return pixels[idx]
+    tp = cfg.vision.temporal_patch_size
+    pairs = pixels.reshape((pixels.shape[0] // tp, tp) + pixels.shape[1:])[idx]
+    return pairs.reshape((-1,) + pixels.shape[1:])
 
 
 def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None):
     """pixels [T0,3,S,S] → (features [T, N, C] with the first `n` frames valid, n, state);
-    T = T0, or the number of frames the method's `input_frames` picks. Qwen2.5-VL: pixels
-    [T', 3, H, W] → merged tokens [T'/2, S, H] and their positions in `state` (video_time: seconds
-    per temporal patch, None = 1)."""
-    if family.is_qwen(cfg):
-        return _qwen_video(params, pixels, cfg, method, video_time)
+    T = T0, or the number of frames the method's `input_frames` picks.
+
+    Qwen2.5-VL: pixels [T', 3, H, W] → (merged tokens [T, mh, mw, Ht] in raster order, n,
+    state) over T = T'/2 temporal patches (the encoder's frames: stage I merges them), with
+    state["positions"] int32 [T, mh·mw, 3] (each merged frame at the temporal position of its
+    earliest source, `frame_sources`) and state["text_start"] (`_qwen_positions`);
+    video_time: seconds per temporal patch (None = 1)."""
+    check_family(cfg, method)
+    qwen = family.is_qwen(cfg)
     vcfg = cfg.vision
-    vision = lov.bind(cfg, params).vision
-    picked = method.input_frames(pixels.shape[0])
-    if picked is not None:  # static indices: only these frames are ever encoded
-        pixels = pixels[jnp.asarray(picked, jnp.int32)]
-    t0 = pixels.shape[0]
+    vision, run_blocks, with_attention, finish = _encoder(cfg, params, pixels)
+    frames = vision.grid(pixels.shape)[0] if qwen else pixels.shape[0]
+    picked = method.input_frames(frames)
+    if qwen:
+        positions, text_start = _qwen_positions(vision, cfg, pixels.shape, video_time, picked)
+    pixels = _pick(pixels, picked, cfg)  # static indices: only these frames are ever encoded
     x = vision.embed(pixels)
+    t0 = x.shape[0]
     n = jnp.asarray(t0, jnp.int32)
     if method.token_merging:
         return method.encode_tokens(vision, x, cfg), n, method.encoder_init(t0)
@@ -107,8 +137,7 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
     for i, layer in enumerate(layers):
 
         def run(x, start=start, layer=layer):
-            x = vision.run_blocks(x, start, layer)
-            return vision.block_with_attention(x, layer, with_keys=keys)
+            return with_attention(run_blocks(x, start, layer), layer, keys)
 
         x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,))
         extra = {"keys": k[0]} if keys else {}
@@ -116,9 +145,17 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
         start, merged = layer + 1, True
 
     def rest(x):
-        return (vision.run_blocks(x, start, vcfg.num_layers),)
+        return (finish(run_blocks(x, start, vcfg.num_layers)),)
 
     (x,) = _bucketed(rest, x, n, buckets if merged else (t0,))
+    if qwen:
+        _, gh, gw = vision.grid(pixels.shape)
+        m = vcfg.spatial_merge_size
+        x = x.reshape(x.shape[0], gh // m, gw // m, x.shape[-1])
+        sources = state.get("frame_sources")
+        if sources is not None:  # merged frames keep their earliest source's temporal position
+            positions = positions[jnp.clip(sources, 0, t0 - 1)]
+        state = {**state, "positions": positions, "text_start": text_start}
     return x, n, state
 
 
@@ -128,11 +165,17 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
 def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token.
-    Qwen2.5-VL: merged tokens [T, S, H] → (buffer [Vc, H], valid [Vc], info) with no newline
-    and info["positions"] int32 [Vc, 3], each slot's video position."""
+    Qwen2.5-VL: merged tokens [T, mh, mw, H] → (buffer [Vc, H], valid [Vc], info) with no
+    newline, info["visual_positions"] int32 [Vc, 3] (each slot's position relative to the
+    video: its source token's, `kept_index`) and info["text_start"]; the method's `select`
+    gets the grid (mh, mw)."""
     if family.is_qwen(cfg):
-        buf, valid, info = method.select(feats, n, state, cfg)
-        return buf, valid, {**info, "positions": state["positions"].reshape(-1, 3)}
+        t, mh, mw, h = feats.shape
+        buf, valid, info = method.select(feats.reshape(t, mh * mw, h), n, state, cfg, grid=(mh, mw))
+        pos = state["positions"].reshape(-1, 3)
+        if "kept_index" in info:
+            pos = pos[jnp.maximum(info["kept_index"], 0)]
+        return buf, valid, {**info, "visual_positions": pos, "text_start": state["text_start"]}
     model = lov.bind(cfg, params)
     if method.pooled:
         # on the smallest frame bucket that holds the n frames left after the encoder's merges
@@ -233,12 +276,13 @@ def decode_step(params, token, position, caches, step, cfg: ModelConfig):
 
 def splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg: ModelConfig, suffix_valid=None):
     """The prompt around the visual buffer → (h [1, L, H], valid [1, L], positions [1, L] or
-    [1, L, 3] for Qwen2.5-VL's multimodal RoPE, info without the slots' positions)."""
+    [1, L, 3] for Qwen2.5-VL's multimodal RoPE, info)."""
     model = family.bind(cfg, params)
     if family.is_qwen(cfg):
         info = dict(info)
-        pos = info.pop("positions")
-        return (*model.splice(prefix_ids, buf, buf_valid, pos, suffix_ids, suffix_valid), info)
+        start = info.pop("text_start")
+        return (*model.splice(prefix_ids, buf, buf_valid, info["visual_positions"], suffix_ids, suffix_valid,
+                              start), info)
     return (*model.splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid), info)
 
 

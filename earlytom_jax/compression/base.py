@@ -18,7 +18,11 @@ hook 1, inside the vision encoder
     encode_tokens(vision, x [T,N,C], cfg) -> x [T,N',C]   (ToMe: fewer tokens per frame; vision: SiglipEncoder)
 hook 2, after projector and pooling
     pooled: bool                      False: the projector's tokens without the 2x2 pooling
-    select(tokens [Tc,S,H], n, state, cfg) -> (buffer [Vc,H], valid [Vc], info with "count")
+    select(tokens [Tc,S,H], n, state, cfg[, grid]) -> (buffer [Vc,H], valid [Vc], info with "count"
+                                      and, where it picks tokens, "kept_index" [Vc] (t·S + s, -1 padding))
+                                      Qwen2.5-VL: merged tokens of a (mh, mw) `grid`; colmean/keys
+                                      of hook 1 come in the processor's patch order (each merged
+                                      token's patches consecutive)
 hook 3, inside the LLM (prefill only)
     llm_layer: int | None, llm_noncausal: bool
     llm_capacity(span) -> int         static length of the visual span after the hook
@@ -96,7 +100,7 @@ class NoHooks:
         """Static length of the visual-token buffer (before the newline)."""
         return t0 * s
 
-    def select(self, tokens, n, state, cfg):
+    def select(self, tokens, n, state, cfg, grid=None):
         t, s, h = tokens.shape
         count = jnp.asarray(t * s, jnp.int32)
         return tokens.reshape(t * s, h), jnp.ones((t * s,), bool), {"count": count}

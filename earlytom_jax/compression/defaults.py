@@ -6,7 +6,7 @@ For every setting a method takes, the first of these that has it wins:
     2. `--preset TASK[@R]` (the published settings, `presets.py`)
     3. the checkpoint's own defaults (below)
     4. the built-in defaults (EarlyTom: layers 6,21,23 of 26 SigLIP blocks, LLM merge layer 18
-       of 24; FastV: layer 2 of 24), scaled to the model's depth where they fall outside it,
+       of 24; FastV: layer 2 of 24; on Qwen2.5-VL blocks 7,26,28 of 32 and layer 18 of 28), scaled to the model's depth where they fall outside it,
        with a note saying so (round(x · depth / 26) for the encoder, max(1, round(x · layers /
        24)) for the LLM)
 
@@ -45,6 +45,19 @@ BUILT_IN = {
     "earlytom": {"layers": ((6, 21, 23), "vision", 26), "llm_layer": (18, "text", 24)},
     "fastv": {"layer": (2, "text", 24)},
 }
+# Qwen2.5-VL (docs/qwen-earlytom.md): the paper's blocks scaled to its 32-block encoder,
+# round(x · 32 / 26); its LLM has Qwen2-7B's 28 layers and keeps layer 18.
+BUILT_IN_FAMILY = {
+    "qwen2_5_vl": {
+        "earlytom": {"layers": ((7, 26, 28), "vision", 32), "llm_layer": (18, "text", 28)},
+        "fastv": {"layer": (2, "text", 28)},
+    },
+}
+
+
+def built_in(name: str, cfg) -> dict:
+    """Method `name`'s depth-dependent built-in defaults for `cfg`'s family."""
+    return BUILT_IN_FAMILY.get(getattr(cfg, "family", ""), BUILT_IN).get(name, {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +147,7 @@ def settings(name: str, cfg: LlavaOVConfig, explicit: dict | None = None, preset
     for key, value in ((info or ModelInfo()).defaults.get(name) or {}).items():
         kw.setdefault(key, value)
     scaled = []
-    for key, (value, part, reference) in BUILT_IN.get(name, {}).items():
+    for key, (value, part, reference) in built_in(name, cfg).items():
         if key in takes and key not in kw:
             new = _scaled(value, part, reference, cfg)
             if new != value:

@@ -24,12 +24,13 @@ from earlytom_jax.compression.presets import preset as published
 from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 
 
 @register(name="earlytom", label="EarlyTom",
           settings=("preset", "tau", "layers", "alpha", "max_window", "quirks",
-                    "llm_layer", "llm_ratio", "llm_noncausal", "buckets"))
+                    "llm_layer", "llm_ratio", "llm_noncausal", "buckets", "decoupled", "weighted"))
 @dataclasses.dataclass(frozen=True)
 class EarlyTom(NoHooks):
     """EarlyTom settings (defaults: the spec's task-free defaults with stage III on).
@@ -39,8 +40,15 @@ class EarlyTom(NoHooks):
     weight; max_window: M; quirks: reproduce the official code where it differs from the
     paper's prose (the published numbers); llm_layer: k of stage III (None: off);
     llm_ratio: r_in; llm_noncausal: run layer k-1 without the causal mask during prefill, as
-    the official code does; buckets: frame-count buckets after a merge (None: max(4, T0 // 4)).
+    the official code does; buckets: frame-count buckets after a merge (None: max(4, T0 // 4));
+    decoupled: stage II's decoupled selection (False: top-k on every frame, the paper's
+    ablation); weighted: stage I's weighted merging (False: merged pairs averaged 1/2).
+
+    On Qwen2.5-VL a frame is a temporal patch (two frames) and the budget r counts the merged
+    (2x2) tokens of all temporal patches: docs/qwen-earlytom.md.
     """
+
+    families = ("llava_onevision", "qwen2_5_vl")
 
     ratio: float = DEFAULT_RATIO
     tau: float = 0.6
@@ -52,6 +60,8 @@ class EarlyTom(NoHooks):
     llm_ratio: float = 0.5
     llm_noncausal: bool = False
     buckets: int | None = None
+    decoupled: bool = True
+    weighted: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
@@ -110,18 +120,22 @@ class EarlyTom(NoHooks):
             "step": 0,
             # product of the layers' mixing matrices: merged frame r = Σ_t M[r, t] · input frame t
             "frame_mixing": jnp.eye(t0, dtype=jnp.float32),
+            # the input frame each merged frame starts from (its earliest source)
+            "frame_sources": jnp.arange(t0, dtype=jnp.int32),
         }
 
     def encoder_merge(self, x, n, colmean, state, last):
         S = segments.frame_similarity(x)
-        W, n_out, _ = segments.mixing_matrix(S, n, self.tau, self.alpha, self.max_window, self.quirks)
+        W, n_out, _, first = segments.mixing(S, n, self.tau, self.alpha, self.max_window, self.quirks, self.weighted)
         x = segments.apply_mixing(W, x)
         i = state["step"]
+        sources = state["frame_sources"]
         state = dict(
             state,
             step=i + 1,
             frames_after_layer=state["frames_after_layer"].at[i].set(n_out),
             frame_mixing=W @ state["frame_mixing"],
+            frame_sources=sources[jnp.minimum(first, sources.shape[0] - 1)],
         )
         if last:
             # importance = W · colmean(A): the merged attention's head-and-query mean
@@ -129,24 +143,30 @@ class EarlyTom(NoHooks):
             starts, dynamic = segments.final_segments(
                 segments.frame_similarity(x), n_out, self.tau, self.alpha, self.max_window, self.quirks
             )
+            if not self.decoupled:  # the ablation: every frame selects its own top-k
+                dynamic = jnp.arange(dynamic.shape[0]) < n_out
             state["segment_starts"], state["dynamic"] = starts, dynamic
         return x, n_out, state
 
     def encoder_stats(self, state) -> dict:
-        return {k: state[k] for k in ("frames_after_layer", "segment_starts", "dynamic", "frame_mixing")}
+        return {k: state[k] for k in ("frames_after_layer", "segment_starts", "dynamic", "frame_mixing",
+                                      "frame_sources")}
 
     # hook 2 ------------------------------------------------------------------------------
 
     def capacity(self, t0: int, s: int) -> int:
         return sel.visual_capacity(t0, self.ratio, s)
 
-    def select(self, tokens, n, state, cfg):
+    def select(self, tokens, n, state, cfg, grid=None):
         t0, s, _ = tokens.shape
-        g, pg = cfg.vision.grid, cfg.pooled_grid
-        imp = lov.pool(state["importance"][..., None], g, pg)[..., 0]  # [Tc, S]
+        if family.is_qwen(cfg):  # a merged token's importance: the mean of its patches'
+            imp = state["importance"].reshape(t0, s, -1).mean(-1)
+        else:
+            g, pg = cfg.vision.grid, cfg.pooled_grid
+            imp = lov.pool(state["importance"][..., None], g, pg)[..., 0]  # [Tc, S]
         k_dyn, n_stat = sel.budget_tables(t0, self.ratio, s)
         keep = sel.select_tokens(
-            imp, n, state["dynamic"], jnp.asarray(k_dyn)[n], jnp.asarray(n_stat)[n], self.quirks
+            imp, n, state["dynamic"], jnp.asarray(k_dyn)[n], jnp.asarray(n_stat)[n], self.quirks, grid
         )
         buf, valid, src, count = sel.compact(keep, tokens, self.capacity(t0, s))
         info = {"count": count, "kept_index": src, "kept_per_frame": keep.sum(1), "importance": imp}

@@ -203,28 +203,41 @@ def _walk_emits(roles: _FrameRoles, quirks: bool):
     return emit, merged
 
 
-def mixing_matrix(
-    S: jax.Array, n: jax.Array, tau, alpha=0.9, max_window: int = 6, quirks: bool = True
-):
+class Mixing(NamedTuple):
+    """One compression layer of stage I (`mixing`)."""
+
+    W: jax.Array  # [Tc, Tc] fp32: x_out = W @ x over the frame axis
+    n_out: jax.Array  # int32: output frames
+    starts_out: jax.Array  # [Tc] bool: output rows that hold an input segment's first frame
+    first: jax.Array  # [Tc] int32: the input frame each output row starts from (Tc past n_out)
+
+
+def mixing(S: jax.Array, n: jax.Array, tau, alpha=0.9, max_window: int = 6, quirks: bool = True,
+           weighted: bool = True) -> Mixing:
     """One compression layer of stage I (spec 2a + 2b + 2c) as a mixing matrix.
 
     S: [Tc, Tc] fp32 frame similarities of the layer's input; n: int32 valid frames.
-    Returns (W, n_out, starts_out):
+    Returns Mixing(W, n_out, starts_out, first):
       W: [Tc, Tc] fp32, `x_out = W @ x` over the frame axis. Row r is the r-th output frame
          (time order): a kept frame (one weight 1) or a blend `w F_k + (1-w) F_{k+1}` of
          two adjacent middle frames. Rows >= n_out are zero; columns >= n are zero.
       n_out: int32 scalar, number of output frames.
       starts_out: [Tc] bool, True at the output row holding the first frame of each input
          segment (the input segmentation expressed in output rows).
+      first: [Tc] int32, the input frame of each output row (F_k of a blend), Tc past n_out.
     Segments of <= 2 frames, segment endpoints and single middle frames are kept as they
     are. With quirks=True the middle threshold is sim(first, last) and the last middle frame
     of a segment with >= 2 middle frames is never emitted; quirks=False uses tau and emits
     that frame unless a merge consumed it. A merge of the last middle pair has w = 1.
+    weighted=False (the paper's ablation "without weighted frame merging"): every merge is
+    the plain average, w = 1/2, the last pair's too.
     """
     Tc = S.shape[0]
     idx = jnp.arange(Tc, dtype=jnp.int32)
     starts = segment_starts(S, n, tau, alpha, max_window, quirks)
     roles = _frame_roles(S, n, starts, tau, quirks)
+    if not weighted:
+        roles = roles._replace(w=jnp.full((Tc,), 0.5, jnp.float32))
     emit, merged = _walk_emits(roles, quirks)
 
     row = jnp.cumsum(emit.astype(jnp.int32)) - 1
@@ -241,7 +254,15 @@ def mixing_matrix(
     starts_out = jnp.zeros((Tc,), bool).at[jnp.where(starts & emit, row, drop)].set(
         True, mode="drop"
     )
-    return W, n_out, starts_out
+    first = jnp.full((Tc,), Tc, jnp.int32).at[row_self].set(idx, mode="drop")
+    return Mixing(W, n_out, starts_out, first)
+
+
+def mixing_matrix(
+    S: jax.Array, n: jax.Array, tau, alpha=0.9, max_window: int = 6, quirks: bool = True
+):
+    """(W, n_out, starts_out) of `mixing` (weighted merges)."""
+    return tuple(mixing(S, n, tau, alpha, max_window, quirks)[:3])
 
 
 def apply_mixing(W: jax.Array, x: jax.Array) -> jax.Array:

@@ -85,6 +85,7 @@ def select_tokens(
     k_dyn: jax.Array,
     n_stat: jax.Array,
     quirks: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Stage II token selection (spec 3.3-3.5).
 
@@ -94,12 +95,12 @@ def select_tokens(
     Returns keep: [Tc, S] bool; padding frames keep nothing.
     Dynamic frame: the k_dyn highest-importance tokens (ties: lower raster index first).
     Static frame, quirks=True: n_stat contiguous 1-D runs in raster order, keep each run's
-    argmax (first index on ties). quirks=False: see `block_ids_2d`.
+    argmax (first index on ties). quirks=False: see `block_ids_2d` (on `grid`, static).
     """
     Tc, S = importance.shape
     imp = importance.astype(jnp.float32)
     dyn_keep = jax.vmap(topk_mask, in_axes=(0, None))(imp, k_dyn)
-    groups = run_ids_1d(S, n_stat) if quirks else block_ids_2d(S, n_stat)
+    groups = run_ids_1d(S, n_stat) if quirks else block_ids_2d(S, n_stat, grid)
     stat_keep = jax.vmap(_argmax_per_group, in_axes=(0, None))(imp, groups)
     valid = jnp.arange(Tc) < jnp.asarray(n, jnp.int32)
     keep = jnp.where(dynamic[:, None], dyn_keep, stat_keep)
@@ -130,27 +131,33 @@ def _isqrt(v: jax.Array) -> jax.Array:
     return jnp.where((r + 1) * (r + 1) <= v, r + 1, r)
 
 
-def block_ids_2d(S: int, n_blocks: jax.Array) -> jax.Array:
+def block_ids_2d(S: int, n_blocks: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
     """[S] int32 block index of each raster position for the paper's 2-D static blocks
     (quirks=False). The spec leaves the 2-D layout open; this is the split the test
-    reference (`tests/references/earlytom_ref.py::_static_blocks_2d`) documents:
-    on the g x g grid (g = sqrt(S), static), rows = max(isqrt(n), ceil(n / g)) horizontal
-    bands, the g grid rows split evenly over them (first g % rows bands one row taller);
-    band b holds n // rows blocks, one more for the first n % rows bands, its g columns split
-    evenly (first blocks one column wider). Blocks are numbered band by band, left to right:
-    exactly n blocks. n_blocks is clipped to 1..S.
+    reference (`tests/references/earlytom_ref.py::_static_blocks_2d`) documents, on the
+    gh x gw grid `grid` (static; None: the square sqrt(S) x sqrt(S)):
+    bands = min(gh, max(isqrt(n), ceil(n / gw))) horizontal bands, the gh grid rows split
+    evenly over them (first gh % bands bands one row taller); band b holds n // bands blocks,
+    one more for the first n % bands bands, its gw columns split evenly (first blocks one
+    column wider). Blocks are numbered band by band, left to right: exactly n blocks.
+    n_blocks is clipped to 1..S.
     """
-    g = math.isqrt(S)
-    if g * g != S:
-        raise ValueError(f"2-D static blocks need a square token count, got S={S}")
+    if grid is None:
+        g = math.isqrt(S)
+        if g * g != S:
+            raise ValueError(f"2-D static blocks need a square token count or a grid, got S={S}")
+        grid = (g, g)
+    gh, gw = grid
+    if gh * gw != S:
+        raise ValueError(f"grid {gh} x {gw} does not hold S={S} tokens")
     n = jnp.clip(jnp.asarray(n_blocks, jnp.int32), 1, S)
-    rows = jnp.maximum(_isqrt(n), -(-n // g))  # 1 <= rows <= g
+    rows = jnp.minimum(gh, jnp.maximum(_isqrt(n), -(-n // gw)))  # 1 <= rows <= gh
     s = jnp.arange(S, dtype=jnp.int32)
-    y, x = s // g, s % g
-    band = _even_split_ids(y, g, rows)
+    y, x = s // gw, s % gw
+    band = _even_split_ids(y, gh, rows)
     per, extra = n // rows, n % rows
-    cols = per + (band < extra).astype(jnp.int32)  # 1 <= cols <= g
-    col_block = _even_split_ids(x, g, cols)
+    cols = per + (band < extra).astype(jnp.int32)  # 1 <= cols <= gw
+    col_block = _even_split_ids(x, gw, cols)
     offset = band * per + jnp.minimum(band, extra)
     return offset + col_block
 

@@ -49,23 +49,28 @@ class Qwen25VL(nnx.Module):
         self.vision = QwenVisionEncoder(cfg.vision, rngs=rngs)
         self.text = Qwen2(cfg.text, rngs=rngs)
 
-    def splice(self, prefix_ids, visual, visual_valid, visual_pos, suffix_ids, suffix_valid=None):
+    def splice(self, prefix_ids, visual, visual_valid, visual_pos, suffix_ids, suffix_valid=None, text_start=None):
         """Build the prefill sequence for one video.
 
         prefix_ids [P], suffix_ids [Q] int32 (the prefix ends with <|vision_start|>, the suffix
         starts with <|vision_end|>); visual [Vc, Ht] with visual_valid bool [Vc] and visual_pos
         int32 [Vc, 3] (`video_positions` of each slot's token, relative to the video); suffix_valid
-        bool [Q] marks padding at the front of the suffix (None: all valid).
+        bool [Q] marks padding at the front of the suffix (None: all valid); text_start: where
+        the suffix's positions start relative to the video (int32 scalar; None: one past the
+        largest valid video position; a compressed video passes its full video's).
         → h [1, L, Ht], valid [1, L], positions int32 [1, L, 3]: the prefix at 0..P-1, the
-        video at P + its positions, the suffix's valid slots from one past the largest valid
-        video position (padding slots repeat a neighbour's position and are never attended)."""
+        video at P + its positions, the suffix's valid slots from P + text_start on
+        (padding slots repeat a neighbour's position and are never attended)."""
         pre, suf = self.text.embed_tokens(prefix_ids), self.text.embed_tokens(suffix_ids)
         h = jnp.concatenate([pre, visual.astype(pre.dtype), suf], axis=0)
         if suffix_valid is None:
             suffix_valid = jnp.ones(suffix_ids.shape, bool)
         p = prefix_ids.shape[0]
         vis = jnp.where(visual_valid[:, None], visual_pos + p, p)
-        start = jnp.max(jnp.where(visual_valid[:, None], vis, p - 1)) + 1
+        if text_start is None:
+            start = jnp.max(jnp.where(visual_valid[:, None], vis, p - 1)) + 1
+        else:
+            start = p + jnp.asarray(text_start, jnp.int32)
         after = start + jnp.maximum(jnp.cumsum(suffix_valid.astype(jnp.int32)) - 1, 0)
         positions = jnp.concatenate([
             jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[:, None], (p, 3)),

@@ -30,7 +30,8 @@ from flax import nnx
 
 from earlytom_jax.config import QwenVisionConfig
 from earlytom_jax.models import stack
-from earlytom_jax.models.attention import Segments, attention, segment_attention
+from earlytom_jax.models.attention import (Segments, attention, attention_colmean, segment_attention,
+                                           segment_attention_colmean)
 from earlytom_jax.models.axes import constrain
 from earlytom_jax.models.dense import dense
 from earlytom_jax.models.params import param, stacked
@@ -118,9 +119,12 @@ class QwenVisionBlock(nnx.Module):
         self.down_w = param(rngs, (f, c), ("mlp", None))
         self.down_b = param(rngs, (c,), (None,))
 
-    def __call__(self, x, cos, sin, windows: Segments | None):
+    def __call__(self, x, cos, sin, windows: Segments | None, with_attention: bool = False, with_keys: bool = False):
         """x [T, N, C] (window order); cos, sin [1, N, D]; windows: the window layout, or None
-        for a full-attention block (all N positions of each temporal patch). → [T, N, C]."""
+        for a full-attention block (all N positions of each temporal patch). → [T, N, C];
+        with_attention: (x, colmean [T, N] fp32), the attention each patch receives averaged
+        over heads and all N queries (zero from queries outside its window); with_keys also the
+        rotated keys averaged over heads [T, N, D] fp32."""
         x = constrain(x, "frames", None, None)
         h = rms_norm(x, self.ln1[...], NORM_EPS)
         qkv = dense("tnc,cshd->tnshd", h, self.qkv_w[...], self.qkv_b[...])
@@ -128,9 +132,20 @@ class QwenVisionBlock(nnx.Module):
         # transformers rotates in fp32 and rounds back to the activation dtype
         q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        o = attention(q, k, v) if windows is None else segment_attention(q, k, v, windows)
+        colmean = None
+        if not with_attention:
+            o = attention(q, k, v) if windows is None else segment_attention(q, k, v, windows)
+        elif windows is None:
+            o, colmean = attention_colmean(q, k, v)
+        else:
+            o, colmean = segment_attention_colmean(q, k, v, windows)
         x = x + dense("tnhd,hdc->tnc", o, self.o_w[...], self.o_b[...])
-        return x + self.mlp(rms_norm(x, self.ln2[...], NORM_EPS))
+        x = x + self.mlp(rms_norm(x, self.ln2[...], NORM_EPS))
+        if not with_attention:
+            return x
+        if with_keys:
+            return x, colmean, k.astype(jnp.float32).mean(axis=2)
+        return x, colmean
 
     def mlp(self, h):
         """Gated MLP with biases. h [..., C] → [..., C]."""
@@ -234,6 +249,17 @@ class QwenVisionEncoder(nnx.Module):
             x, _ = stack.scan(step, x, self.blocks, i, j)
             i = j
         return x
+
+    def block_with_attention(self, x, layout: WindowLayout, index: int, with_keys: bool = False):
+        """Block `index` on x [T, N, C] (window order) → (x, colmean [T, N] fp32) with colmean
+        (the attention each patch receives, `QwenVisionBlock`) in the processor's patch order
+        (merge unit by merge unit in raster order, each unit's patches consecutive); with_keys
+        also (…, keys [T, N, D] fp32) in that order."""
+        cos, sin = self.rope(layout)
+        windows = None if index in self.cfg.fullatt_block_indexes else layout.segments
+        x, *extra = self.block(index)(x, cos, sin, windows, with_attention=True, with_keys=with_keys)
+        inverse = jnp.asarray(np.argsort(layout.order))
+        return (x, *(e[:, inverse] for e in extra))
 
     def merge(self, x, layout: WindowLayout):
         """x [T, N, C] in window order → merged tokens [T, N / unit, Ht] in raster order."""

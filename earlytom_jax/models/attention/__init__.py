@@ -41,7 +41,7 @@ IMPLS = ("cpu", "fused", "splash", "dense")
 DENSE_MAX_QUERIES = 16  # fewer queries (decode steps) stay materialised on every platform
 
 __all__ = ["IMPLS", "Segments", "attention", "attention_colmean", "causal_attention", "choose",
-           "last_row_probs", "segment_attention"]
+           "last_row_probs", "segment_attention", "segment_attention_colmean"]
 
 
 @functools.cache
@@ -127,6 +127,25 @@ def segment_attention(q, k, v, segments: Segments, scale=None, impl=None):
         valid = jnp.broadcast_to(jnp.asarray(segments.valid)[None], (b, s, w)).reshape(b * s, w)
     o = attention(*rows, valid, scale, impl=impl)
     return o.reshape((b, s * w) + o.shape[2:])[:, segments.back]
+
+
+def segment_attention_colmean(q, k, v, segments: Segments, scale=None, impl=None):
+    """`segment_attention` and the attention each position receives, averaged over heads and
+    over all L queries of the sequence (zero from queries outside its segment, so each
+    sequence's column means sum to 1). → (out [B, L, Hq, D], colmean [B, L] fp32).
+    Materialised ("cpu" or "dense"), as `attention_colmean`."""
+    impl = ("cpu" if jax.default_backend() == "cpu" else "dense") if impl is None else impl
+    if impl not in ("cpu", "dense"):
+        raise ValueError(f"attention with probabilities runs materialised (cpu or dense), not {impl!r}")
+    b, length = q.shape[0], q.shape[1]
+    s, w = segments.shape
+    rows = [a[:, segments.index].reshape((b * s, w) + a.shape[2:]) for a in (q, k, v)]
+    valid = jnp.broadcast_to(jnp.asarray(segments.valid)[None], (b, s, w)).reshape(b * s, w)
+    run = cpu.materialised if impl == "cpu" else dense.dense
+    o, col = run(*rows, valid[:, None, :], _scale(q, scale), True, None, valid)
+    # each row's mean divides by its width w; over the whole sequence it is by L
+    col = col.reshape(b, s * w)[:, segments.back] * (w / length)
+    return o.reshape((b, s * w) + o.shape[2:])[:, segments.back], col
 
 
 def last_row_probs(q, k, key_valid, scale=None):

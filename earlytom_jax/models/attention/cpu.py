@@ -22,11 +22,11 @@ from earlytom_jax.models.stack import bits, unbits
 BY_HEAD_MIN_SCORES = 128 * 128  # smaller score matrices (decode steps) stay in one product
 
 
-def materialised(q, k, v, mask, scale, colmean: bool = False, bias=None):
+def materialised(q, k, v, mask, scale, colmean: bool = False, bias=None, query_valid=None):
     """`dense.dense` with the loop over heads where the score matrices are large."""
     if q.shape[1] * k.shape[1] >= BY_HEAD_MIN_SCORES:
-        return by_head(q, k, v, mask, scale, colmean, bias)
-    return dense(q, k, v, mask, scale, colmean, bias)
+        return by_head(q, k, v, mask, scale, colmean, bias, query_valid)
+    return dense(q, k, v, mask, scale, colmean, bias, query_valid)
 
 
 def causal_block(length: int) -> int:
@@ -36,7 +36,7 @@ def causal_block(length: int) -> int:
     return 256 if length >= 4096 else 128
 
 
-def by_head(q, k, v, mask, scale, colmean: bool = False, bias=None):
+def by_head(q, k, v, mask, scale, colmean: bool = False, bias=None, query_valid=None):
     """`dense.dense` as a loop over key heads (and batch rows when no mesh shards the batch: a
     loop over a sharded axis would gather it), each step one [G·Lq, Lk] block."""
     b, lq, hq, d = q.shape
@@ -73,6 +73,8 @@ def by_head(q, k, v, mask, scale, colmean: bool = False, bias=None):
             o = o / e.sum(axis=-1, keepdims=True, dtype=jnp.float32)
         o = o.astype(vi.dtype)
         o = jnp.swapaxes(o.reshape(o.shape[:-2] + (g, lq, d)), -2, -3)  # [(B,) Lq, G, D]
+        if colmean and query_valid is not None:  # rows (g, q): the query mask tiled g times
+            p = jnp.where(jnp.tile(query_valid[ri], g)[..., None], p, 0.0)
         return bits(o), (p.sum(axis=-2) if colmean else None)
 
     # bf16 in and out of the loop as uint16 bits (XLA:CPU would convert q, k, v and the

@@ -36,17 +36,22 @@ def weighted(p, v, hq):
     return o.reshape(b, lq, hq, v.shape[-1])
 
 
-def dense(q, k, v, mask, scale, colmean: bool = False, bias=None):
+def dense(q, k, v, mask, scale, colmean: bool = False, bias=None, query_valid=None):
     """mask: bool broadcastable to [B, Lq, Lk] (True = may attend) or None; bias: fp32 [B, Lk]
     or None. → (out [B, Lq, Hq, D], colmean [B, Lk] fp32 or None: the probabilities averaged
-    over heads and queries)."""
+    over heads and queries; query_valid bool [B, Lq] leaves the invalid queries' rows out of
+    the sum, which still divides by Hq·Lq)."""
     s = scores(q, k, scale)
     if bias is not None:
         s = s + bias[:, None, None, None, :]
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, NEG)
     p = jax.nn.softmax(s, axis=-1)
-    col = p.mean(axis=(1, 2, 3)) if colmean else None
+    col = None
+    if colmean:
+        if query_valid is not None:
+            p = jnp.where(query_valid[:, None, None, :, None], p, 0.0)
+        col = p.mean(axis=(1, 2, 3))
     return weighted(p.astype(v.dtype), v, q.shape[2]), col
 
 
