@@ -112,33 +112,45 @@ class PrefillFlops:
         return self.vision + self.tokens + self.llm
 
 
+def _frames_per_block(depth: int, t_in: int, method, stats: dict, bucket=lambda n: n) -> list[int]:
+    """Frames each encoder block ran on: t_in, then after each merge layer the frames left
+    (`bucket(n)`: the frame bucket the pipeline ran them on, for executed counts)."""
+    frames = [t_in] * depth
+    layers = sorted(i + depth if i < 0 else i for i in getattr(method, "encoder_layers", ()))
+    for li, n in zip(layers, stats.get("frames_after_layer", [])):
+        frames[li + 1 :] = [bucket(int(n))] * (depth - li - 1)
+    return frames
+
+
+def _input_frames(method, t0: int) -> int:
+    picked = method.input_frames(t0) if hasattr(method, "input_frames") else None
+    return t0 if picked is None else len(picked)
+
+
+def _llm_exact(cfg, text_tokens: int, stats: dict, method) -> tuple[int, int]:
+    """(our count, the paper's closed form) of the LLM prefill over the text and the visual
+    tokens the pipeline reported, shortened from the method's `llm_layer` on."""
+    n_full = text_tokens + int(stats["visual_tokens"])
+    k = getattr(method, "llm_layer", None)
+    n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
+    return llm_prefill(cfg, n_full, n_after, k), paper_llm(cfg, n_full, n_after, k)
+
+
 def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method) -> PrefillFlops:
     """Counts for one prefill, from the statistics the pipeline returned (Python values).
 
     A method that encodes only some input frames (`input_frames`) is counted on those; its
     hook-2 work beyond projector and pooling (`select_flops`) goes into `tokens`."""
-    depth = cfg.vision.num_layers
-    picked = method.input_frames(t0) if hasattr(method, "input_frames") else None
-    t_in = t0 if picked is None else len(picked)
-    frames = [t_in] * depth
-    layers = tuple(getattr(method, "encoder_layers", ()))
-    for li, t in zip(layers, stats.get("frames_after_layer", [])):
-        frames[li + 1 :] = [t] * (depth - li - 1)
+    t_in = _input_frames(method, t0)
+    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats)
     t_final = stats.get("frames", t_in)
     extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
-    n_full = text_tokens + int(stats["visual_tokens"])
-    k = getattr(method, "llm_layer", None)
-    n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
     else:
         vis, tok = vision(cfg, frames), projector_and_pool(cfg, t_final)
-    return PrefillFlops(
-        vision=vis,
-        tokens=tok + extra,
-        llm=llm_prefill(cfg, n_full, n_after, k),
-        paper_llm=paper_llm(cfg, n_full, n_after, k),
-    )
+    llm, paper = _llm_exact(cfg, text_tokens, stats, method)
+    return PrefillFlops(vision=vis, tokens=tok + extra, llm=llm, paper_llm=paper)
 
 
 # ----------------------------------------------------------------------------- as executed
@@ -166,6 +178,36 @@ def llm_layer_executed(cfg: LlavaOVConfig, L: int, entries: int) -> int:
     return proj + 2 * 2 * t.num_heads * t.head_dim * entries
 
 
+def _buckets(method, t_in: int, conditionals: str):
+    """The frame bucket a count of n frames ran on (every bucket at the largest for "largest")."""
+    buckets = tuple(method.frame_buckets(t_in)) if hasattr(method, "frame_buckets") else (t_in,)
+
+    def bucket(n: int) -> int:
+        if conditionals == "largest":
+            return max(buckets)
+        return min([b for b in buckets if b >= n] or [t_in])
+
+    return bucket
+
+
+def _llm_executed(cfg, text_tokens: int, span: int, method, conditionals: str) -> int:
+    """The LLM over every slot of the static sequence (the text and a visual span of `span`
+    slots), shortened to the method's `llm_capacity` from its `llm_layer` on, plus the head."""
+    t = cfg.text
+    L = text_tokens + span
+    k = getattr(method, "llm_layer", None)
+    full = llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
+    if k is None:
+        llm = t.num_layers * full
+    else:
+        causal = not getattr(method, "llm_noncausal", False)
+        L2 = L - span + method.llm_capacity(span)
+        llm = (k - 1) * full + llm_layer_executed(cfg, L, attention_entries(L, causal, conditionals))
+        llm += 2 * t.num_heads * t.head_dim * L  # the last query's attention over the span
+        llm += (t.num_layers - k) * llm_layer_executed(cfg, L2, attention_entries(L2, True, conditionals))
+    return llm + 2 * t.hidden_size * t.vocab_size
+
+
 def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
                            conditionals: str = "executed") -> dict:
     """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks,
@@ -178,41 +220,19 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     (see bench.xla_stage_flops).
 
     → {"vision", "tokens", "llm", "total"} (Python ints)."""
-    v, t = cfg.vision, cfg.text
-    depth = v.num_layers
-    picked = method.input_frames(t0) if hasattr(method, "input_frames") else None
-    t_in = t0 if picked is None else len(picked)
-    buckets = tuple(method.frame_buckets(t_in)) if hasattr(method, "frame_buckets") else (t_in,)
-
-    def bucket(n: int) -> int:
-        if conditionals == "largest":
-            return max(buckets)
-        return min([b for b in buckets if b >= n] or [t_in])
-
-    frames = [t_in] * depth
-    layers = sorted(i + depth if i < 0 else i for i in getattr(method, "encoder_layers", ()))
-    for li, n in zip(layers, stats.get("frames_after_layer", [])):
-        frames[li + 1 :] = [bucket(int(n))] * (depth - li - 1)
+    t_in = _input_frames(method, t0)
+    bucket = _buckets(method, t_in, conditionals)
+    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats, bucket)
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
     else:  # patch embedding on t_in frames, then every block
-        last = bucket(int(stats["frames"])) if layers and getattr(method, "pooled", True) else t_in
+        merges = bool(getattr(method, "encoder_layers", ()))
+        last = bucket(int(stats["frames"])) if merges and getattr(method, "pooled", True) else t_in
         vis, tok = vision(cfg, frames), projector_and_pool(cfg, last)
     tok += method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
-
-    span = method.capacity(t0, cfg.tokens_per_frame) + 1 if hasattr(method, "capacity") else t0 * cfg.tokens_per_frame + 1
-    L = text_tokens + span
-    k = getattr(method, "llm_layer", None)
-    full = llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
-    if k is None:
-        llm = t.num_layers * full
-    else:
-        causal = not getattr(method, "llm_noncausal", False)
-        L2 = L - span + method.llm_capacity(span)
-        llm = (k - 1) * full + llm_layer_executed(cfg, L, attention_entries(L, causal, conditionals))
-        llm += 2 * t.num_heads * t.head_dim * L  # the last query's attention over the span
-        llm += (t.num_layers - k) * llm_layer_executed(cfg, L2, attention_entries(L2, True, conditionals))
-    llm += 2 * t.hidden_size * t.vocab_size
+    s = cfg.tokens_per_frame
+    span = (method.capacity(t0, s) if hasattr(method, "capacity") else t0 * s) + 1  # the newline
+    llm = _llm_executed(cfg, text_tokens, span, method, conditionals)
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}
 
 
@@ -235,50 +255,58 @@ def qwen_windows(vcfg: QwenVisionConfig, grid: tuple[int, int, int]) -> np.ndarr
     return seg.valid.sum(1)
 
 
-def qwen_vision(cfg: Qwen25VLConfig, grid: tuple[int, int, int], padded: bool = False) -> int:
+def qwen_vision(cfg: Qwen25VLConfig, grid: tuple[int, int, int], padded: bool = False,
+                frames_per_block: list[int] | None = None) -> int:
     """Qwen2.5-VL's encoder on a grid (T, gh, gw): per temporal patch of N = gh·gw patches the
     patch embedding (3·tp·p² → C), each block's qkv, output projection and gated MLP on N
     rows, its attention (scores and values, 4·C per query-key pair) within each window for a
     window block, over all N patches for a `fullatt_block_indexes` block, and the merger's two
-    linears on N / unit rows. padded: every window as wide as the widest (what `Segments`
-    computes). Elementwise work (norms, RoPE, activations, softmax) is not counted."""
+    linears on N / unit rows. frames_per_block: the temporal patches each block ran on (None:
+    T everywhere; the embedding runs on the first block's, the merger on the last's).
+    padded: every window as wide as the widest (what `Segments` computes). Elementwise work
+    (norms, RoPE, activations, softmax) is not counted."""
     v = cfg.vision
     t, gh, gw = grid
+    frames = [t] * v.num_layers if frames_per_block is None else list(frames_per_block)
     n, c, f, unit = gh * gw, v.hidden_size, v.intermediate_size, v.merge_unit
     windows = qwen_windows(v, grid)
     window_pairs = int(windows.size * windows.max() ** 2 if padded else (windows.astype(np.int64) ** 2).sum())
     embed = 2 * n * 3 * v.temporal_patch_size * v.patch_size**2 * c
     rows = 8 * n * c * c + 6 * n * c * f
-    full = len(v.fullatt_block_indexes)
-    attn = 4 * c * (full * n * n + (v.num_layers - full) * window_pairs)
+    full = set(v.fullatt_block_indexes)
+    blocks = sum(tb * (rows + 4 * c * (n * n if i in full else window_pairs)) for i, tb in enumerate(frames))
     merger = 2 * (n // unit) * (unit * c) * (unit * c + v.out_hidden_size)
-    return t * (embed + v.num_layers * rows + attn + merger)
+    return frames[0] * embed + blocks + frames[-1] * merger
 
 
 def qwen_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tokens: int, stats: dict,
                        method) -> PrefillFlops:
-    """Counts for one Qwen2.5-VL prefill (full tokens: no method acts in the encoder or the
-    LLM on this family yet, `pipeline.check_family`): the encoder on `grid` (`qwen_vision`),
-    hook 2's own work (`select_flops`; none for full tokens), the LLM on the text and the
-    visual tokens the pipeline reported."""
-    n = text_tokens + int(stats["visual_tokens"])
+    """Counts for one Qwen2.5-VL prefill of a clip of `grid` (temporal patches, rows, columns):
+    the encoder on the temporal patches the method encodes (`input_frames`), each block on the
+    temporal patches left after the merges before it (`qwen_vision`), hook 2's own work
+    (`select_flops`), the LLM on the text and the visual tokens the pipeline reported, shortened
+    from the method's `llm_layer` on, and the paper's closed form of that LLM prefill."""
+    t_in = _input_frames(method, grid[0])
+    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats)
     extra = method.select_flops(cfg, grid[0]) if hasattr(method, "select_flops") else 0
-    return PrefillFlops(vision=qwen_vision(cfg, grid), tokens=extra, llm=llm_prefill(cfg, n),
-                        paper_llm=paper_llm(cfg, n))
+    llm, paper = _llm_exact(cfg, text_tokens, stats, method)
+    return PrefillFlops(vision=qwen_vision(cfg, grid, frames_per_block=frames), tokens=extra, llm=llm,
+                        paper_llm=paper)
 
 
 def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tokens: int, stats: dict,
                                 method, conditionals: str = "executed") -> dict:
-    """`executed_prefill_flops` for Qwen2.5-VL: the encoder with padded windows
-    (`qwen_vision(padded=True)`), the LLM over the static sequence (text, then the method's
-    visual buffer for T temporal patches of gh·gw / unit tokens, no newline) with attention
-    as the CPU kernel computes it (`attention_entries`). → {"vision", "tokens", "llm", "total"}."""
+    """`executed_prefill_flops` for Qwen2.5-VL: the encoder with padded windows on the frame
+    buckets it ran on (`qwen_vision(padded=True)`), the LLM over the static sequence (text,
+    then the method's visual buffer for T temporal patches of gh·gw / unit tokens, no newline)
+    with attention as the CPU kernel computes it (`attention_entries`).
+    → {"vision", "tokens", "llm", "total"}."""
     t, gh, gw = grid
+    t_in = _input_frames(method, t)
+    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats, _buckets(method, t_in, conditionals))
     per_patch = gh * gw // cfg.vision.merge_unit
     span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
-    L = text_tokens + span
-    vis = qwen_vision(cfg, grid, padded=True)
+    vis = qwen_vision(cfg, grid, padded=True, frames_per_block=frames)
     tok = method.select_flops(cfg, t) if hasattr(method, "select_flops") else 0
-    llm = cfg.text.num_layers * llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
-    llm += 2 * cfg.text.hidden_size * cfg.text.vocab_size
+    llm = _llm_executed(cfg, text_tokens, span, method, conditionals)
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

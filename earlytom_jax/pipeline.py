@@ -19,8 +19,9 @@ Qwen2.5-VL runs through the same functions: its encoder (window attention, the 2
 gives merged tokens [T, S, H] per temporal patch, hook 2 selects from them, no newline follows,
 and the splice gives every slot its 3-D position (models/qwen2_5_vl.py), the video's
 positions scaled by `video_time` (seconds per temporal patch, transformers'
-`second_per_grid_ts`). Its encoder and LLM hooks come with issue 33: until then a method
-that merges frames or acts in the LLM is refused for this family (`check_family`).
+`second_per_grid_ts`). Its encoder's frames are temporal patches (pairs of frames): hook 1
+merges them, hook 2 selects merged tokens, each keeping its source's position
+(docs/qwen-earlytom.md). A method runs on the families it names (`check_family`).
 """
 
 from __future__ import annotations

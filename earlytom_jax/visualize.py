@@ -31,8 +31,9 @@ def render(frames: np.ndarray, stats: dict, grid, label: str = "EarlyTom", picke
     n = int(stats["frames"])
     gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
     merging = "frame_mixing" in stats
-    if merging:
-        mixing = np.asarray(stats["frame_mixing"], np.float32)[:n, : len(frames)]
+    if merging:  # over encoded frames; a temporal patch's weight shared by its `group` frames
+        mixing = np.asarray(stats["frame_mixing"], np.float32)[:n]
+        mixing = (np.repeat(mixing, group, axis=1) / group)[:, : len(frames)]
     else:
         sources = list(picked) if picked is not None else list(range(len(frames)))
         mixing = np.zeros((n, len(frames)), np.float32)

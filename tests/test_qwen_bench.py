@@ -162,7 +162,7 @@ def test_cli_bench_of_a_checkpoint_with_the_torch_reference(tmp_path, capsys):
     write_test_video(video, make_clip(24, 96, seed=1), fps=8)
     out = str(tmp_path / "bench.json")
     rc = main(["bench", "--model", ckpt, "--video", video, "--frames", "4", "--runs", "1", "--warmup", "0",
-               "--reference", "torch", "--decode-tokens", "4", "--min-pixels", "20000", "--no-xla-flops",
+               "--methods", "full", "--reference", "torch", "--decode-tokens", "4", "--min-pixels", "20000", "--no-xla-flops",
                "--no-stages", "--json", out])
     assert rc == 0, capsys.readouterr().err
     d = json.load(open(out))
@@ -210,9 +210,9 @@ def test_prompt_ids_wrap_the_video_in_its_vision_tokens():
 
 
 def test_refusals_come_before_any_loading(monkeypatch):
-    """On Qwen2.5-VL only full tokens run yet: a method list with others fails in one line
-    before the clip is read or a weight loaded; contradictory pixel bounds too. Without
-    --methods the CLI times full tokens alone there."""
+    """A method not adapted to Qwen2.5-VL (ToMe) fails in one line before the clip is read or
+    a weight loaded; contradictory pixel bounds too. Without --methods the CLI times full
+    tokens and EarlyTom there as everywhere."""
     from earlytom_jax.cli import main
 
     def no_loading(*a, **k):
@@ -220,14 +220,14 @@ def test_refusals_come_before_any_loading(monkeypatch):
 
     monkeypatch.setattr(session, "_load", no_loading)
     monkeypatch.setattr(session, "bench_video", no_loading)
-    spec = session.BenchSpec(arch="qwen-tiny", frames=4, methods=("full", "earlytom", "fastv"), runs=1)
-    with pytest.raises(ConfigError, match=r"^--methods earlytom,fastv: on Qwen2\.5-VL only full tokens run yet") as e:
+    spec = session.BenchSpec(arch="qwen-tiny", frames=4, methods=("full", "earlytom", "tome"), runs=1)
+    with pytest.raises(ConfigError, match=r"^method 'tome' is not adapted to Qwen2\.5-VL") as e:
         session.run(spec, lambda cfg, name, r: bench.named_method(name, r, cfg))
     assert "\n" not in str(e.value)
     spec = session.BenchSpec(arch="qwen-tiny", frames=4, methods=("full",), min_pixels=50000, max_pixels=40000)
     with pytest.raises(ConfigError, match="--max-pixels 40000 is below --min-pixels 50000"):
         session.run(spec, lambda cfg, name, r: bench.named_method(name, r, cfg))
-    assert session.default_methods(architecture("qwen-tiny")) == ("full",)
+    assert session.default_methods(architecture("qwen-tiny")) == ("full", "earlytom")
     assert session.default_methods(architecture("tiny")) == ("full", "earlytom")
 
     class Ran(Exception):
@@ -237,5 +237,5 @@ def test_refusals_come_before_any_loading(monkeypatch):
         raise Ran(spec.methods)
 
     monkeypatch.setattr(session, "run", record)
-    with pytest.raises(Ran, match=r"\('full',\)"):
+    with pytest.raises(Ran, match=r"\('full', 'earlytom'\)"):
         main(["bench", "--arch", "qwen-tiny", "--frames", "2"])

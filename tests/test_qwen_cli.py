@@ -63,7 +63,7 @@ def test_ask_equals_transformers_on_the_same_pixels(qwen):
 
 def test_cli_run_visualize_and_errors(qwen, tmp_path, capsys):
     _, d, path = qwen
-    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--frames", "8",
+    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--frames", "8", "--method", "full",
                  "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["settings"]["family"] == "qwen2_5_vl" and out["settings"]["method"] == "FullTokens()"
@@ -74,16 +74,27 @@ def test_cli_run_visualize_and_errors(qwen, tmp_path, capsys):
     assert np.prod(out["settings"]["frame_size"]) < 60000 <= np.prod(large["settings"]["frame_size"])
 
     png = str(tmp_path / "kept.png")
-    assert main(["visualize", "--model", d, "--video", path, "--frames", "6", "--out", png]) == 0
+    assert main(["visualize", "--model", d, "--video", path, "--frames", "6", "--method", "full", "--out", png]) == 0
     assert "3 frames, 144 kept tokens highlighted (full tokens)" in capsys.readouterr().out
 
-    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "earlytom"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "method 'earlytom' is not adapted to Qwen2.5-VL yet" in err
-    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "uniform_tokens"]) == 2
-    assert "method 'uniform_tokens' is not adapted to Qwen2.5-VL yet" in capsys.readouterr().err
+    assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--frames", "12", "--method", "earlytom",
+                 "--ratio", "0.15", "--tau", "0.3", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["stats"]
+    assert out["settings"]["method"].startswith("EarlyTom(ratio=0.15, tau=0.3, layers=(1, 3)")  # 7,26,28 of 32 scaled
+    assert s["frames"] == len([f for f in s["frame_sources"][: s["frames"]]]) < 6 == len(s["frame_sources"])
+    kept = [i for i in s["kept_index"] if i >= 0]
+    assert len(kept) == s["visual_tokens"] == s["count"] and s["llm_kept"] == round(len(kept) * 0.5)
+    pos = s["visual_positions"][: len(kept)]
+    assert [p[1:] for p in pos] == [[(i % 48) // 8, i % 8] for i in kept]  # a 6 x 8 merged grid
+    assert [p[0] for p in pos] == [2 * s["frame_sources"][i // 48] for i in kept]  # earliest source, 2 a second
+    png = str(tmp_path / "earlytom.png")
+    assert main(["visualize", "--model", d, "--video", path, "--frames", "12", "--method", "earlytom", "--ratio", "0.3",
+                 "--tau", "0.3", "--out", png]) == 0
+    assert f"{s['frames']} frames, " in capsys.readouterr().out
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--method", "tome"]) == 2  # not even built
-    assert "method 'tome' is not adapted to Qwen2.5-VL yet" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "method 'tome' is not adapted to Qwen2.5-VL" in err
     assert main(["run", "--model", d, "--video", path, "--prompt", QUESTION, "--min-pixels", "90000",
                  "--max-pixels", "50000"]) == 2
     assert "--max-pixels 50000 is below --min-pixels 90000" in capsys.readouterr().err
@@ -100,7 +111,7 @@ def test_eval_on_fixture_datasets(qwen, tmp_path, capsys, task):
     data = write_fixture(task, str(tmp_path / "data"), per_group=1, frames=6, size=32)
     out = tmp_path / "out"
     assert main(["eval", "--model", d, "--task", task, "--data", data, "--out", str(out), "--frames", "4",
-                 "--limit", "3", "--quiet"]) == 0
+                 "--method", "full", "--limit", "3", "--quiet"]) == 0
     rows = rec.read_records(str(out / "samples.jsonl"))
     assert len(rows) == 3
     for r in rows:

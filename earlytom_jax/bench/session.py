@@ -140,19 +140,8 @@ def source_config(arch: str | None, model: str | None):
 
 
 def default_methods(cfg) -> tuple[str, ...]:
-    """`earlytom bench`'s methods when --methods is not given: full tokens and EarlyTom; full
-    tokens alone on Qwen2.5-VL (`check_family_methods`)."""
-    return ("full",) if family.is_qwen(cfg) else ("full", "earlytom")
-
-
-def check_family_methods(spec: BenchSpec, cfg) -> None:
-    """On Qwen2.5-VL the bench times full tokens only, until the pipeline's hooks and the FLOP
-    counts cover its methods (issue 33; `pipeline.check_family`): ConfigError (one line)
-    naming the others, before any weight is loaded."""
-    others = [name for name, _ in spec_methods(spec) if name != "full"]
-    if family.is_qwen(cfg) and others:
-        raise ConfigError(f"--methods {','.join(others)}: on Qwen2.5-VL only full tokens run yet (issue 33); "
-                          "use --methods full")
+    """`earlytom bench`'s methods when --methods is not given: full tokens and EarlyTom."""
+    return ("full", "earlytom")
 
 
 def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int, video: BenchVideo | None = None) -> None:
@@ -231,7 +220,8 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
 
         bench_torch.require()  # fail before any work when torch is missing
     cfg = source_config(spec.arch, spec.model)
-    check_family_methods(spec, cfg)
+    for name, _ in spec_methods(spec):  # a method not adapted to the family: before the clip is read
+        registry.check_family(name, cfg)
     prefix, suffix = prompt_ids(cfg)
     if family.is_qwen(cfg):
         settings = QwenVideoSettings(spec.frames, spec.min_pixels, spec.max_pixels)

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from earlytom_jax.cli.flags import (check_counts, compression_flags, default_method, floats, method_from_args, names,
+from earlytom_jax.cli.flags import (DEFAULT_METHOD, check_counts, compression_flags, floats, method_from_args, names,
                                     ratio_from_args, video_flags, video_settings)
 from earlytom_jax.errors import ConfigError
 
@@ -56,8 +56,8 @@ def _init_distributed(args) -> None:
 def eval_runs(args, cfg, info=None) -> list:
     """The (name, ratio, method) runs of `earlytom eval`: every --compare method at every ratio
     of --ratios, or --method; a ratio not given is --ratio's, else --preset TASK@R's, else the
-    default. EarlyTom at a published ratio without --preset, --tau or --layers takes the
-    task's published settings. info: the checkpoint's defaults (`compression.defaults`)."""
+    default. EarlyTom on LLaVA-OneVision at a published ratio without --preset, --tau or
+    --layers takes the task's published settings. info: the checkpoint's defaults (`compression.defaults`)."""
     from earlytom_jax.compression.presets import PUBLISHED, RATIOS
 
     preset_task = "egoschema" if args.task == "egoschema_subset" else args.task
@@ -66,7 +66,9 @@ def eval_runs(args, cfg, info=None) -> list:
         a = argparse.Namespace(**vars(args))
         a.method, a.ratio = name, ratio
         published = ratio is not None and any(abs(ratio - x) < 1e-9 for x in RATIOS)
-        if name == "earlytom" and not a.preset and a.tau is None and a.layers is None and preset_task in PUBLISHED and published:
+        llava = cfg.family == "llava_onevision"  # the published settings are SigLIP's blocks
+        if (name == "earlytom" and llava and not a.preset and a.tau is None and a.layers is None
+                and preset_task in PUBLISHED and published):
             a.preset = f"{preset_task}@{ratio:g}"
             print(f"note: EarlyTom with the published {a.preset} settings (--tau/--layers override)", file=sys.stderr)
         return name, ratio, method_from_args(a, cfg, info=info)
@@ -74,7 +76,7 @@ def eval_runs(args, cfg, info=None) -> list:
     ratio = ratio_from_args(args)
     if args.compare:
         return [build(name, r) for name in args.compare for r in ([None] if name == "full" else list(args.ratios or (ratio,)))]
-    name = args.method or default_method(cfg)
+    name = args.method or DEFAULT_METHOD
     return [build(name, None if name == "full" else ratio)]
 
 

@@ -61,18 +61,15 @@ def video_settings(args):
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
-def default_method(cfg) -> str:
-    """--method when not given: EarlyTom; full tokens on Qwen2.5-VL, where EarlyTom is not
-    available yet (issue 33)."""
-    return "full" if cfg.family == "qwen2_5_vl" else "earlytom"
+DEFAULT_METHOD = "earlytom"  # --method when not given, on every family
 
 
 def compression_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--method", default=None, choices=list(registry.METHODS),
                    help="compression method; every one keeps --ratio of the T0·196 visual tokens "
-                        "(fastv: from LLM layer --llm-merge-layer on) (default: earlytom); on Qwen2.5-VL: full, "
-                        "the only one it runs yet")
+                        "(Qwen2.5-VL: of its merged tokens; fastv: from LLM layer --llm-merge-layer on) "
+                        "(default: earlytom)")
     g.add_argument("--ratio", type=float, default=None,
                    help=f"retention ratio r in (0, 1] (default {registry.DEFAULT_RATIO}, or --preset TASK@R's)")
     g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6, or --preset's)")
@@ -110,7 +107,7 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
     from earlytom_jax.compression import defaults
     from earlytom_jax.pipeline import check_family
 
-    name = registry.canonical(name or args.method or default_method(cfg))
+    name = registry.canonical(name or args.method or DEFAULT_METHOD)
     if name == "full":
         return registry.build("full", None, cfg)
     takes = registry.SETTINGS[name]

@@ -54,10 +54,12 @@ BUILT_IN_FAMILY = {
     },
 }
 
+SAME_DEFAULTS = {"earlytom_topk": "earlytom", "earlytom_average": "earlytom"}  # ablations of a method
+
 
 def built_in(name: str, cfg) -> dict:
     """Method `name`'s depth-dependent built-in defaults for `cfg`'s family."""
-    return BUILT_IN_FAMILY.get(getattr(cfg, "family", ""), BUILT_IN).get(name, {})
+    return BUILT_IN_FAMILY.get(getattr(cfg, "family", ""), BUILT_IN).get(SAME_DEFAULTS.get(name, name), {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +152,13 @@ def settings(name: str, cfg: LlavaOVConfig, explicit: dict | None = None, preset
     for key, (value, part, reference) in built_in(name, cfg).items():
         if key in takes and key not in kw:
             new = _scaled(value, part, reference, cfg)
+            kw[key] = new
             if new != value:
-                kw[key] = new
                 show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
                 scaled.append(f"{key} {show(value)} -> {show(new)}")
     notes = []
     if scaled:
-        flags = "--layers/--llm-merge-layer" if name == "earlytom" else "--llm-merge-layer"
+        flags = "--layers/--llm-merge-layer" if SAME_DEFAULTS.get(name, name) == "earlytom" else "--llm-merge-layer"
         notes.append(f"note: {registry.LABELS[name]}'s default {'; '.join(scaled)} (scaled to this model's "
                      f"{cfg.vision.num_layers} encoder blocks and {cfg.text.num_layers} LLM layers; {flags} set them)")
     return kw, notes

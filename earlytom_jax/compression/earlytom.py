@@ -28,9 +28,11 @@ from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 
 
-@register(name="earlytom", label="EarlyTom",
-          settings=("preset", "tau", "layers", "alpha", "max_window", "quirks",
-                    "llm_layer", "llm_ratio", "llm_noncausal", "buckets", "decoupled", "weighted"))
+SETTINGS = ("preset", "tau", "layers", "alpha", "max_window", "quirks", "llm_layer", "llm_ratio", "llm_noncausal",
+            "buckets", "decoupled", "weighted")
+
+
+@register(name="earlytom", label="EarlyTom", settings=SETTINGS)
 @dataclasses.dataclass(frozen=True)
 class EarlyTom(NoHooks):
     """EarlyTom settings (defaults: the spec's task-free defaults with stage III on).
@@ -184,3 +186,23 @@ class EarlyTom(NoHooks):
         table = jnp.asarray(self._keep_table(h.shape[0]))
         n_keep = table[valid.sum()]
         return llm_merge.merge_visual_span(h, attn, valid, n_keep)
+
+
+# The ablations of the paper's Qwen2.5-VL table (§6.4) as methods of their own, so that a bench
+# or eval command lists them beside EarlyTom (each is EarlyTom with one switch off).
+
+
+@register(name="earlytom_topk", label="EarlyTom w/o decoupled selection", settings=SETTINGS, group="ablations")
+@dataclasses.dataclass(frozen=True)
+class EarlyTomTopK(EarlyTom):
+    """EarlyTom without decoupled spatial selection: every frame keeps its top-k tokens."""
+
+    decoupled: bool = False
+
+
+@register(name="earlytom_average", label="EarlyTom w/o weighted merging", settings=SETTINGS, group="ablations")
+@dataclasses.dataclass(frozen=True)
+class EarlyTomAverage(EarlyTom):
+    """EarlyTom without weighted frame merging: merged frame pairs are averaged 1/2."""
+
+    weighted: bool = False

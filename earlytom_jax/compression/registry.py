@@ -119,12 +119,12 @@ def default_ratio(preset: str | None = None) -> float:
 
 def check_family(name: str, cfg) -> None:
     """ConfigError (one line) unless the method `name` runs on `cfg`'s model family (its
-    class's `families`; on Qwen2.5-VL only full tokens for now, the rest is issue 33)."""
+    class's `families`)."""
     families = getattr(registration.TABLE[canonical(name)].cls, "families", ("llava_onevision",))
     if cfg.family not in families:
         raise ConfigError(f"method {canonical(name)!r} is not adapted to {FAMILIES[cfg.family]} yet "
-                          f"(it runs on {', '.join(FAMILIES[f] for f in families)}; Qwen2.5-VL: issue 33); "
-                          "use --method full")
+                          f"(it runs on {', '.join(FAMILIES[f] for f in families)}); "
+                          "use another --method")
 
 
 def build(name: str, ratio: float | None, cfg: LlavaOVConfig, **kw):

@@ -78,13 +78,15 @@ def segment_frames(x, tau, alpha=0.9, max_window=6, quirks=True) -> list[tuple[i
     return segments
 
 
-def merge_middle(frames, tau_merge, quirks=True):
+def merge_middle(frames, tau_merge, quirks=True, weighted=True):
     """Spec 2c on middle frames F_0..F_{m-1} (each [N, C]).
 
     Returns (out, mix): out[k] is an output frame, mix[k] the list of (middle index, weight)
     that forms it. quirks=True: the last middle frame never reaches `out` (official code).
     quirks=False: it is appended at the end when no merge consumed it (paper prose); a merge
-    at the last pair still uses w = 1 in both modes."""
+    at the last pair still uses w = 1 in both modes. weighted=False (the paper's ablation
+    "weighted merging off"): every merge blends the pair with weight 1/2 each, the last pair's
+    merge included; which pairs merge is decided exactly as with weighted=True."""
     m = len(frames)
     if m < 2:
         return list(frames), [[(i, 1.0)] for i in range(m)]
@@ -100,7 +102,10 @@ def merge_middle(frames, tau_merge, quirks=True):
             nxt = np.float32(0.0)
             merge = bool(s[i] > tm)
         if merge:
-            w = np.float32(s[i] / np.float32(s[i] + nxt)) if nxt != 0 else np.float32(1.0)
+            if not weighted:
+                w = np.float32(0.5)
+            else:
+                w = np.float32(s[i] / np.float32(s[i] + nxt)) if nxt != 0 else np.float32(1.0)
             w1 = np.float32(np.float32(1.0) - w)
             out.append(float(w) * frames[i] + float(w1) * frames[i + 1])
             mix.append([(i, float(w)), (i + 1, float(w1))])
@@ -126,12 +131,12 @@ def _apply_mix(frames, mix_row):
     return acc
 
 
-def merge_layer(x, attn, tau, alpha=0.9, max_window=6, quirks=True) -> dict:
+def merge_layer(x, attn, tau, alpha=0.9, max_window=6, quirks=True, weighted=True) -> dict:
     """One compression layer (spec 2a-2c) on x [T, N, C] and attn [T, H, N, N] or None.
 
     Returns dict(x=[T', N, C], attn=[T', H, N, N] or None, segments, mix) where mix[k] lists
     (input frame index, weight) forming output frame k. tau_merge = sim(s, e) per segment
-    with quirks=True, = tau with quirks=False."""
+    with quirks=True, = tau with quirks=False. weighted: see `merge_middle`."""
     T = x.shape[0]
     segments = segment_frames(x, tau, alpha, max_window, quirks)
     out_x, out_a, mix = [], [], []
@@ -145,7 +150,7 @@ def merge_layer(x, attn, tau, alpha=0.9, max_window=6, quirks=True) -> dict:
             continue
         tau_merge = _sim(x[s], x[e]) if quirks else _f32(tau)
         mids = [x[f] for f in range(s + 1, e)]
-        mo, mm = merge_middle(mids, tau_merge, quirks=quirks)
+        mo, mm = merge_middle(mids, tau_merge, quirks=quirks, weighted=weighted)
         out_x.append(x[s])
         out_a.append(None if attn is None else attn[s])
         mix.append([(s, 1.0)])
@@ -203,6 +208,37 @@ def _static_blocks_2d(S: int, n: int) -> list[list[int]]:
     return blocks
 
 
+def _static_blocks_grid(rows: int, cols: int, n: int) -> list[list[int]]:
+    """quirks=False static frames on a rows x cols grid (not necessarily square): n 2-D blocks.
+
+    bands = min(rows, max(floor(sqrt(n)), ceil(n / cols))) horizontal bands; the grid rows
+    split over the bands as evenly as possible, the first rows % bands bands one row taller;
+    band b holds n // bands blocks, one more for the first n % bands bands, its cols columns
+    split as evenly as possible (the first ones one column wider). Blocks are listed band by
+    band, left to right; each block's token list (indices r * cols + c) is in raster order.
+    On a square grid this is exactly `_static_blocks_2d`."""
+    if not 1 <= n <= rows * cols:
+        raise ValueError(f"{n} static blocks on a {rows} x {cols} grid")
+    bands = min(rows, max(math.isqrt(n), -(-n // cols)))
+
+    def split(total, parts):
+        base, extra = divmod(total, parts)
+        edges, lo = [], 0
+        for p in range(parts):
+            hi = lo + base + (1 if p < extra else 0)
+            edges.append((lo, hi))
+            lo = hi
+        return edges
+
+    blocks = []
+    for b, (r0, r1) in enumerate(split(rows, bands)):
+        nb = n // bands + (1 if b < n % bands else 0)
+        for c0, c1 in split(cols, nb):
+            blocks.append([r * cols + c for r in range(r0, r1) for c in range(c0, c1)])
+    assert len(blocks) == n and all(blocks)
+    return blocks
+
+
 def _static_runs_1d(S: int, n: int) -> list[list[int]]:
     base, extra = divmod(S, n)
     runs, lo = [], 0
@@ -221,9 +257,12 @@ def _argmax_first(values: list[float], idx: list[int]) -> int:
     return best
 
 
-def stage2_select(importance, segments, T0, r, quirks=True) -> dict:
+def stage2_select(importance, segments, T0, r, quirks=True, decoupled=True, grid=None) -> dict:
     """Spec section 3 steps 2-5 on pooled importance [T', S] (fp32).
 
+    decoupled=False (the ablation "decoupled selection off"): every frame is dynamic (top-k).
+    grid: (rows, cols) of the S tokens for quirks=False's 2-D static blocks
+    (`_static_blocks_grid`); None: the square grid of `_static_blocks_2d`.
     Returns dict(kept=[per frame ascending pooled indices], dynamic=[bool per frame])."""
     Tp, S = importance.shape
     if sum(e - s + 1 for s, e in segments) != Tp:
@@ -232,10 +271,17 @@ def stage2_select(importance, segments, T0, r, quirks=True) -> dict:
     dynamic = [False] * Tp
     for s, e in segments:
         for f in range(s, e + 1):
-            dynamic[f] = (e - s + 1) <= 2 or f in (s, e)
+            dynamic[f] = (not decoupled) or (e - s + 1) <= 2 or f in (s, e)
     k_dyn = math.ceil(S * r_eff)
     n_static = max(1, round(S * r_eff))
-    groups = _static_runs_1d(S, n_static) if quirks else _static_blocks_2d(S, n_static)
+    if quirks:
+        groups = _static_runs_1d(S, n_static)
+    elif grid is None:
+        groups = _static_blocks_2d(S, n_static)
+    else:
+        if grid[0] * grid[1] != S:
+            raise ValueError(f"grid {grid} does not hold {S} tokens")
+        groups = _static_blocks_grid(grid[0], grid[1], n_static)
     kept = []
     for f in range(Tp):
         vals = [float(v) for v in importance[f].float().tolist()]
