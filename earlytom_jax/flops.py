@@ -288,7 +288,8 @@ def qwen_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tok
     from the method's `llm_layer` on, and the paper's closed form of that LLM prefill."""
     t_in = _input_frames(method, grid[0])
     frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats)
-    extra = method.select_flops(cfg, grid[0]) if hasattr(method, "select_flops") else 0
+    per_patch = grid[1] * grid[2] // cfg.vision.merge_unit
+    extra = method.select_flops(cfg, grid[0], per_patch) if hasattr(method, "select_flops") else 0
     llm, paper = _llm_exact(cfg, text_tokens, stats, method)
     return PrefillFlops(vision=qwen_vision(cfg, grid, frames_per_block=frames), tokens=extra, llm=llm,
                         paper_llm=paper)
@@ -307,6 +308,6 @@ def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int],
     per_patch = gh * gw // cfg.vision.merge_unit
     span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
     vis = qwen_vision(cfg, grid, padded=True, frames_per_block=frames)
-    tok = method.select_flops(cfg, t) if hasattr(method, "select_flops") else 0
+    tok = method.select_flops(cfg, t, per_patch) if hasattr(method, "select_flops") else 0
     llm = _llm_executed(cfg, text_tokens, span, method, conditionals)
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

@@ -258,3 +258,27 @@ def test_matches_reference(loaded, case):
     assert np.asarray(next_pos).reshape(-1).tolist() == [ref["next_position"]]
     toks, _ = pipeline.decode_loop(params, logits, next_pos, caches, cfg, N_NEW, jnp.asarray([-1], jnp.int32))
     assert np.asarray(toks).tolist() == ref["tokens"]
+
+
+def test_compiles_once_per_clip_shape(loaded):
+    """One program serves clips of one shape whatever their merges and their seconds per
+    temporal patch: the frame buckets are branches inside it, positions are traced."""
+    import jax.numpy as jnp
+
+    from earlytom_jax import pipeline
+    from earlytom_jax.compression.earlytom import EarlyTom
+
+    _, cfg, params = loaded("a")
+    method = EarlyTom(ratio=0.3, tau=0.5, layers=(1, 2), llm_layer=1)
+    pre, suf = jnp.asarray(PREFIX, jnp.int32), jnp.asarray(SUFFIX, jnp.int32)
+    frames_left = set()
+    before = None
+    for i, (cut, drift, spt) in enumerate([(None, 0.05, 1.0), (4, 0.3, 0.5), (2, 1.0, 2.0), (6, 0.1, 1.5)]):
+        pix = clip(16, 56, 84, seed=40 + i, cut=cut, drift=drift)
+        _, _, _, stats = pipeline.prefill_jit(params, jnp.asarray(pix), pre, suf, cfg, method, 4, None,
+                                              jnp.float32(spt))
+        frames_left.add(int(stats["frames"]))
+        if before is None:
+            before = pipeline.prefill_jit._cache_size()
+    assert pipeline.prefill_jit._cache_size() == before
+    assert len(frames_left) > 1, "the clips all merge alike: the test shows nothing"

@@ -33,7 +33,8 @@ LLaVA-OneVision alone); the pipeline refuses it on any other in one line (`pipel
 
 A method that leaves a hook out inherits the no-op below. For the FLOP counter a method may
 also say how many frames it encodes (`input_frames`) and what its hook 2 computes beyond
-projector and pooling (`select_flops(cfg, t0)`).
+projector and pooling (`select_flops(cfg, t0, s=None)`; s: tokens per frame, which on
+Qwen2.5-VL (mh·mw merged tokens per temporal patch) the caller must give).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class NoHooks:
     def encoder_stats(self, state) -> dict:
         return {}
 
-    def select_flops(self, cfg, t0: int) -> int:
+    def select_flops(self, cfg, t0: int, s: int | None = None) -> int:
+        """Hook 2's work beyond projector and pooling for t0 frames of s tokens each (s: None =
+        LLaVA-OV's fixed `cfg.tokens_per_frame`; Qwen2.5-VL's mh·mw depends on the frame size)."""
         return 0
 
     def capacity(self, t0: int, s: int) -> int:

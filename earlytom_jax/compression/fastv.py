@@ -1,6 +1,10 @@
 """FastV (a baseline inside the LLM): after layer K, drop the visual tokens that received the
 least attention from the last prompt token at layer K-1, for all later layers; merge nothing.
-All frames and all tokens reach the LLM (hooks 1 and 2 are the full model's)."""
+All frames and all tokens reach the LLM (hooks 1 and 2 are the full model's).
+
+Qwen2.5-VL: the same rule over the visual span of the T·S merged tokens (no newline follows the
+video on this family); the survivors keep their 3-D M-RoPE positions, and the text after the
+video keeps its own (one past the full video's largest position)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ from earlytom_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class FastV(NoHooks):
     """layer: K (tokens are dropped from layer K on); drop: share of the visual span
-    (selected tokens and the newline) dropped, kept count round(L·(1 - drop))."""
+    (selected tokens and the newline; Qwen2.5-VL: the merged tokens, no newline) dropped, kept
+    count round(L·(1 - drop))."""
+
+    families = ("llava_onevision", "qwen2_5_vl")
 
     layer: int = 2
     drop: float = 0.5

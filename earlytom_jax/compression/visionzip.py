@@ -32,6 +32,26 @@ Budget: by default the shared convention round(r · T0 · 196) spread over the f
 methods exactly; `per_frame` fixes the per-frame budget instead (20 reproduces the paper's
 "10%" runs). Static shapes: per-frame K and C are known from T0 alone, so the buffer is exactly
 the budget, every slot valid; no frame is merged.
+
+Qwen2.5-VL (this project's adaptation; the paper's Qwen table has a VisionZip row, its code for
+this model is not released). A frame is a temporal patch (two input frames, T = T'/2 of them)
+and selection acts on its S = mh·mw merged (2x2) tokens in raster order (no pooling on this
+family), per temporal patch:
+- importance of a merged token = the mean of its 4 patches' `colmean` at the encoder's last
+  block (attention each patch receives, averaged over heads and all N queries of its temporal
+  patch; zero from queries outside its window when that block is a window block);
+- keys of a merged token = the mean of its 4 patches' keys at that block, each averaged over
+  heads; the keys as that block's attention uses them (qkv projection, bias included, of the
+  RMSNorm'd input, then the 2-D vision rotary);
+- dominant = the top-K merged tokens by importance, and the other S - K merged into C
+  contextual tokens exactly as above (targets every step-th of the rest in raster order,
+  step = max(1, (S - K) // C), assignment by cosine similarity of the merged tokens' keys,
+  the same quirks switch);
+- budget as on LLaVA-OV with S for 196: round(r · T · S) spread over the T temporal patches
+  (`base.frame_budgets`), K = int(b · dominant_ratio), C = b - K per temporal patch;
+- positions: every slot takes the 3-D M-RoPE position of its `kept_index` token (a dominant
+  token its own, a contextual token its target's); no newline follows the video, and the text
+  after it keeps the position it has with every token (one past the full video's largest).
 """
 
 from __future__ import annotations
@@ -47,6 +67,7 @@ from earlytom_jax.compression.base import NoHooks, frame_budgets
 from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
+from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 
 
@@ -55,7 +76,11 @@ from earlytom_jax.models import llava_onevision as lov
 class VisionZip(NoHooks):
     """ratio: retention r of T0·196 tokens; per_frame: fixed tokens per frame (overrides
     ratio); dominant_ratio: share K/(K+C) (54/64, the official default); quirks: contextual
-    token = target + mean(assigned) as the official code computes it (False: true average)."""
+    token = target + mean(assigned) as the official code computes it (False: true average).
+    On Qwen2.5-VL the frames are temporal patches and the tokens merged 2x2 tokens (module
+    docstring)."""
+
+    families = ("llava_onevision", "qwen2_5_vl")
 
     ratio: float = DEFAULT_RATIO
     per_frame: int | None = None
@@ -73,7 +98,9 @@ class VisionZip(NoHooks):
             raise ConfigError(f"VisionZip per_frame {self.per_frame} must be >= 1")
 
     def check(self, cfg: LlavaOVConfig) -> "VisionZip":
-        if self.per_frame is not None and self.per_frame > cfg.tokens_per_frame:
+        # Qwen2.5-VL's tokens per temporal patch depend on the clip's frame size: `budgets` checks there
+        qwen = family.is_qwen(cfg)
+        if self.per_frame is not None and not qwen and self.per_frame > cfg.tokens_per_frame:
             raise ConfigError(f"VisionZip per_frame {self.per_frame} exceeds the {cfg.tokens_per_frame} tokens of a frame")
         return self
 
@@ -98,11 +125,17 @@ class VisionZip(NoHooks):
 
     # hook 2 ------------------------------------------------------------------------------
 
-    def select(self, tokens, n, state, cfg):
+    def select(self, tokens, n, state, cfg, grid=None):
         t0, s, h = tokens.shape
-        g, pg = cfg.vision.grid, cfg.pooled_grid
-        imp = lov.pool(state["colmean"][..., None], g, pg)[..., 0]  # [T, S]
-        met = lov.pool(state["keys"], g, pg)  # [T, S, D]
+        if family.is_qwen(cfg):  # per merged token: the mean over its patches (processor order)
+            unit = cfg.vision.merge_unit
+            imp = state["colmean"].reshape(t0, s, unit).mean(-1)  # [T, S]
+            keys = state["keys"]
+            met = keys.reshape(t0, s, unit, keys.shape[-1]).mean(2)  # [T, S, D]
+        else:
+            g, pg = cfg.vision.grid, cfg.pooled_grid
+            imp = lov.pool(state["colmean"][..., None], g, pg)[..., 0]  # [T, S]
+            met = lov.pool(state["keys"], g, pg)  # [T, S, D]
         k_np, c_np, step_np = self.budgets(t0, s)
         cap = int(k_np.sum() + c_np.sum())
         k, c, step = (jnp.asarray(a)[:, None] for a in (k_np, c_np, step_np))
@@ -139,9 +172,18 @@ class VisionZip(NoHooks):
         }
         return buf, jnp.ones((cap,), bool), info
 
-    def select_flops(self, cfg: LlavaOVConfig, t0: int) -> int:
-        """Pooling attention and keys, the per-frame key similarity and the contextual sums."""
-        g, pg = cfg.vision.grid, cfg.pooled_grid
-        s, d, h = cfg.tokens_per_frame, cfg.vision.head_dim, cfg.text.hidden_size
-        pool = 2 * (pg * g * g + pg * pg * g) * (d + 1)
+    def select_flops(self, cfg: LlavaOVConfig, t0: int, s: int | None = None) -> int:
+        """Pooling attention and keys, the per-frame key similarity and the contextual sums.
+        Qwen2.5-VL (s = mh·mw merged tokens per temporal patch, required): averaging each
+        merged token's patches' attention and keys instead of the pooling."""
+        d, h = cfg.vision.head_dim, cfg.text.hidden_size
+        if family.is_qwen(cfg):
+            if s is None:
+                raise ValueError("on Qwen2.5-VL the tokens per temporal patch depend on the frame size: "
+                                 "pass s = mh·mw")
+            pool = s * cfg.vision.merge_unit * (d + 1)
+        else:
+            g, pg = cfg.vision.grid, cfg.pooled_grid
+            s = cfg.tokens_per_frame if s is None else s
+            pool = 2 * (pg * g * g + pg * pg * g) * (d + 1)
         return t0 * (pool + 2 * s * s * d + 2 * s * h)
