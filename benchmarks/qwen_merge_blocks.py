@@ -74,7 +74,6 @@ def main(argv=None) -> int:
     t, gh, gw = video.meta["grid_thw"]
     per_frame = gh * gw // cfg.vision.merge_unit
 
-    @jax.jit
     def stages(params, pixels, method):
         feats, n, state = pipeline.encode_video(params, pixels, cfg, method, jnp.float32(video.video_time))
         _, _, info = pipeline.visual_buffer(params, feats, n, state, cfg, method)

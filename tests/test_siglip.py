@@ -10,7 +10,7 @@ from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models import params as params_lib
-from earlytom_jax.models import siglip
+from earlytom_jax.models import siglip, stack
 from tests.helpers import load_benchmark, random_pixels
 
 
@@ -96,12 +96,12 @@ def test_bf16_earlytom_and_visionzip_prefill_frame_by_frame_as_batched(tiny_dir,
     cfg, params = load_hf(d, dtype="bfloat16")
     pix = jnp.asarray(random_pixels(6, cfg.vision.image_size, seed=8), jnp.bfloat16)
     methods = [EarlyTom(ratio=0.3, layers=(1, 2), llm_layer=2), registry.build("visionzip", 0.3, cfg)]
-    seen, by_frame = [], siglip._frame_by_frame
-    monkeypatch.setattr(siglip, "_frame_by_frame", lambda x: seen.append(by_frame(x)) or seen[-1])
+    seen, by_frame = [], stack.frame_by_frame
+    monkeypatch.setattr(stack, "frame_by_frame", lambda x: seen.append(by_frame(x)) or seen[-1])
     jax.clear_caches()  # traced afresh, so that every block asks
     loop = [generate(params, cfg, pix, [1, 2, 3], [4, 5, 6], m, 4) for m in methods]
     assert seen and all(seen)
-    monkeypatch.setattr(siglip, "_frame_by_frame", lambda x: False)
+    monkeypatch.setattr(stack, "frame_by_frame", lambda x: False)
     jax.clear_caches()
     batched = [generate(params, cfg, pix, [1, 2, 3], [4, 5, 6], m, 4) for m in methods]
     for a, b in zip(loop, batched):

@@ -230,7 +230,15 @@ class QwenVisionEncoder(nnx.Module):
 
     def run_blocks(self, x, layout: WindowLayout, start: int, stop: int):
         """Blocks [start, stop) (static) on x [T, N, C] in window order: runs of window blocks
-        as one loop each, the full-attention blocks between them on their own."""
+        as one loop each, the full-attention blocks between them on their own; bf16 on CPU one
+        temporal patch at a time (`stack.frame_by_frame`)."""
+        if stop <= start:
+            return x
+        if stack.frame_by_frame(x):
+            return stack.map_frames(lambda xb: self._run_blocks(xb, layout, start, stop), x)
+        return self._run_blocks(x, layout, start, stop)
+
+    def _run_blocks(self, x, layout: WindowLayout, start: int, stop: int):
         cos, sin = self.rope(layout)
         full = set(self.cfg.fullatt_block_indexes)
         i = start

@@ -30,11 +30,6 @@ def layer_norm(x, scale, bias, eps):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def _frame_by_frame(x) -> bool:
-    return (x.dtype == jnp.bfloat16 and x.shape[0] > 1 and jax.default_backend() == "cpu"
-            and jax.sharding.get_abstract_mesh().empty)
-
-
 class SiglipBlock(nnx.Module):
     """One encoder block (einsum layouts): ln1_s, ln1_b [C]; q_w, k_w, v_w [C, H, D]; q_b, k_b,
     v_b [H, D]; o_w [H, D, C]; o_b [C]; ln2_s, ln2_b [C]; fc1_w [C, F]; fc1_b [F]; fc2_w [F, C];
@@ -66,7 +61,7 @@ class SiglipBlock(nnx.Module):
         frame's result independent of how many frames share the batch, where batched products
         split their sums differently (measured: docs/cpu-forms.md#siglip-blocks-frame-by-frame).
         """
-        if not _frame_by_frame(x):
+        if not stack.frame_by_frame(x):
             return self.batched(x, with_attention, with_keys)
 
         def one(xb):  # bf16 through the loop as bits (stack.bits: no f32 copies around it)

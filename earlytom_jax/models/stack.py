@@ -90,6 +90,22 @@ def unbits(a):
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
+def frame_by_frame(x) -> bool:
+    """Whether an encoder runs the frames [B, ...] of bf16 activations `x` one at a time: on CPU
+    without a mesh, where XLA:CPU's products slow down as a block's [B·N, F] operands outgrow
+    the caches (SigLIP: docs/cpu-forms.md#siglip-blocks-frame-by-frame; Qwen2.5-VL's encoder,
+    4 blocks on 8 temporal patches of 1008 patches: 2.24 → 1.75 s). Each frame's result then
+    does not depend on how many frames share the batch."""
+    return (x.dtype == _BF16 and x.shape[0] > 1 and jax.default_backend() == "cpu"
+            and jax.sharding.get_abstract_mesh().empty)
+
+
+def map_frames(fn, x):
+    """fn(x [1, ...]) → [1, ...] for each frame of x [B, ...], as a loop (`jax.lax.map`), bf16
+    through the loop as bits."""
+    return unbits(jax.lax.map(lambda xb: bits(fn(unbits(xb)[None])[0]), bits(x)))
+
+
 def per_layer(tree) -> bool:
     """Whether a stack's parameters (a dict of stacked leaves, or a layer module's state) are
     held per layer."""
