@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from earlytom_jax.config import LlavaOVConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
+from earlytom_jax.config import LlavaOVConfig, LlavaVideoConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import params as model_params
 from earlytom_jax.models import stack
@@ -32,6 +32,23 @@ ARCHITECTURES = {
         vision=SiglipConfig(),
         text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                          num_kv_heads=4, head_dim=128, vocab_size=152128, tie_word_embeddings=False),
+    ),
+    # LLaVA-Video (lmms-lab/LLaVA-Video-7B-Qwen2): SigLIP so400m (26 of 27 blocks) + Qwen2-7B,
+    # average pooling 27 → 13, a newline per pooled row (docs/llava-video.md); the vocabulary
+    # is Qwen2-7B's 152064 (not read from the checkpoint here; it only sizes the head)
+    "llava-video-7b": LlavaVideoConfig(
+        vision=SiglipConfig(),
+        text=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                         num_kv_heads=4, head_dim=128, vocab_size=152064, tie_word_embeddings=False),
+    ),
+    # LLaVA-Video's video path at the `tiny` arch's widths, on an odd 9 x 9 patch grid (126 px):
+    # average pooling drops the last row and column (4 x 4 a frame, 4 x 5 slots with newlines)
+    "llava-video-tiny": LlavaVideoConfig(
+        vision=SiglipConfig(hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
+                            image_size=126, patch_size=14),
+        text=Qwen2Config(hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4,
+                         num_kv_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+        video_token_id=509, image_token_id=508,
     ),
     # Qwen2.5-VL's layout at the `tiny` arch's widths: 56-pixel windows (2 x 2 merged tokens),
     # blocks 1 and 3 attending over a whole temporal patch, 16 rotary frequencies in 4 / 6 / 6

@@ -1,9 +1,11 @@
 """Typed, frozen model configuration read from a checkpoint's `config.json`.
 
-Two model families. LLaVA-OneVision arrives in three layouts (see docs/algorithm.md):
+Three model families. LLaVA-OneVision arrives in three layouts (see docs/algorithm.md):
 llava-hf / transformers `llava_onevision` configs with `vision_config` and `text_config`, and
 the lmms-lab originals (`llava_qwen`), whose config is a flat Qwen2 config plus `mm_*` keys and
-whose SigLIP is the so400m/14-384. Qwen2.5-VL (`model_type` "qwen2_5_vl") arrives as Qwen's
+whose SigLIP is the so400m/14-384. LLaVA-Video is the same model and layouts with LLaVA-NeXT's
+other video settings (average pooling, a newline per grid row), told apart by the config's
+`mm_newline_position` ("grid"). Qwen2.5-VL (`model_type` "qwen2_5_vl") arrives as Qwen's
 release writes it (text settings at the top level, `rope_scaling.mrope_section`) or as
 transformers 5's `save_pretrained` does (`text_config`, `rope_parameters`).
 """
@@ -61,23 +63,80 @@ class Qwen2Config:
     mrope_section: tuple[int, ...] | None = None
 
 
+POOL_MODES = ("bilinear", "average")
+NEWLINE_POSITIONS = ("one_token", "grid")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaOVConfig:
+    """LLaVA-OneVision's video path as transformers and lmms-eval's `llava_onevision` run it:
+    2x bilinear pooling (LLaVA-NeXT's `mm_spatial_pool_mode="bilinear"`) and one newline after
+    the whole video (`mm_newline_position="one_token"`). The two switches are LLaVA-NeXT's own;
+    `LlavaVideoConfig` is the same model with the other settings (docs/llava-video.md)."""
+
     vision: SiglipConfig
     text: Qwen2Config
     video_token_id: int = 151647
     image_token_id: int = 151646
+    # LLaVA-NeXT `get_2dPool` with stride 2: "bilinear" (F.interpolate to ceil(g/2)) or
+    # "average" (F.avg_pool2d(2): floor(g/2), the last row and column of an odd grid dropped)
+    pool_mode: str = "bilinear"
+    # LLaVA-NeXT `mm_newline_position`: "one_token" (one newline after the video) or "grid"
+    # (a newline after every row of every frame's pooled map, `add_token_per_grid`)
+    newline_position: str = "one_token"
 
     family = "llava_onevision"
 
+    def __post_init__(self):
+        if self.pool_mode not in POOL_MODES:
+            raise CheckpointError(f"pool mode {self.pool_mode!r}: choose one of {', '.join(POOL_MODES)}")
+        if self.newline_position not in NEWLINE_POSITIONS:
+            raise CheckpointError(f"newline position {self.newline_position!r}: choose one of "
+                                  f"{', '.join(NEWLINE_POSITIONS)}")
+        if self.pool_mode == "average" and self.vision.grid < 2:
+            raise CheckpointError(f"a {self.vision.grid} x {self.vision.grid} patch grid cannot be average-pooled 2 x 2")
+
     @property
     def pooled_grid(self) -> int:
-        """Side of the pooled per-frame map: ceil(grid / 2) (14 for 27)."""
-        return -(-self.vision.grid // 2)
+        """Side of the pooled per-frame map: ceil(grid / 2) bilinear (14 for 27), grid // 2
+        average (13 for 27)."""
+        g = self.vision.grid
+        return -(-g // 2) if self.pool_mode == "bilinear" else g // 2
 
     @property
     def tokens_per_frame(self) -> int:
+        """Pooled tokens of a frame, newlines not counted (196 bilinear, 169 average at 384 px)."""
         return self.pooled_grid**2
+
+    @property
+    def grid_newlines(self) -> bool:
+        """A newline after every row of every frame (True) or one after the video (False)."""
+        return self.newline_position == "grid"
+
+    def visual_slots(self, frames: int) -> int:
+        """Length of the full (uncompressed) visual span of `frames` frames, newlines included:
+        T·S + 1 (one_token) or T·g'·(g' + 1) (grid: 182 a frame at 384 px)."""
+        if self.grid_newlines:
+            return frames * self.pooled_grid * (self.pooled_grid + 1)
+        return frames * self.tokens_per_frame + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaVideoConfig(LlavaOVConfig):
+    """LLaVA-Video (lmms-lab/LLaVA-Video-7B-Qwen2): the LLaVA-OneVision model (SigLIP, the
+    same projector, Qwen2) whose video path is LLaVA-NeXT's as lmms-eval's `llava_vid` runs it:
+    2x2 average pooling (27 x 27 → 13 x 13) and a newline after every pooled row of every
+    frame (13 x 14 = 182 slots a frame). Settings and their sources: docs/llava-video.md."""
+
+    pool_mode: str = "average"
+    newline_position: str = "grid"
+
+    family = "llava_video"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.newline_position != "grid":
+            raise CheckpointError(f"LLaVA-Video places its newlines per grid row, not {self.newline_position!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +244,8 @@ def _siglip_from_dict(v: dict, depth: int) -> SiglipConfig:
     )
 
 
-ModelConfig = LlavaOVConfig | Qwen25VLConfig
-FAMILIES = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+ModelConfig = LlavaOVConfig | LlavaVideoConfig | Qwen25VLConfig
+FAMILIES = {"llava_onevision": "LLaVA-OneVision", "llava_video": "LLaVA-Video", "qwen2_5_vl": "Qwen2.5-VL"}
 _OTHER_FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
                    "llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_next_video": "LLaVA-NeXT-Video",
                    "internvl": "InternVL", "gemma3": "Gemma 3", "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
@@ -248,6 +307,21 @@ def _qwen25vl_from_dict(d: dict) -> Qwen25VLConfig:
     )
 
 
+def _llava_class(d: dict):
+    """LLaVA-OneVision or LLaVA-Video, by LLaVA-NeXT's `mm_newline_position` in config.json:
+    "grid" is LLaVA-Video's (its training script passes `--mm_newline_position grid`, which
+    LLaVA-NeXT writes into the saved config); "one_token" or no key is LLaVA-OneVision's. The
+    pooling follows the family as lmms-eval runs it (llava_onevision: bilinear; llava_vid:
+    average), not the config's `mm_spatial_pool_mode`, which both harnesses override."""
+    position = d.get("mm_newline_position") or "one_token"
+    if position == "grid":
+        return LlavaVideoConfig
+    if position == "one_token":
+        return LlavaOVConfig
+    raise CheckpointError(f"mm_newline_position={position!r}: supported are 'one_token' (LLaVA-OneVision) and "
+                          "'grid' (LLaVA-Video)")
+
+
 def config_from_dict(d: dict) -> ModelConfig:
     """Build the config from a parsed config.json (any of the supported layouts)."""
     try:
@@ -277,7 +351,7 @@ def _config_from_dict(d: dict) -> ModelConfig:
         vision = _siglip_from_dict(v, _feature_depth(int(v.get("num_hidden_layers", 26)), feature_layer))
         t = d["text_config"]
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
-        return LlavaOVConfig(
+        return _llava_class(d)(
             vision=vision,
             text=_qwen2_from_dict(t, tie),
             video_token_id=int(d.get("video_token_index", d.get("video_token_id", 151647))),
@@ -290,7 +364,7 @@ def _config_from_dict(d: dict) -> ModelConfig:
         v = {**_SO400M, **d.get("vision_config", {})}
         select = int(d.get("mm_vision_select_layer", -2))
         vision = _siglip_from_dict(v, _feature_depth(int(v["num_hidden_layers"]), select))
-        return LlavaOVConfig(
+        return _llava_class(d)(
             vision=vision,
             text=_qwen2_from_dict(d, bool(d.get("tie_word_embeddings", False))),
             video_token_id=int(d.get("video_token_index", 151647)),

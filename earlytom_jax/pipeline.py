@@ -1,7 +1,7 @@
 """The video → first token pipeline with three compression hooks, all under jit.
 
     pixels [T0,3,S,S] ─► SigLIP blocks ─(hook 1: merge frames after chosen blocks)─► features
-        ─► projector + bilinear pool [Tc, S', H] ─(hook 2: select tokens into a static buffer)─►
+        ─► projector + 2x pool [Tc, S', H] ─(hook 2: select tokens into a static buffer)─►
         splice into the prompt ─► Qwen2 layers 0..k-1 ─(hook 3: drop/merge visual tokens)─►
         layers k.. ─► logits of the last prompt token, KV caches for decoding.
 
@@ -11,6 +11,9 @@ smallest bucket of frames that holds `n` (chosen on device with `lax.switch`, so
 round trip); visual tokens live in a buffer of the method's static capacity with a validity
 mask; the in-LLM merge compacts the sequence into a shorter static capacity. Positions count
 valid slots only, so padding never moves a RoPE id and is never attended.
+
+LLaVA-Video runs LLaVA-OneVision's path with its config's other pooling (2x2 average, 13 x 13
+a frame) and a newline after every pooled row that kept a token (`visual_span`).
 
 A method is a frozen dataclass with the hooks of compression/base.py; `FullTokens()` (the
 default) is the uncompressed model exactly as transformers runs it.
@@ -166,6 +169,9 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
 def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token.
+    LLaVA-Video: the selected tokens frame by frame in raster order, a newline after every
+    pooled row that kept a token (`lov.grid_newlines`; every row for a method whose
+    `grid_newline_rows` is "all"), padding after them: buffer [`visual_span`, H].
     Qwen2.5-VL: merged tokens [T, mh, mw, H] → (buffer [Vc, H], valid [Vc], info) with no
     newline, info["visual_positions"] int32 [Vc, 3] (each slot's position relative to the
     video: its source token's, `kept_index`) and info["text_start"]; the method's `select`
@@ -186,6 +192,15 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
         tokens = model.projector(feats)  # [T0, N', H]
     h = tokens.shape[-1]
     buf, valid, info = method.select(tokens, n, state, cfg)
+    if cfg.grid_newlines:  # LLaVA-Video: a newline after each pooled row that kept a token
+        t0, s = tokens.shape[:2]
+        src = info.get("kept_index")
+        if src is None:  # every token of every frame, in order
+            src = jnp.where(valid, jnp.arange(buf.shape[0], dtype=jnp.int32), -1)
+        every = getattr(method, "grid_newline_rows", "kept") == "all"
+        cap = visual_span(cfg, method, t0, s)
+        buf, valid = lov.grid_newlines(buf, valid, src, model.newline[...], cfg.pooled_grid, n, cap, every)
+        return buf, valid, info
     count = info["count"]
     # elementwise insert (not a dynamic_update_slice): stays exact when the frames, hence
     # the buffer, are sharded over the mesh's data axis
@@ -194,6 +209,20 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
     buf = jnp.where(at, model.newline[...][None].astype(buf.dtype), buf)
     valid = jnp.concatenate([valid, jnp.zeros((1,), bool)]) | at[:, 0]
     return buf, valid, info
+
+
+def visual_span(cfg: ModelConfig, method, t0: int, s: int) -> int:
+    """Static length of the visual buffer `visual_buffer` returns for `t0` frames of `s`
+    tokens: the method's capacity Vc, plus the newline after it (LLaVA-OneVision), or plus
+    room for LLaVA-Video's grid newlines (a row that keeps a token has at most one: min(Vc,
+    T0·g') when only kept rows get one, T0·g' when every row does), or nothing (Qwen2.5-VL)."""
+    vc = method.capacity(t0, s)
+    if family.is_qwen(cfg):
+        return vc
+    if not cfg.grid_newlines:
+        return vc + 1
+    rows = t0 * cfg.pooled_grid
+    return vc + (rows if getattr(method, "grid_newline_rows", "kept") == "all" else min(vc, rows))
 
 
 # ----------------------------------------------------------------------------- LLM

@@ -8,6 +8,9 @@ Qwen2.5-VL, its chat template on lmms-eval's messages (system prompt, then the v
 question in one user turn; see earlytom_jax/video_qwen.py):
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
     <|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n
+LLaVA-Video (lmms-eval `llava_vid` with conv_template=qwen_1_5) uses LLaVA-OneVision's template;
+with `add_time_instruction` the question is preceded by one line about the sampled frames
+(`time_instruction`), as LLaVA-Video was trained (LLaVA-NeXT `train.py`, `--add_time_instruction`).
 The single video placeholder is later replaced by the visual tokens, so the token ids are kept
 as a prefix and a suffix around it (`PromptIds`; Qwen2.5-VL's prefix ends with <|vision_start|>
 and its suffix starts with <|vision_end|>).
@@ -42,6 +45,23 @@ def chat_prompt(question: str, placeholder: str = VIDEO_PLACEHOLDER) -> str:
         f"<|im_start|>user\n{placeholder}\n{question}<|im_end|>\n"
         f"<|im_start|>assistant\n"
     )
+
+
+def time_instruction(video_seconds: float, frame_times: Sequence[float]) -> str:
+    """LLaVA-Video's time instruction (lmms-eval `llava_vid.generate_until` with
+    add_time_instruction=True, worded as LLaVA-NeXT's training data): the video's length, the
+    number of frames, each frame's time in seconds; no space after the second sentence's period,
+    as in the source."""
+    times = ",".join(f"{t:.2f}s" for t in frame_times)
+    return (f"The video lasts for {video_seconds:.2f} seconds, and {len(frame_times)} frames are uniformly "
+            f"sampled from it. These frames are located at {times}.Please answer the following questions "
+            "related to this video.")
+
+
+def with_time_instruction(question: str, video_seconds: float, frame_times: Sequence[float]) -> str:
+    """The question as lmms-eval's `llava_vid` passes it with add_time_instruction=True: the
+    time instruction, a newline, the question (the placeholder line comes before both)."""
+    return f"{time_instruction(video_seconds, frame_times)}\n{question}"
 
 
 def qwen_vl_prompt(question: str) -> str:

@@ -6,6 +6,12 @@ sampled frame straight to SxS with PIL bicubic on uint8 (no crop), scale by 1/25
 with the checkpoint's `preprocessor_config.json` mean/std. Output is channels-first like
 transformers: float32 [F, 3, S, S].
 
+LLaVA-Video (lmms-eval `llava_vid`, whose defaults the official EarlyTom script keeps apart from
+max_frames_num=64): frames at `video_fps` = 1 per second (every round(fps)-th frame) unless
+that gives more than `max_frames`, or `force_sample`, when it takes
+`np.linspace(0, n - 1, max_frames, dtype=int)` (`llava_vid_sampling`); the same SigLIP
+preprocessing.
+
 Decoding uses PyAV; every container is opened in a `with` block so no file handle outlives a call.
 A file that yields fewer frames than its container declares (truncated, or partly corrupt) is
 read as far as it goes, with one warning line naming both counts (logger `earlytom_jax.video`;
@@ -180,6 +186,10 @@ class VideoFrames:
     total_frames: int
     fps: float
     repeated: bool
+    # LLaVA-Video's sampling (`load_video_llava_vid`): each frame's time and the video's length
+    # in seconds, as lmms-eval's `llava_vid` computes them for the time instruction
+    times: tuple[float, ...] | None = None
+    seconds: float | None = None
 
 
 def load_video(path: str, num_frames: int) -> VideoFrames:
@@ -204,6 +214,51 @@ def load_video(path: str, num_frames: int) -> VideoFrames:
     _warn_if_short(path, n, declared)
     frames = _stack([kept[int(i)] for i in indices], path)
     return VideoFrames(frames=frames, indices=indices, total_frames=n, fps=fps, repeated=n < num_frames)
+
+
+def llava_vid_sampling(n_frames: int, fps: float, max_frames: int = 64, video_fps: float = 1,
+                       force_sample: bool = False) -> tuple[np.ndarray, tuple[float, ...], float]:
+    """lmms-eval `llava_vid.load_video` (= LLaVA-NeXT's LLaVA-Video inference example):
+    step = round(fps / video_fps); frames 0, step, 2·step, … with times i / step (sic: in
+    seconds when video_fps = 1); if that is more than `max_frames` frames, or `force_sample`,
+    instead `np.linspace(0, n - 1, max_frames, dtype=int)` with times i / fps.
+    → (int64 indices [F], frame times, video seconds n / fps)."""
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if not fps > 0 or not video_fps > 0:
+        raise VideoError(f"frame rate {fps:g} (sampling at {video_fps:g} per second): LLaVA-Video's sampling needs "
+                         "the video's frame rate; re-encode the file with one")
+    step = max(1, round(fps / video_fps))  # lmms-eval's round(); a step of 0 (fps < video_fps / 2) would not run
+    indices = np.arange(0, n_frames, step, dtype=np.int64)
+    times = tuple(float(i) / step for i in indices)
+    if len(indices) > max_frames or force_sample:
+        indices = np.linspace(0, n_frames - 1, max_frames, dtype=int).astype(np.int64)
+        times = tuple(float(i) / fps for i in indices)
+    return indices, times, n_frames / fps
+
+
+def load_video_llava_vid(path: str, max_frames: int = 64, video_fps: float = 1,
+                         force_sample: bool = False) -> VideoFrames:
+    """Frames of a video as lmms-eval's `llava_vid` samples them (`llava_vid_sampling`), with
+    their times and the video's length (for `prompt.time_instruction`). Decoded once, keeping
+    only the sampled frames (twice when the decoded count differs from the demuxer's)."""
+    path = str(path)
+    n_guess = _count_packets(path)
+    if n_guess == 0:
+        raise VideoError(f"{path} contains zero frames; re-encode or drop this video")
+    with _open(path) as container:
+        fps = _stream_fps(_video_stream(container, path))
+    indices, times, seconds = llava_vid_sampling(n_guess, fps, max_frames, video_fps, force_sample)
+    kept, n, fps, declared = _decode(path, set(indices.tolist()).__contains__)
+    if n != n_guess:
+        indices, times, seconds = llava_vid_sampling(n, fps, max_frames, video_fps, force_sample)
+        kept, n, fps, declared = _decode(path, set(indices.tolist()).__contains__)
+    _warn_if_short(path, n, declared)
+    frames = _stack([kept[int(i)] for i in indices], path)
+    return VideoFrames(frames=frames, indices=indices, total_frames=n, fps=fps, repeated=n < len(indices),
+                       times=times, seconds=seconds)
 
 
 def load_frame_dir(path: str, num_frames: int) -> VideoFrames:

@@ -1,6 +1,6 @@
 """A converted checkpoint directory's layout and its config file (`earlytom_config.json`).
 
-    earlytom_config.json       our model config (dataclasses.asdict: LlavaOVConfig or Qwen25VLConfig), stored dtype, format version
+    earlytom_config.json       our model config (dataclasses.asdict: LlavaOVConfig, LlavaVideoConfig or Qwen25VLConfig), stored dtype, format version
     params/                    an orbax checkpoint of the parameter tree (checkpoint/orbax_io.py)
     hf_config.json             the source config.json, verbatim
     tokenizer.json, preprocessor_config.json, tokenizer_config.json (when the source has one)
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from earlytom_jax.checkpoint.placement import resolve_dtype
-from earlytom_jax.config import LlavaOVConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
+from earlytom_jax.config import LlavaOVConfig, LlavaVideoConfig, ModelConfig, Qwen2Config, Qwen25VLConfig, QwenVisionConfig, SiglipConfig
 from earlytom_jax.errors import CheckpointError, one_line
 from earlytom_jax.io_utils import read_json
 
@@ -62,7 +62,8 @@ def config_from_json(path: str) -> ModelConfig:
         if "fullatt_block_indexes" in vision:  # only Qwen2.5-VL's encoder has full-attention blocks
             vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
             return Qwen25VLConfig(vision=QwenVisionConfig(**vision), text=Qwen2Config(**text), **c)
-        return LlavaOVConfig(vision=SiglipConfig(**vision), text=Qwen2Config(**text), **c)
+        cls = LlavaVideoConfig if c.get("newline_position") == "grid" else LlavaOVConfig
+        return cls(vision=SiglipConfig(**vision), text=Qwen2Config(**text), **c)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: config does not match this version's fields ({one_line(e)})") from None
 

@@ -78,6 +78,8 @@ def hf_config(cfg: LlavaOVConfig) -> dict:
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "full",
         "tie_word_embeddings": t.tie_word_embeddings,
+        # LLaVA-NeXT's key, which transformers ignores: "grid" marks a LLaVA-Video directory
+        **({"mm_newline_position": cfg.newline_position} if cfg.grid_newlines else {}),
     }
 
 

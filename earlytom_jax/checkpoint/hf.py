@@ -4,7 +4,7 @@ state it is; which tensor feeds which parameter is `checkpoint.table`).
 Source names are first reduced to a canonical form (`vision.encoder.layers.3.mlp.fc1.weight`,
 `text.layers.0.self_attn.q_proj.bias`, `projector.1.weight`, `newline`, `lm_head.weight`)
 whatever the layout: llava-hf (transformers 4), transformers 5 `save_pretrained`, or the
-lmms-lab originals; for Qwen2.5-VL `vision.blocks.0.attn.qkv.weight`, `vision.merger.ln_q.weight`
+lmms-lab originals (LLaVA-Video's checkpoints are laid out as LLaVA-OneVision's); for Qwen2.5-VL `vision.blocks.0.attn.qkv.weight`, `vision.merger.ln_q.weight`
 and the same LLM names, from Qwen's release (`visual.`, `model.`) or transformers 5
 (`model.visual.`, `model.language_model.`).
 """
@@ -54,7 +54,7 @@ def _ignored(canon: str, cfg: ModelConfig) -> bool:
     """Stored tensors we knowingly skip: blocks past the feature depth, post-LN, SigLIP head."""
     if canon.startswith("vision.post_layernorm.") or canon.startswith("vision.head."):
         return True
-    if canon.startswith("vision.encoder.layers.") and cfg.family == "llava_onevision":
+    if canon.startswith("vision.encoder.layers.") and cfg.family in ("llava_onevision", "llava_video"):
         return int(canon.split(".")[3]) >= cfg.vision.num_layers
     if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
         return True

@@ -133,7 +133,7 @@ QWEN_TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
     **_TEXT,
 }
 
-TABLES = {"llava_onevision": TABLE, "qwen2_5_vl": QWEN_TABLE}
+TABLES = {"llava_onevision": TABLE, "llava_video": TABLE, "qwen2_5_vl": QWEN_TABLE}  # LLaVA-Video: OV's tensors
 
 
 @dataclasses.dataclass(frozen=True)

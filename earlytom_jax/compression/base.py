@@ -30,6 +30,9 @@ hook 3, inside the LLM (prefill only)
 
 A method runs on the model families it names (`families`, config.py's `cfg.family`; default
 LLaVA-OneVision alone); the pipeline refuses it on any other in one line (`pipeline.check_family`).
+On LLaVA-Video (grid newlines) hook 2's `kept_index` places the tokens: the pipeline lays them
+out frame by frame in raster order with a newline after each pooled row that kept one, or after
+every row when the method's `grid_newline_rows` is "all" (`models.llava_onevision.grid_newlines`).
 
 A method that leaves a hook out inherits the no-op below. For the FLOP counter a method may
 also say how many frames it encodes (`input_frames`) and what its hook 2 computes beyond
@@ -72,6 +75,7 @@ class NoHooks:
     """Defaults: no frame merging, keep every token, no in-LLM merging."""
 
     families: tuple[str, ...] = ("llava_onevision",)
+    grid_newline_rows = "kept"  # LLaVA-Video: a newline after each row that kept a token ("all": every row)
     encoder_layers: tuple[int, ...] = ()
     encoder_keys = False
     token_merging = False
@@ -118,6 +122,7 @@ class NoHooks:
 @register(name="full", label="full tokens", takes_ratio=False)
 @dataclasses.dataclass(frozen=True)
 class FullTokens(NoHooks):
-    """The uncompressed model: every pooled token of every frame, as transformers runs it."""
+    """The uncompressed model: every pooled token of every frame, as transformers runs it
+    (LLaVA-Video: as LLaVA-NeXT's `llava_vid` path runs it)."""
 
-    families = ("llava_onevision", "qwen2_5_vl")
+    families = ("llava_onevision", "llava_video", "qwen2_5_vl")

@@ -47,10 +47,12 @@ class EarlyTom(NoHooks):
     ablation); weighted: stage I's weighted merging (False: merged pairs averaged 1/2).
 
     On Qwen2.5-VL a frame is a temporal patch (two frames) and the budget r counts the merged
-    (2x2) tokens of all temporal patches: docs/qwen-earlytom.md.
+    (2x2) tokens of all temporal patches: docs/qwen-earlytom.md. On LLaVA-Video the budget is r
+    of T0·169 average-pooled tokens, the importance is pooled the same way, and the grid
+    newlines come on top (one after each pooled row that kept a token): docs/llava-video.md.
     """
 
-    families = ("llava_onevision", "qwen2_5_vl")
+    families = ("llava_onevision", "llava_video", "qwen2_5_vl")
 
     ratio: float = DEFAULT_RATIO
     tau: float = 0.6
@@ -84,7 +86,7 @@ class EarlyTom(NoHooks):
         """As the command line builds it (`registry.build`): the preset first (at this ratio),
         explicit settings override it (defaults scaled to a shallow model come from
         `compression.defaults.settings`). llm_layer None or < 0 turns stage III off."""
-        out = dict(published(preset, ratio)) if preset else {}
+        out = dict(published(preset, ratio, getattr(cfg, "family", "llava_onevision"))) if preset else {}
         out["ratio"] = ratio
         if "layers" in kw:
             out["layers"] = tuple(kw.pop("layers"))
@@ -163,9 +165,8 @@ class EarlyTom(NoHooks):
         t0, s, _ = tokens.shape
         if family.is_qwen(cfg):  # a merged token's importance: the mean of its patches'
             imp = state["importance"].reshape(t0, s, -1).mean(-1)
-        else:
-            g, pg = cfg.vision.grid, cfg.pooled_grid
-            imp = lov.pool(state["importance"][..., None], g, pg)[..., 0]  # [Tc, S]
+        else:  # pooled as the tokens are (LLaVA-NeXT's get_2dPool on the attention map)
+            imp = lov.pool_frames(state["importance"][..., None], cfg)[..., 0]  # [Tc, S]
         k_dyn, n_stat = sel.budget_tables(t0, self.ratio, s)
         keep = sel.select_tokens(
             imp, n, state["dynamic"], jnp.asarray(k_dyn)[n], jnp.asarray(n_stat)[n], self.quirks, grid

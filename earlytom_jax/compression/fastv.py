@@ -1,6 +1,7 @@
 """FastV (a baseline inside the LLM): after layer K, drop the visual tokens that received the
 least attention from the last prompt token at layer K-1, for all later layers; merge nothing.
-All frames and all tokens reach the LLM (hooks 1 and 2 are the full model's).
+All frames and all tokens reach the LLM (hooks 1 and 2 are the full model's). On LLaVA-Video
+the visual span holds every grid newline (T0 · 13 · 14 slots), and the drop acts on all of them.
 
 Qwen2.5-VL: the same rule over the visual span of the T·S merged tokens (no newline follows the
 video on this family); the survivors keep their 3-D M-RoPE positions, and the text after the
@@ -26,7 +27,7 @@ class FastV(NoHooks):
     (selected tokens and the newline; Qwen2.5-VL: the merged tokens, no newline) dropped, kept
     count round(L·(1 - drop))."""
 
-    families = ("llava_onevision", "qwen2_5_vl")
+    families = ("llava_onevision", "llava_video", "qwen2_5_vl")
 
     layer: int = 2
     drop: float = 0.5

@@ -1,4 +1,7 @@
-"""The published EarlyTom settings per task and retention ratio (LLaVA-OV, 32 frames)."""
+"""The published EarlyTom settings per task and retention ratio: LLaVA-OV (32 frames,
+`scripts/ov/eval_ov-7b_earlytom.sh` of viridisGreen/EarlyTom at b909322) and LLaVA-Video (64
+frames, `scripts/llava-vid/eval_vid-7b_earlytom.sh`: the same table except VideoMME at 0.25,
+tau 0.6 instead of 0.7, and LongVideoBench at 0.25, layers 6,21,23 instead of 4,14,24)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,22 @@ PUBLISHED = {
     "egoschema": ((0.3, 0.5, 0.6, 0.7), ((10, 21, 23),) * 4),
 }
 
+# Where a family's script differs: family → task → ratio → settings replaced.
+FAMILY_EXCEPTIONS = {
+    "llava_video": {
+        "videomme": {0.25: dict(tau=0.6)},
+        "longvideobench": {0.25: dict(layers=(6, 21, 23))},
+    },
+}
+
 # When no task is named (the official code's defaults, with M = 6).
 DEFAULT = dict(tau=0.6, layers=(6, 21, 23), max_window=6, alpha=0.9, llm_layer=18, llm_ratio=0.5)
 
 
-def preset(name: str, ratio: float | None = None) -> dict:
-    """EarlyTom keyword arguments for "TASK" or "TASK@RATIO" (e.g. "videomme@0.1")."""
+def preset(name: str, ratio: float | None = None, family: str = "llava_onevision") -> dict:
+    """EarlyTom keyword arguments for "TASK" or "TASK@RATIO" (e.g. "videomme@0.1"), as the
+    official script of the model `family` sets them ("llava_onevision"; "llava_video": its
+    `FAMILY_EXCEPTIONS`; any other family takes LLaVA-OV's table)."""
     task, _, r = name.partition("@")
     task = task.strip().lower()
     if task not in PUBLISHED:
@@ -36,4 +49,6 @@ def preset(name: str, ratio: float | None = None) -> dict:
         raise ConfigError(f"preset {task}: published ratios are {', '.join(map(str, RATIOS))}, not {ratio}")
     taus, layers = PUBLISHED[task]
     i = matches[0]
-    return dict(DEFAULT, ratio=RATIOS[i], tau=taus[i], layers=layers[i])
+    out = dict(DEFAULT, ratio=RATIOS[i], tau=taus[i], layers=layers[i])
+    out.update(FAMILY_EXCEPTIONS.get(family, {}).get(task, {}).get(RATIOS[i], {}))
+    return out

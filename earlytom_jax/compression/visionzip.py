@@ -33,6 +33,13 @@ methods exactly; `per_frame` fixes the per-frame budget instead (20 reproduces t
 "10%" runs). Static shapes: per-frame K and C are known from T0 alone, so the buffer is exactly
 the budget, every slot valid; no frame is merged.
 
+LLaVA-Video (average pooling, grid newlines): attention, keys and features are average-pooled
+2x2 (13 x 13 = 169 a frame, `visionzip/llava_arch.py` l. 81-86 call `get_2dPool`, which follows
+`mm_spatial_pool_mode`), the budget is round(r · T0 · 169), and the grid branch (l. 153-174)
+lays each frame's dominant and contextual tokens out in raster order of their positions (a
+contextual token at its target's) with a newline after every pooled row, also after a row that
+kept nothing: T0 · 13 newlines on top of the budget (`grid_newline_rows = "all"`).
+
 Qwen2.5-VL (this project's adaptation; the paper's Qwen table has a VisionZip row, its code for
 this model is not released). A frame is a temporal patch (two input frames, T = T'/2 of them)
 and selection acts on its S = mh·mw merged (2x2) tokens in raster order (no pooling on this
@@ -80,7 +87,8 @@ class VisionZip(NoHooks):
     On Qwen2.5-VL the frames are temporal patches and the tokens merged 2x2 tokens (module
     docstring)."""
 
-    families = ("llava_onevision", "qwen2_5_vl")
+    families = ("llava_onevision", "llava_video", "qwen2_5_vl")
+    grid_newline_rows = "all"  # LLaVA-Video: the official grid branch gives every row a newline
 
     ratio: float = DEFAULT_RATIO
     per_frame: int | None = None
@@ -132,10 +140,9 @@ class VisionZip(NoHooks):
             imp = state["colmean"].reshape(t0, s, unit).mean(-1)  # [T, S]
             keys = state["keys"]
             met = keys.reshape(t0, s, unit, keys.shape[-1]).mean(2)  # [T, S, D]
-        else:
-            g, pg = cfg.vision.grid, cfg.pooled_grid
-            imp = lov.pool(state["colmean"][..., None], g, pg)[..., 0]  # [T, S]
-            met = lov.pool(state["keys"], g, pg)  # [T, S, D]
+        else:  # pooled as the tokens are (LLaVA-NeXT's get_2dPool: bilinear, or average on LLaVA-Video)
+            imp = lov.pool_frames(state["colmean"][..., None], cfg)[..., 0]  # [T, S]
+            met = lov.pool_frames(state["keys"], cfg)  # [T, S, D]
         k_np, c_np, step_np = self.budgets(t0, s)
         cap = int(k_np.sum() + c_np.sum())
         k, c, step = (jnp.asarray(a)[:, None] for a in (k_np, c_np, step_np))

@@ -7,7 +7,8 @@ from earlytom_jax.models import params as params_lib
 from earlytom_jax.models.llava_onevision import LlavaOneVision
 from earlytom_jax.models.qwen2_5_vl import Qwen25VL
 
-MODULES = {"llava_onevision": LlavaOneVision, "qwen2_5_vl": Qwen25VL}
+# LLaVA-Video is LLaVA-OneVision's module with its config's other pooling and newlines
+MODULES = {"llava_onevision": LlavaOneVision, "llava_video": LlavaOneVision, "qwen2_5_vl": Qwen25VL}
 
 
 def module(cfg: ModelConfig):
@@ -22,3 +23,8 @@ def bind(cfg: ModelConfig, params: dict):
 
 def is_qwen(cfg: ModelConfig) -> bool:
     return cfg.family == "qwen2_5_vl"
+
+
+def is_llava(cfg: ModelConfig) -> bool:
+    """LLaVA-OneVision or LLaVA-Video (one module, `LlavaOneVision`)."""
+    return cfg.family in ("llava_onevision", "llava_video")
