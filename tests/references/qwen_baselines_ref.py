@@ -44,32 +44,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from earlytom_jax.bench_torch import qwen_positions as full_positions
 from tests.references.baselines_ref import frame_budgets, visionzip_frame
 from tests.references.earlytom_ref import _static_blocks_grid
-
-
-def flatten(pixels: np.ndarray, tp: int = 2, p: int = 14, merge: int = 2):
-    """Pixels [T', 3, H, W] → transformers' pixel_values_videos [t·h·w, 3·tp·p·p], grid (t, h, w)."""
-    t, _, hh, ww = pixels.shape
-    gt, gh, gw = t // tp, hh // p, ww // p
-    x = pixels.reshape(gt, tp, 3, gh // merge, merge, p, gw // merge, merge, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tp * p * p)
-    return x, (gt, gh, gw)
-
-
-def full_positions(prefix_len: int, grid, suffix_len: int, second_per_grid_t: float, tokens_per_second: float,
-                   merge: int = 2) -> torch.Tensor:
-    """int64 [3, L]: prefix + the uncompressed video + suffix (the rule in the module docstring)."""
-    gt, gh, gw = grid
-    mh, mw = gh // merge, gw // merge
-    interval = torch.tensor(second_per_grid_t, dtype=torch.float32) * tokens_per_second
-    t = (torch.arange(gt).view(-1, 1).expand(-1, mh * mw) * interval).long().flatten()
-    r = torch.arange(mh).view(1, -1, 1).expand(gt, -1, mw).flatten()
-    c = torch.arange(mw).view(1, 1, -1).expand(gt, mh, -1).flatten()
-    video = torch.stack([t, r, c]) + prefix_len
-    start = int(video.max()) + 1
-    return torch.cat([torch.arange(prefix_len).expand(3, -1), video,
-                      torch.arange(start, start + suffix_len).expand(3, -1)], 1)
+from tests.tiny_qwen import flatten
 
 
 def picked_patches(T: int, r: float) -> list[int]:

@@ -35,7 +35,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from earlytom_jax.bench_torch import qwen_positions as full_positions
 from tests.references.earlytom_ref import merge_layer, segment_frames, stage2_select, stage3_merge
+from tests.tiny_qwen import flatten
 
 
 def _transformers_parts():
@@ -43,35 +45,6 @@ def _transformers_parts():
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
     return mq, get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-
-def flatten_pixels(pixels: np.ndarray, tp: int = 2, p: int = 14, merge: int = 2):
-    """Pixels [T', 3, H, W] → transformers' pixel_values_videos [t·h·w, 3·tp·p·p] and grid (t, h, w)
-    (the processor's flattening; the same as tests/tiny_qwen.py's `flatten`)."""
-    t, _, hh, ww = pixels.shape
-    gt, gh, gw = t // tp, hh // p, ww // p
-    x = pixels.reshape(gt, tp, 3, gh // merge, merge, p, gw // merge, merge, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tp * p * p)
-    return x, (gt, gh, gw)
-
-
-def full_positions(prefix_len: int, grid, suffix_len: int, second_per_grid_t: float, tokens_per_second: float,
-                   merge: int = 2) -> torch.Tensor:
-    """int64 [3, L] of prefix + the uncompressed video + suffix, Qwen2.5-VL's rule as trained
-    (transformers 4.x `get_rope_index`; the same statement as tests/tiny_qwen.py's
-    `reference_positions`): text 0..P-1; the merged token at temporal patch t, row r, column c
-    at (P + floor(t · interval), P + r, P + c) with interval = fp32(second_per_grid_t) ·
-    tokens_per_second in fp32 and t · interval in fp32; the text after from the largest + 1."""
-    gt, gh, gw = grid
-    mh, mw = gh // merge, gw // merge
-    interval = torch.tensor(second_per_grid_t, dtype=torch.float32) * tokens_per_second
-    t = (torch.arange(gt).view(-1, 1).expand(-1, mh * mw) * interval).long().flatten()
-    h = torch.arange(mh).view(1, -1, 1).expand(gt, -1, mw).flatten()
-    w = torch.arange(mw).view(1, 1, -1).expand(gt, mh, -1).flatten()
-    video = torch.stack([t, h, w]) + prefix_len
-    start = int(video.max()) + 1
-    return torch.cat([torch.arange(prefix_len).expand(3, -1), video,
-                      torch.arange(start, start + suffix_len).expand(3, -1)], 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +119,7 @@ def _encode(model, pixels: np.ndarray, method_cfg):
     """Stages I and II on the encoder: (visual embeddings [V, Ht] of the kept tokens, stats)."""
     visual = model.model.visual
     vc = model.config.vision_config
-    flat, (T, gh, gw) = flatten_pixels(np.asarray(pixels, np.float32), vc.temporal_patch_size, vc.patch_size,
+    flat, (T, gh, gw) = flatten(np.asarray(pixels, np.float32), vc.temporal_patch_size, vc.patch_size,
                                        vc.spatial_merge_size)
     unit = visual.spatial_merge_unit
     N = gh * gw
