@@ -190,8 +190,7 @@ def _walk_emits(roles: _FrameRoles, quirks: bool):
         valid, walk, last_mid, merge = xs
         # frames outside a 2c walk: emitted as they are
         plain = valid & ~walk
-        # frames inside a walk
-        consumed = walk & skip
+        # frames inside a walk (a frame the previous merge consumed, walk & skip, emits nothing)
         at_last = walk & ~skip & last_mid
         regular = walk & ~skip & ~last_mid
         emit = plain | regular | (at_last & (not quirks))

@@ -4,7 +4,6 @@ the paper's (accuracy, visual tokens, TTFT, FLOPs)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from earlytom_jax.evals.runner import EvalSettings, run_eval

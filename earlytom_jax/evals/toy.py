@@ -12,7 +12,6 @@ the generated text (no letter: wrong).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
