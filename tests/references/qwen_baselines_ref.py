@@ -47,6 +47,7 @@ import torch
 from earlytom_jax.bench_torch import qwen_positions as full_positions
 from tests.references.baselines_ref import frame_budgets, visionzip_frame
 from tests.references.earlytom_ref import _static_blocks_grid
+from tests.references.qwen_earlytom_ref import _last_row_probs
 from tests.tiny_qwen import flatten
 
 
@@ -146,22 +147,6 @@ def _causal_mask(n: int, past: int) -> torch.Tensor:
     return torch.zeros(n, past + n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
-def _last_row_attention(layer, h, cos, sin) -> torch.Tensor:
-    """The last row's attention probabilities at decoder `layer` (from its input h [1, n, H]),
-    mean over heads → [n] fp32."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
-
-    attn = layer.self_attn
-    n = h.shape[1]
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
-    q, k = mq.apply_rotary_pos_emb(q, k, cos, sin)
-    k = mq.repeat_kv(k, attn.num_key_value_groups)
-    scores = torch.matmul(q[:, :, -1:], k.transpose(2, 3)) * attn.scaling
-    return torch.softmax(scores, dim=-1, dtype=torch.float32)[0, :, 0].mean(dim=0)
-
-
 def _layer(lm, li, h, pos, cache):
     cos, sin = lm.rotary_emb(h, pos[:, None, :])
     past = cache.get_seq_length(li)
@@ -180,7 +165,7 @@ def _run(model, h, pos, npre: int, V: int, next_position: int, fastv, max_new_to
     for li in range(nL):
         if fastv is not None and li == fastv[0] - 1:
             cos, sin = lm.rotary_emb(h, pos[:, None, :])
-            row = _last_row_attention(lm.layers[li], h, cos, sin)[npre: npre + V]
+            row = _last_row_probs(lm.layers[li], h, cos, sin)[npre: npre + V]
             n_keep = round(V * (1.0 - fastv[1]))
             vals = [float(v) for v in row.tolist()]
             keep = sorted(sorted(range(V), key=lambda j: (-vals[j], j))[:n_keep])
