@@ -31,13 +31,13 @@ from earlytom_jax.architectures import param_shapes
 from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.compression import defaults as compression_defaults
 from earlytom_jax.compression import registry
-from earlytom_jax.config import ModelConfig
+from earlytom_jax.config import FAMILIES, ModelConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import Generation, generate
 from earlytom_jax.models import family, stack
-from earlytom_jax.prompt import PromptIds, Tokenizer, encode_prompt
+from earlytom_jax.prompt import PromptIds, Tokenizer, encode_prompt, with_time_instruction
 from earlytom_jax.progress import human_bytes
-from earlytom_jax.video import Preprocessor, VideoFrames, load_video
+from earlytom_jax.video import Preprocessor, VideoFrames, load_video, load_video_llava_vid
 from earlytom_jax.video_qwen import QwenClip, QwenPreprocessor, QwenVideoSettings, load_video_qwen, smart_resize
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,11 @@ def frames_memory(cfg: ModelConfig, num_frames: int, settings: QwenVideoSettings
 def check_frames(cfg: ModelConfig, method, num_frames: int, text_tokens: int, max_new_tokens: int,
                  memory: bool = True, settings: QwenVideoSettings | None = None) -> None:
     """Before any frame is decoded or any program compiled: the prompt (`text_tokens` of text,
-    `method`'s visual buffer for `num_frames` frames, LLaVA's newline) plus `max_new_tokens`
-    within the model's context, and (memory=True) the frames within the memory available
-    (`frames_memory`). ConfigError (one line) otherwise."""
+    `method`'s visual span for `num_frames` frames, newlines included: `pipeline.visual_span`)
+    plus `max_new_tokens` within the model's context, and (memory=True) the frames within the
+    memory available (`frames_memory`). ConfigError (one line) otherwise."""
     t, s = visual_grid(cfg, num_frames, settings)
-    length = text_tokens + method.capacity(t, s) + (0 if family.is_qwen(cfg) else 1)
+    length = text_tokens + pipeline.visual_span(cfg, method, t, s)
     limit = cfg.text.max_position_embeddings
     if length + max_new_tokens > limit:
         raise ConfigError(
@@ -145,15 +145,20 @@ class VideoLLM:
     mesh: object = None  # jax.sharding.Mesh or None (one device)
     info: compression_defaults.ModelInfo = dataclasses.field(default_factory=compression_defaults.ModelInfo)
     video: QwenVideoSettings = QwenVideoSettings()
+    # LLaVA-Video: lmms-eval `llava_vid`'s add_time_instruction (off there and in EarlyTom's script)
+    time_instruction: bool = False
 
     @classmethod
-    def load(cls, directory: str, dtype: str = "float32", mesh=None, video: QwenVideoSettings | None = None
-             ) -> "VideoLLM":
+    def load(cls, directory: str, dtype: str = "float32", mesh=None, video: QwenVideoSettings | None = None,
+             time_instruction: bool = False) -> "VideoLLM":
         """An HF checkpoint directory (safetensors, any supported layout) or a converted one
         (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
         every weight straight into its shard on the devices (see earlytom_jax.sharding).
         On CPU, bf16 layer stacks are held in the forms `models.stack.pack` gives.
-        video: Qwen2.5-VL's pixel bounds (default: the official EarlyTom script's)."""
+        video: Qwen2.5-VL's pixel bounds (default: the official EarlyTom script's).
+        time_instruction: LLaVA-Video only, the question opens with the video's length and the
+        sampled frames' times (`prompt.with_time_instruction`), as lmms-eval's `llava_vid` with
+        add_time_instruction=True; ConfigError (one line) on another family."""
         xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
@@ -165,7 +170,9 @@ class VideoLLM:
         info = compression_defaults.read_model_info(directory)
         video = video or QwenVideoSettings()
         pre = QwenPreprocessor.from_dir(directory, video) if family.is_qwen(cfg) else Preprocessor.from_dir(directory)
-        return cls(cfg, params, Tokenizer.from_dir(directory), pre, m, info, video)
+        if time_instruction and cfg.family != "llava_video":
+            raise ConfigError(f"--time-instruction is LLaVA-Video's ({directory} is {FAMILIES[cfg.family]}); leave it out")
+        return cls(cfg, params, Tokenizer.from_dir(directory), pre, m, info, video, time_instruction)
 
     def method(self, name: str = "earlytom", ratio: float | None = None, preset: str | None = None, **settings):
         """The compression method `name` at `ratio` (default: --preset TASK@R's, else 0.1) for
@@ -217,10 +224,23 @@ class VideoLLM:
 
     def load_video(self, path: str, num_frames: int) -> VideoFrames | QwenClip:
         """`num_frames` frames of a video file as this model's family samples them (Qwen2.5-VL:
-        qwen-vl-utils' frames, at most `num_frames`, already resized to its pixel bounds)."""
+        qwen-vl-utils' frames, at most `num_frames`, already resized to its pixel bounds;
+        LLaVA-Video: lmms-eval `llava_vid`'s, one a second, `num_frames` evenly spaced when that
+        gives more, with their times)."""
         if family.is_qwen(self.cfg):
             return load_video_qwen(path, dataclasses.replace(self.video, frames=num_frames))
+        if self.cfg.family == "llava_video":
+            return load_video_llava_vid(path, max_frames=num_frames)
         return load_video(path, num_frames)
+
+    def question_for(self, question: str, video: VideoFrames | QwenClip | None) -> str:
+        """The question as this model's harness asks it about `video` (what `load_video` gave):
+        with `time_instruction` (LLaVA-Video) the video's length and its frames' times first;
+        otherwise as it is. Frames handed over as an array carry no times: then as it is too."""
+        times = getattr(video, "times", None)
+        if self.time_instruction and times:
+            return with_time_instruction(question, video.seconds, times)
+        return question
 
     def token_grid(self, frames: np.ndarray) -> tuple[tuple[int, int], int]:
         """((rows, columns) of one encoded frame's tokens, sampled frames per encoded frame) for
@@ -258,6 +278,7 @@ class VideoLLM:
         vf = self.load_video(os.fspath(video), num_frames) if isinstance(video, (str, os.PathLike)) else None
         frames = vf.frames if vf is not None else np.asarray(video)
         pixels, video_time = self.prepare(frames)
+        question = self.question_for(question, vf)
         ans = self.answer(pixels, question, method, max_new_tokens, on_token, video_time=video_time)
         return dataclasses.replace(ans, video=vf)
 

@@ -92,6 +92,21 @@ def test_resume_runs_only_the_rest_and_refuses_other_settings(tiny_dir, llm, mvb
         run_eval(s_all, pipeline.FULL, llm)
 
 
+def test_results_dir_without_later_identity_keys_resumes(tiny_dir, llm, mvbench_root, tmp_path):
+    """A results directory written before an identity key existed (here `time_instruction`)
+    resumes under that key's old value and refuses another; the time instruction is refused on
+    LLaVA-OneVision in one line."""
+    s = _settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "out", limit=1)
+    run_eval(s, pipeline.FULL, llm)
+    path = tmp_path / "out" / "config.json"
+    ident = json.loads(path.read_text())
+    del ident["time_instruction"]
+    path.write_text(json.dumps(ident))
+    assert run_eval(dataclasses.replace(s, limit=2), pipeline.FULL, llm)["counts"]["samples"] == 2
+    with pytest.raises(ConfigError, match="--time-instruction is LLaVA-Video's"):
+        run_eval(dataclasses.replace(s, time_instruction=True), pipeline.FULL, llm)
+
+
 def test_progress_bar_on_stderr_counts_resumed_samples(tiny_dir, llm, mvbench_root, tmp_path, capsys):
     """The bar (tqdm, on stderr) names the task and starts from the samples a resumed run
     found done; progress=False draws none."""

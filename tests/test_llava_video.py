@@ -449,3 +449,55 @@ def test_llava_vid_sampling_and_time_instruction():
                     "are located at 0.00s,1.00s.Please answer the following questions related to this video.")
     prompt = chat_prompt(with_time_instruction("What?", 10.0, [0.0, 1.0]))
     assert f"user\n<video>\n{line}\nWhat?<|im_end|>" in prompt
+
+
+# ------------------------------------------------------------------------------ wiring
+
+
+def test_run_samples_one_a_second_with_the_time_instruction(tmp_path):
+    """`VideoLLM` on a LLaVA-Video checkpoint samples as lmms-eval's `llava_vid` (one frame a
+    second, at most `num_frames`) and, with `time_instruction`, asks the question after the
+    video's length and the frames' times; the context check counts the grid newlines
+    (`pipeline.visual_span`); the option is refused on LLaVA-OneVision in one line."""
+    from earlytom_jax.api import VideoLLM, check_frames
+    from earlytom_jax.video import write_test_video
+
+    _video_checkpoint(str(tmp_path / "ckpt"), seed=2, image_size=56)
+    path = str(tmp_path / "clip.mp4")
+    write_test_video(path, random_video(30, 56, 56, seed=2), fps=10)  # 3 s at 10 fps
+    llm = VideoLLM.load(str(tmp_path / "ckpt"), time_instruction=True)
+    vf = llm.load_video(path, 64)
+    assert vf.indices.tolist() == [0, 10, 20] and vf.times == (0.0, 1.0, 2.0) and vf.seconds == 3.0
+    asked = llm.question_for("What?", vf)
+    assert asked == with_time_instruction("What?", 3.0, [0.0, 1.0, 2.0])
+    ans = llm.ask(path, "What?", pipeline.FULL, num_frames=64, max_new_tokens=1)
+    assert ans.video.frames.shape[0] == 3 and int(ans.stats["visual_tokens"]) == llm.cfg.visual_slots(3)
+    cfg = llm.cfg
+    span = cfg.visual_slots(3)
+    check_frames(cfg, pipeline.FULL, 3, cfg.text.max_position_embeddings - span - 1, 1, memory=False)
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        check_frames(cfg, pipeline.FULL, 3, cfg.text.max_position_embeddings - span, 1, memory=False)
+    plain = VideoLLM.load(str(tmp_path / "ckpt"))
+    assert plain.question_for("What?", vf) == "What?"
+    save_tiny_checkpoint(build_tiny_model(seed=2, image_size=56), str(tmp_path / "ov"))
+    with pytest.raises(ConfigError, match="--time-instruction is LLaVA-Video's"):
+        VideoLLM.load(str(tmp_path / "ov"), time_instruction=True)
+
+
+def test_bench_reference_torch_times_the_llava_next_path(tmp_path):
+    """`bench --arch llava-video-tiny --reference torch` times LLaVA-NeXT's llava_vid path on
+    the same random weights (labelled so), with the grid newlines' placeholders: its first
+    token is ours; the executed FLOPs count the newline slots."""
+    from earlytom_jax.cli.main import main
+    from earlytom_jax.llava_video_torch import LABEL
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "llava-video-tiny", "--frames", "3", "--methods", "full,earlytom",
+                 "--ratios", "0.5", "--reference", "torch", "--warmup", "0", "--runs", "1", "--decode-tokens", "0",
+                 "--no-stages", "--no-xla-flops", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    cfg = architecture("llava-video-tiny")
+    assert d["reference"]["label"] == LABEL and d["reference"]["visual_tokens"] == cfg.visual_slots(3)
+    full = next(r for r in d["results"] if r["method"] == "full")
+    assert full["first_token"] == d["reference"]["first_token"]
+    assert full["visual_tokens"] == cfg.visual_slots(3)

@@ -108,7 +108,7 @@ def _load(spec: BenchSpec, mesh, video: BenchVideo, prefix, suffix):
 
         cfg = load_config(spec.model)
         if spec.reference == "torch":
-            torch_model = bench_torch.load_pretrained(spec.model, spec.dtype)
+            torch_model = bench_torch.load_pretrained(spec.model, spec.dtype, cfg.family)
             reference = reference_of(torch_model, cfg)
             del torch_model
         shardings = None if mesh is None else shd.plan_shardings(param_shapes(cfg), mesh)[0]

@@ -3,6 +3,7 @@ flags become a `bench.session.BenchSpec`, the library runs it."""
 
 from __future__ import annotations
 
+from earlytom_jax.architectures import ARCHITECTURES
 from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args, video_flags
 from earlytom_jax.errors import ConfigError
 
@@ -11,13 +12,12 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF checkpoint or converted directory")
-    src.add_argument("--arch", help="tiny | llava-ov-0.5b | llava-ov-7b | qwen-tiny | qwen2.5-vl-3b | qwen2.5-vl-7b, "
-                                    "random weights")
+    src.add_argument("--arch", help=f"{' | '.join(ARCHITECTURES)}, random weights")
     b.add_argument("--video", default=None, help="video file (default: a generated clip)")
     b.add_argument("--frames", type=int, default=32, help="frames sampled from the video (Qwen2.5-VL: at most this "
                                                           "many, as qwen-vl-utils and lmms-eval sample them)")
     b.add_argument("--methods", type=names, default=None,
-                   help="comma-separated methods (or groups: uniform); default full,earlytom (Qwen2.5-VL: full)")
+                   help="comma-separated methods (or groups: uniform); default full,earlytom")
     b.add_argument("--ratios", type=floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     b.add_argument("--runs", type=int, default=5, help="timed calls per method")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from earlytom_jax.architectures import ARCHITECTURES
 from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args, video_flags, video_settings
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.progress import say
@@ -13,8 +14,7 @@ def add_parser(sub) -> None:
                                     "questions about generated clips (no download)")
     d.add_argument("--model", default=None, help="an HF checkpoint or converted directory (default: the shipped toy model)")
     d.add_argument("--arch", default=None,
-                   help="instead: a named architecture with RANDOM weights (tiny | llava-ov-0.5b | llava-ov-7b | "
-                        "qwen2.5-vl-3b | qwen2.5-vl-7b)")
+                   help=f"instead: a named architecture with RANDOM weights ({' | '.join(ARCHITECTURES)})")
     d.add_argument("--video", default=None, help="a video file (default: generated clips)")
     d.add_argument("--frames", type=int, default=16, help="frames sampled from each clip")
     d.add_argument("--seed", type=int, default=0, help="which generated clips (toy model)")

@@ -56,7 +56,7 @@ def _init_distributed(args) -> None:
 def eval_runs(args, cfg, info=None) -> list:
     """The (name, ratio, method) runs of `earlytom eval`: every --compare method at every ratio
     of --ratios, or --method; a ratio not given is --ratio's, else --preset TASK@R's, else the
-    default. EarlyTom on LLaVA-OneVision at a published ratio without --preset, --tau or
+    default. EarlyTom on LLaVA-OneVision or LLaVA-Video at a published ratio without --preset, --tau or
     --layers takes the task's published settings. info: the checkpoint's defaults (`compression.defaults`)."""
     from earlytom_jax.compression.presets import PUBLISHED, RATIOS
 
@@ -66,7 +66,8 @@ def eval_runs(args, cfg, info=None) -> list:
         a = argparse.Namespace(**vars(args))
         a.method, a.ratio = name, ratio
         published = ratio is not None and any(abs(ratio - x) < 1e-9 for x in RATIOS)
-        llava = cfg.family == "llava_onevision"  # the published settings are SigLIP's blocks
+        # the published settings are SigLIP's blocks (LLaVA-Video: its script's, `presets.FAMILY_EXCEPTIONS`)
+        llava = cfg.family in ("llava_onevision", "llava_video")
         if (name == "earlytom" and llava and not a.preset and a.tau is None and a.layers is None
                 and preset_task in PUBLISHED and published):
             a.preset = f"{preset_task}@{ratio:g}"
@@ -94,6 +95,7 @@ def cmd_eval(args) -> int:
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
         limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
         prefetch=args.prefetch, progress=not args.quiet, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        time_instruction=args.time_instruction,
     )
     video_settings(args)  # contradictory bounds: one line, before anything loads
     runs = eval_runs(args, load_any_config(args.model), read_model_info(args.model))

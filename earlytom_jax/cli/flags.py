@@ -50,6 +50,9 @@ def video_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-pixels", type=int, default=d.min_pixels, help="smallest frame area: frames are resized "
                    "(sides multiples of 28, aspect kept) to at least this many pixels")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest frame area, in pixels")
+    v = p.add_argument_group("LLaVA-Video (lmms-eval llava_vid: one frame a second, at most --frames)")
+    v.add_argument("--time-instruction", action="store_true", help="open the question with the video's length and "
+                   "the sampled frames' times (llava_vid's add_time_instruction; off in the paper's runs)")
 
 
 def video_settings(args):

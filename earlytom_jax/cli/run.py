@@ -67,7 +67,8 @@ def cmd_run(args) -> int:
 
     check_counts(args)
     status(f"earlytom: loading {args.model}...")
-    llm = VideoLLM.load(args.model, args.dtype, args.mesh, video=video_settings(args))
+    llm = VideoLLM.load(args.model, args.dtype, args.mesh, video=video_settings(args),
+                        time_instruction=args.time_instruction)
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, args.max_new_tokens)
     note = llm.info.open_question_note(args.prompt)

@@ -69,6 +69,7 @@ class EvalSettings:
     progress: bool = True
     min_pixels: int = 37632  # Qwen2.5-VL's frame area bounds (the official script's)
     max_pixels: int = 200704
+    time_instruction: bool = False  # LLaVA-Video: lmms-eval llava_vid's add_time_instruction
 
     def video(self):
         """Qwen2.5-VL's `QwenVideoSettings` of these settings."""
@@ -106,14 +107,19 @@ def _identity(s: EvalSettings, method, max_new: int) -> dict:
     return {
         "model": os.path.abspath(s.model), "task": s.task, "data": os.path.abspath(s.data),
         "method": repr(method), "frames": s.frames, "max_new_tokens": max_new, "dtype": s.dtype,
+        "time_instruction": s.time_instruction,
     }
+
+
+# identity keys added after results directories existed, with the value such a directory ran with
+_IDENTITY_DEFAULTS = {"time_instruction": False}
 
 
 def _check_identity(out: str, ident: dict) -> None:
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         old = read_json(path)
-        diff = [k for k in ident if old.get(k) != ident[k]]
+        diff = [k for k in ident if old.get(k, _IDENTITY_DEFAULTS.get(k)) != ident[k]]
         if diff:
             k = diff[0]
             raise ConfigError(
@@ -192,8 +198,10 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
         folder of frames (MVBench) read as `s.frames` evenly spaced stills, then preprocessed
         (for Qwen2.5-VL at its pixel bounds: lmms-eval's qwen2_5_vl passes no folder on at all)."""
         if os.path.isdir(sample.video):
-            return llm.prepare(load_frame_dir(sample.video, s.frames).frames)
-        return llm.prepare(llm.load_video(sample.video, s.frames).frames)
+            vf = load_frame_dir(sample.video, s.frames)
+        else:
+            vf = llm.load_video(sample.video, s.frames)
+        return (*llm.prepare(vf.frames), vf)
 
     pending: collections.deque = collections.deque()
     it = iter(items)
@@ -210,13 +218,15 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
         sample, fut = pending.popleft()
         fill()
         try:
-            pixels, video_time = fut.result()
+            pixels, video_time, vf = fut.result()
         except EarlyTomError as e:
             writer.error(sample, e)
             continue
-        ans = llm.answer(pixels, sample.context, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
-        ids = llm.prompt_ids(sample.context)
-        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), s.frames,
+        question = llm.question_for(sample.context, vf)
+        ans = llm.answer(pixels, question, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
+        ids = llm.prompt_ids(question)
+        # the frames encoded: LLaVA-Video's 1-a-second sampling may give fewer than --frames
+        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), pixels.shape[0],
                            pixels.shape))
 
 
@@ -240,9 +250,13 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
 
     os.makedirs(s.out, exist_ok=True)
     if llm is None:
-        llm = VideoLLM.load(s.model, s.dtype, groups[0], video=s.video())
-    elif groups[0] is not None:
-        llm = llm.placed(groups[0])
+        llm = VideoLLM.load(s.model, s.dtype, groups[0], video=s.video(), time_instruction=s.time_instruction)
+    else:
+        if s.time_instruction and llm.cfg.family != "llava_video":
+            raise ConfigError("--time-instruction is LLaVA-Video's; leave it out for this model")
+        llm = dataclasses.replace(llm, time_instruction=s.time_instruction)
+        if groups[0] is not None:
+            llm = llm.placed(groups[0])
     if hasattr(method, "check"):
         method = method.check(llm.cfg)
     _check_identity(s.out, _identity(s, method, max_new))
