@@ -127,13 +127,46 @@ def _input_frames(method, t0: int) -> int:
     return t0 if picked is None else len(picked)
 
 
+def _stages(method) -> tuple[int, ...]:
+    """The method's hook-3 stage layers (compression/base.py `llm_layers`; a method that only
+    names `llm_layer` has one stage)."""
+    stages = getattr(method, "llm_layers", None)
+    if stages is None:
+        k = getattr(method, "llm_layer", None)
+        stages = () if k is None else (k,)
+    return tuple(stages)
+
+
+def _query_rows(method, stats: dict, key: str = "llm_query_rows") -> int:
+    """Query rows of hook 3's signal: 1 (the last slot), or the suffix rows the pipeline reported."""
+    return int(stats.get(key, 1)) if getattr(method, "llm_query", "last_row") == "suffix_rows" else 1
+
+
+def _probe(cfg, n: int, rows: int) -> int:
+    """A stage signal read at layer K itself (`llm_signal_layer` "at"): K's key projection over the
+    n slots, its query projection over the query rows and those rows' scores."""
+    t = cfg.text
+    return 2 * n * t.hidden_size * t.head_dim * t.num_kv_heads + 2 * rows * t.hidden_size * t.head_dim * t.num_heads \
+        + 2 * t.num_heads * t.head_dim * n * rows
+
+
 def _llm_exact(cfg, text_tokens: int, stats: dict, method) -> tuple[int, int]:
     """(our count, the paper's closed form) of the LLM prefill over the text and the visual
-    tokens the pipeline reported, shortened from the method's `llm_layer` on."""
+    tokens the pipeline reported, shortened at each of the method's stage layers (`llm_layers`)
+    to the tokens that stage kept (`llm_kept`, or `llm_kept_stages` with several stages); a
+    signal read at the stage layer itself adds its probe (`_probe`) to our count."""
     n_full = text_tokens + int(stats["visual_tokens"])
-    k = getattr(method, "llm_layer", None)
-    n_after = None if k is None else n_full - int(stats["visual_tokens"]) + int(stats["llm_kept"])
-    return llm_prefill(cfg, n_full, n_after, k), paper_llm(cfg, n_full, n_after, k)
+    stages = _stages(method)
+    kept = list(np.ravel(stats["llm_kept_stages"])) if len(stages) > 1 else [stats.get("llm_kept")] * len(stages)
+    ns = [n_full] + [n_full - int(stats["visual_tokens"]) + int(k) for k in kept]
+    per_layer = [ns[sum(1 for k in stages if k <= i)] for i in range(cfg.text.num_layers)]
+    t = cfg.text
+    d, m = t.hidden_size, t.intermediate_size
+    ours = sum(llm_layer(cfg, n) for n in per_layer) + 2 * t.hidden_size * t.vocab_size
+    if getattr(method, "llm_signal_layer", "before") == "at":
+        ours += sum(_probe(cfg, n, _query_rows(method, stats)) for n in ns[:-1])
+    paper = sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in per_layer)
+    return ours, paper
 
 
 def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method) -> PrefillFlops:
@@ -190,21 +223,26 @@ def _buckets(method, t_in: int, conditionals: str):
     return bucket
 
 
-def _llm_executed(cfg, text_tokens: int, span: int, method, conditionals: str) -> int:
+def _llm_executed(cfg, text_tokens: int, span: int, method, conditionals: str, query_rows: int = 1) -> int:
     """The LLM over every slot of the static sequence (the text and a visual span of `span`
-    slots), shortened to the method's `llm_capacity` from its `llm_layer` on, plus the head."""
+    slots), shortened at each stage layer K_i of the method (`llm_layers`) to that stage's
+    capacity (`llm_stage_capacity`), plus each stage's signal (layer K_i - 1 run with its own
+    causality and `query_rows` rows of scores, or K_i's probe, `_probe`), plus the head."""
     t = cfg.text
     L = text_tokens + span
-    k = getattr(method, "llm_layer", None)
-    full = llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
-    if k is None:
-        llm = t.num_layers * full
-    else:
-        causal = not getattr(method, "llm_noncausal", False)
-        L2 = L - span + method.llm_capacity(span)
-        llm = (k - 1) * full + llm_layer_executed(cfg, L, attention_entries(L, causal, conditionals))
-        llm += 2 * t.num_heads * t.head_dim * L  # the last query's attention over the span
-        llm += (t.num_layers - k) * llm_layer_executed(cfg, L2, attention_entries(L2, True, conditionals))
+    llm, start = 0, 0
+    for i, k in enumerate(_stages(method)):
+        full = llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
+        if getattr(method, "llm_signal_layer", "before") == "at":
+            llm += (k - start) * full + _probe(cfg, L, query_rows)
+        else:
+            causal = not getattr(method, "llm_noncausal", False)
+            llm += (k - 1 - start) * full + llm_layer_executed(cfg, L, attention_entries(L, causal, conditionals))
+            llm += 2 * t.num_heads * t.head_dim * L * query_rows  # the query rows' attention
+        stage_cap = getattr(method, "llm_stage_capacity", None)
+        L = text_tokens + (stage_cap(i, span) if stage_cap is not None else method.llm_capacity(span))
+        start = k
+    llm += (t.num_layers - start) * llm_layer_executed(cfg, L, attention_entries(L, True, conditionals))
     return llm + 2 * t.hidden_size * t.vocab_size
 
 
@@ -230,9 +268,10 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
         last = bucket(int(stats["frames"])) if merges and getattr(method, "pooled", True) else t_in
         vis, tok = vision(cfg, frames), projector_and_pool(cfg, last)
     tok += method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
-    s = cfg.tokens_per_frame
-    span = (method.capacity(t0, s) if hasattr(method, "capacity") else t0 * s) + 1  # the newline
-    llm = _llm_executed(cfg, text_tokens, span, method, conditionals)
+    from earlytom_jax.pipeline import visual_span
+
+    span = visual_span(cfg, method, t0, cfg.tokens_per_frame)  # newlines included (LLaVA-Video: per row)
+    llm = _llm_executed(cfg, text_tokens, span, method, conditionals, _query_rows(method, stats, "llm_query_slots"))
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}
 
 
@@ -309,5 +348,5 @@ def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int],
     span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
     vis = qwen_vision(cfg, grid, padded=True, frames_per_block=frames)
     tok = method.select_flops(cfg, t, per_patch) if hasattr(method, "select_flops") else 0
-    llm = _llm_executed(cfg, text_tokens, span, method, conditionals)
+    llm = _llm_executed(cfg, text_tokens, span, method, conditionals, _query_rows(method, stats, "llm_query_slots"))
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

@@ -88,6 +88,8 @@ def generate(
         ttft = ttft_warm
     logits, caches, pos, stats = out
     del out
+    span = pipeline.decode_span(method, caches, prefix.shape[0], suffix.shape[0])  # hook 4's, or None
+    hooked = {} if span is None else {"method": method, "span": span}
 
     timed = None
     t1 = time.perf_counter()
@@ -95,13 +97,26 @@ def generate(
         tokens = [first]
         on_token(first)
         tok = jnp.asarray([first], jnp.int32)
+        step_fn = pipeline.decode_step_jit
+        if hooked:  # hook 4: the caches split once, the method's state carried from step to step
+            caches = pipeline.split_caches(caches, method.decode_layer)
+            state = method.decode_init(span[1] - span[0])
+
+            def pruned_step(params, tok, p, caches, i, cfg):
+                nonlocal state
+                out, caches, state, _ = pipeline.decode_step_pruned_jit(params, tok, p, caches, i, cfg, method, span,
+                                                                        state)
+                return out, caches
+
+            pruned_step._cache_size = pipeline.decode_step_pruned_jit._cache_size
+            step_fn = pruned_step
         for i in range(max_new - 1):
             if tokens[-1] in eos_ids:
                 break
-            before = pipeline.decode_step_jit._cache_size()
-            step_logits, caches = pipeline.decode_step_jit(params, tok, pos + i, caches, jnp.asarray(i, jnp.int32), cfg)
+            before = step_fn._cache_size()
+            step_logits, caches = step_fn(params, tok, pos + i, caches, jnp.asarray(i, jnp.int32), cfg)
             nxt = int(jnp.argmax(step_logits))
-            if i == 0 and pipeline.decode_step_jit._cache_size() > before:  # a compiling step: not in the rate
+            if i == 0 and step_fn._cache_size() > before:  # a compiling step: not in the rate
                 compile_s += time.perf_counter() - t1
                 t1, timed = time.perf_counter(), -1
             tokens.append(nxt)
@@ -112,7 +127,7 @@ def generate(
     elif max_new > 1:
         def decode():
             t = time.perf_counter()
-            toks, count = pipeline.decode_loop(params, logits, pos, caches, cfg, max_new, eos)
+            toks, count = pipeline.decode_loop(params, logits, pos, caches, cfg, max_new, eos, **hooked)
             return np.asarray(toks)[: int(count)].tolist(), time.perf_counter() - t
 
         before = pipeline.decode_loop._cache_size()

@@ -121,9 +121,11 @@ class MethodTimer:
                 out = jax.block_until_ready(self._run())
             if decode_tokens > 1:
                 logits, caches, pos, _ = out if out is not None else self._run()
+                span = pipeline.decode_span(self.method, caches, self.pre.shape[0], self.suf.shape[0])
+                hooked = {} if span is None else {"method": self.method, "span": span}  # decode-time pruning
                 t = time.perf_counter()
                 self.decode = pipeline.decode_loop.lower(self.params, logits, pos, caches, self.cfg, decode_tokens,
-                                                         NEVER).compile()
+                                                         NEVER, **hooked).compile()
                 self.decode_compile_s = time.perf_counter() - t
                 for _ in range(max(1, warmup)):
                     jax.block_until_ready(self.decode(self.params, logits, pos, caches, NEVER))

@@ -23,10 +23,43 @@ hook 2, after projector and pooling
                                       Qwen2.5-VL: merged tokens of a (mh, mw) `grid`; colmean/keys
                                       of hook 1 come in the processor's patch order (each merged
                                       token's patches consecutive)
-hook 3, inside the LLM (prefill only)
-    llm_layer: int | None, llm_noncausal: bool
-    llm_capacity(span) -> int         static length of the visual span after the hook
-    llm_merge(h [span,H], attn [span], valid [span]) -> (h, keep [span])
+hook 3, inside the LLM (prefill only; `pipeline.llm_prefill`)
+    llm_layers: tuple[int, ...]       stage layers K_1 < K_2 < ...: stage i acts on the visual span
+                                      before layer K_i runs, for all later layers (default: (llm_layer,),
+                                      or () when llm_layer is None); a single-stage method sets only
+    llm_layer: int | None             (FastV, EarlyTom's stage III)
+    llm_signal_layer: str             whose attention stage i reads: "before" (default) the
+                                      probabilities of layer K_i - 1 itself, run on the whole
+                                      sequence; "at": layer K_i's queries and keys of its input,
+                                      computed as a probe before the drop (PyramidDrop)
+    llm_query: str                    which query rows: "last_row" (default; the last prompt slot) or
+                                      "suffix_rows" (every valid slot after the visual span, e.g. the
+                                      question; causal: a row sees keys up to itself), probabilities
+                                      averaged over heads, then over those rows
+    llm_noncausal: bool               run layer K_i - 1 without the causal mask ("before" only)
+    llm_renumber: bool                the survivors and the text after them take contiguous RoPE ids
+                                      (1-D positions only: LLaVA-OV/Video; Qwen2.5-VL's 3-D ids stay);
+                                      decoding then shifts the new token's id per cache group
+    llm_prune_caches: bool            also mark the span slots a later stage drops invalid in the
+                                      earlier stages' KV caches (decode steps never attend them)
+    llm_stage_capacity(i, span0) -> int   static length of the visual span after stage i; span0: the
+                                      static length of the span entering the LLM (default: stage 0 →
+                                      llm_capacity(span0))
+    llm_stage_merge(i, h [span,H], attn [span], valid [span], count0, span0) -> (h, keep [span])
+                                      span: the current span (stage i-1's capacity); count0: int32 valid
+                                      slots of the span entering the LLM, span0 its static length
+                                      (default → llm_merge(h, attn, valid))
+    llm_capacity(span) -> int, llm_merge(h, attn, valid) -> (h, keep)   the single-stage forms
+    Each stage compacts the span (kept slots first, in order) to its capacity; the KV caches are one
+    CacheGroup per layer range ([0, K_1), [K_1, K_2), ..., [K_n, depth)).
+hook 4, at every decode step (`pipeline.decode_loop`; LLaVA-OneVision, methods without hook 3)
+    decode_layer: int | None          L: layer L - 1's attention of the new token picks the visual
+                                      slots layers L.. attend this step (None: off, decoding as ever)
+    decode_init(span) -> state        span: static slots of the visual span (tokens and newline)
+    decode_keep(attn [span], valid [span], state) -> (keep [span], state)
+                                      attn: layer L - 1's probabilities (mean over heads) of the new
+                                      token to the span's slots; keep masks the span in the valid
+                                      masks of layers L.. for this step only (the caches keep all)
 
 A method runs on the model families it names (`families`, config.py's `cfg.family`; default
 LLaVA-OneVision alone); the pipeline refuses it on any other in one line (`pipeline.check_family`).
@@ -82,6 +115,11 @@ class NoHooks:
     pooled = True
     llm_layer = None
     llm_noncausal = False
+    llm_signal_layer = "before"
+    llm_query = "last_row"
+    llm_renumber = False
+    llm_prune_caches = False
+    decode_layer = None  # hook 4: no decode-time pruning
 
     def input_frames(self, t0: int) -> tuple[int, ...] | None:
         return None
@@ -117,6 +155,22 @@ class NoHooks:
 
     def llm_merge(self, h, attn, valid):
         return h, valid
+
+    @property
+    def llm_layers(self) -> tuple[int, ...]:
+        return () if self.llm_layer is None else (self.llm_layer,)
+
+    def llm_stage_capacity(self, stage: int, span0: int) -> int:
+        return self.llm_capacity(span0)
+
+    def llm_stage_merge(self, stage: int, h, attn, valid, count0, span0: int):
+        return self.llm_merge(h, attn, valid)
+
+    def decode_init(self, span: int):
+        return {}
+
+    def decode_keep(self, attn, valid, state):
+        return valid, state
 
 
 @register(name="full", label="full tokens", takes_ratio=False)

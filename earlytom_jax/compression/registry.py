@@ -35,7 +35,8 @@ from earlytom_jax.errors import ConfigError
 
 # The order METHODS lists the built-in methods in (by module); a method of any other module
 # of the package is found as well and listed after them.
-METHOD_MODULES = ("base", "earlytom", "fastv", "visionzip", "uniform", "tome")
+METHOD_MODULES = ("base", "earlytom", "fastv", "visionzip", "uniform", "tome",
+                  "holitom", "fastvid", "pdrop", "dycoke", "prunevid")
 for _module in pkgutil.iter_modules(_package.__path__):
     if _module.name != "registry":
         importlib.import_module(f"{_package.__name__}.{_module.name}")
