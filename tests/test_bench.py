@@ -306,3 +306,17 @@ def test_sequential_timing_decodes_from_the_last_timed_run():
     [r2] = bench.measure_interleaved([timer()], warmup=1, runs=3, staged=False, decode_tokens=4, xla=False)
     assert Counting.calls == 1 + 3 + 1 and "one untimed prefill" in r2.peak_memory["scope"]
     assert r2.decode["new_tokens"] == 4 and r2.first_token == r.first_token
+
+
+def test_methods_at_their_own_ratio():
+    """`--methods NAME@R` times that method at R alone, the others at every --ratios; a
+    repeat is timed once; a bad R or name is one line."""
+    from earlytom_jax.bench.session import BenchSpec, spec_methods
+    from earlytom_jax.errors import ConfigError
+
+    spec = BenchSpec(arch="tiny", methods=("full", "earlytom", "fastv@0.5", "FastV@0.5"), ratios=(0.1, 0.25))
+    assert spec_methods(spec) == [("full", None), ("earlytom", 0.1), ("earlytom", 0.25), ("fastv", 0.5)]
+    with pytest.raises(ConfigError, match="outside"):
+        spec_methods(BenchSpec(arch="tiny", methods=("fastv@2",)))
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        spec_methods(BenchSpec(arch="tiny", methods=("nope@0.5",)))

@@ -161,9 +161,18 @@ def check_spec_frames(spec: BenchSpec, make_method, text_tokens: int, video: Ben
 
 def spec_methods(spec: BenchSpec) -> list[tuple[str, float | None]]:
     """(name, ratio) of every method `spec` times, in order: full tokens once (ratio None),
-    every other method at each of `spec.ratios`. ConfigError (one line) on an unknown name."""
-    return [(name, r) for name in registry.resolve(spec.methods)
-            for r in ([None] if name == "full" else list(spec.ratios))]
+    every other method at each of `spec.ratios`, a method written NAME@R at R alone (e.g.
+    pdrop@0.5: PyramidDrop at its published schedule beside the others at --ratios).
+    ConfigError (one line) on an unknown name or a bad R."""
+    out: list[tuple[str, float | None]] = []
+    for item in spec.methods:
+        text, at, r = str(item).partition("@")
+        ratios = [registry.check_ratio(r)] if at else list(spec.ratios)
+        for name in registry.resolve([text]):
+            for x in ([None] if name == "full" else ratios):
+                if (name, x) not in out:
+                    out.append((name, x))
+    return out
 
 
 def time_methods(spec: BenchSpec, make_method, cfg, params, pix_np, prefix, suffix, mesh=None, log=to_stderr,

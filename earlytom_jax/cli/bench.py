@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     b.add_argument("--frames", type=int, default=32, help="frames sampled from the video (Qwen2.5-VL: at most this "
                                                           "many, as qwen-vl-utils and lmms-eval sample them)")
     b.add_argument("--methods", type=names, default=None,
-                   help="comma-separated methods (or groups: uniform); default full,earlytom")
+                   help="comma-separated methods (or groups: uniform), each at every --ratios; NAME@R: "
+                        "that method at R only (e.g. pdrop@0.5); default full,earlytom")
     b.add_argument("--ratios", type=floats, default=None, help="comma-separated ratios (default: --ratio, else 0.1)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     b.add_argument("--runs", type=int, default=5, help="timed calls per method")
