@@ -28,6 +28,7 @@ import numpy as np
 
 from earlytom_jax import pipeline, sharding, xla_setup
 from earlytom_jax.architectures import param_shapes
+from earlytom_jax.checkpoint.hub import resolve_model
 from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.compression import defaults as compression_defaults
 from earlytom_jax.compression import registry
@@ -151,15 +152,19 @@ class VideoLLM:
     @classmethod
     def load(cls, directory: str, dtype: str = "float32", mesh=None, video: QwenVideoSettings | None = None,
              time_instruction: bool = False) -> "VideoLLM":
-        """An HF checkpoint directory (safetensors, any supported layout) or a converted one
-        (`earlytom convert`). `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places
-        every weight straight into its shard on the devices (see earlytom_jax.sharding).
+        """An HF checkpoint directory (safetensors, any supported layout), a converted one
+        (`earlytom convert`), or a Hugging Face hub id such as
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf" (from the HF cache, downloaded when
+        online; a local directory of that name wins: `checkpoint.hub.resolve_model`).
+        `mesh` (a spec such as "data=2,model=4", or a jax Mesh) places every weight straight
+        into its shard on the devices (see earlytom_jax.sharding).
         On CPU, bf16 layer stacks are held in the forms `models.stack.pack` gives.
         video: Qwen2.5-VL's pixel bounds (default: the official EarlyTom script's).
         time_instruction: LLaVA-Video only, the question opens with the video's length and the
         sampled frames' times (`prompt.with_time_instruction`), as lmms-eval's `llava_vid` with
         add_time_instruction=True; ConfigError (one line) on another family."""
         xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
+        directory = resolve_model(directory)
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
         shardings = None
         if m is not None:

@@ -6,6 +6,7 @@ import jax
 
 from earlytom_jax.checkpoint import table
 from earlytom_jax.checkpoint.hf import iter_params
+from earlytom_jax.checkpoint.hub import resolve_model
 from earlytom_jax.checkpoint.orbax_io import is_converted, load_converted
 from earlytom_jax.checkpoint.converted import config_from_json
 from earlytom_jax.checkpoint.placement import resolve_dtype, sharding_lookup
@@ -21,8 +22,10 @@ def load_hf(directory: str, dtype="float32", shardings=None, cfg: ModelConfig | 
 
     Tensors are read one at a time from memory-mapped files and placed on the default device,
     or, with `shardings` (a pytree of jax Shardings matching the parameter tree, or a callable
-    path -> Sharding), each directly into its sharding.
+    path -> Sharding), each directly into its sharding. `directory` may be a hub id
+    (`checkpoint.hub.resolve_model`).
     """
+    directory = resolve_model(directory)
     cfg = load_config(directory) if cfg is None else cfg
     files = open_checkpoint_files(directory)
     dt = resolve_dtype(dtype)
@@ -36,12 +39,15 @@ def load_hf(directory: str, dtype="float32", shardings=None, cfg: ModelConfig | 
 def load_any(directory: str, dtype="float32", shardings=None) -> tuple[ModelConfig, dict]:
     """A converted (orbax) directory or an HF safetensors directory → (config, params).
 
-    `dtype` None keeps a converted checkpoint's stored dtype (HF checkpoints then load fp32)."""
+    `dtype` None keeps a converted checkpoint's stored dtype (HF checkpoints then load fp32).
+    `directory` may be a hub id (`checkpoint.hub.resolve_model`)."""
+    directory = resolve_model(directory)
     if is_converted(directory):
         return load_converted(directory, dtype=dtype, shardings=shardings)
     return load_hf(directory, "float32" if dtype is None else dtype, shardings=shardings)
 
 
 def load_any_config(directory: str) -> ModelConfig:
-    """The model config of an HF or a converted checkpoint directory (no weights read)."""
+    """The model config of an HF or a converted checkpoint directory, or a hub id (no weights read)."""
+    directory = resolve_model(directory)
     return config_from_json(directory) if is_converted(directory) else load_config(directory)

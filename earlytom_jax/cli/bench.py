@@ -11,7 +11,7 @@ from earlytom_jax.errors import ConfigError
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="TTFT, its breakdown and FLOPs per method (the paper's protocol)")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF checkpoint or converted directory")
+    src.add_argument("--model", help="HF checkpoint or converted directory, or a Hugging Face hub id ORG/NAME")
     src.add_argument("--arch", help=f"{' | '.join(ARCHITECTURES)}, random weights")
     b.add_argument("--video", default=None, help="video file (default: a generated clip)")
     b.add_argument("--frames", type=int, default=32, help="frames sampled from the video (Qwen2.5-VL: at most this "
@@ -52,7 +52,10 @@ def bench_ratios(args) -> tuple[float, ...]:
 
 def cmd_bench(args) -> int:
     from earlytom_jax.bench import session
+    from earlytom_jax.checkpoint.hub import resolve_model
 
+    if args.model:
+        args.model = resolve_model(args.model)  # a hub id → its snapshot directory, once
     methods = args.methods or session.default_methods(session.source_config(args.arch, args.model))
     spec = session.BenchSpec(
         model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=methods,

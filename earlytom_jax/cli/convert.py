@@ -7,7 +7,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     c = sub.add_parser("convert", help="HF checkpoint directory -> orbax checkpoint (streamed, validated, atomic)")
     c.add_argument("src", help="HF checkpoint directory: config.json, *.safetensors, tokenizer.json, "
-                               "preprocessor_config.json")
+                               "preprocessor_config.json; or a Hugging Face hub id ORG/NAME")
     c.add_argument("dst", help="the converted directory to create (must not exist; written atomically)")
     c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="dtype the weights are stored in (a run can still compute in the other)")
@@ -32,10 +32,11 @@ def summary_lines(summary: dict, dtype: str) -> list[str]:
 
 
 def cmd_convert(args) -> int:
+    from earlytom_jax.checkpoint.hub import resolve_model
     from earlytom_jax.checkpoint.orbax_io import convert_checkpoint
     from earlytom_jax.io_utils import strict_json
 
-    summary = convert_checkpoint(args.src, args.dst, args.dtype, progress=not args.quiet)
+    summary = convert_checkpoint(resolve_model(args.src), args.dst, args.dtype, progress=not args.quiet)
     if args.json:
         print(strict_json(summary))
         return 0

@@ -12,7 +12,8 @@ from earlytom_jax.progress import say
 def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="full tokens vs EarlyTom: the toy model trained here answering "
                                     "questions about generated clips (no download)")
-    d.add_argument("--model", default=None, help="an HF checkpoint or converted directory (default: the shipped toy model)")
+    d.add_argument("--model", default=None, help="an HF checkpoint or converted directory, or a Hugging Face hub id ORG/NAME "
+                   "(default: the shipped toy model)")
     d.add_argument("--arch", default=None,
                    help=f"instead: a named architecture with RANDOM weights ({' | '.join(ARCHITECTURES)})")
     d.add_argument("--video", default=None, help="a video file (default: generated clips)")

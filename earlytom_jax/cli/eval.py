@@ -14,7 +14,7 @@ from earlytom_jax.errors import ConfigError
 
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="accuracy on MVBench, VideoMME, EgoSchema, LongVideoBench (resumable)")
-    e.add_argument("--model", required=True, help="HF checkpoint directory or a converted one")
+    e.add_argument("--model", required=True, help="HF checkpoint directory or a converted one, or a Hugging Face hub id ORG/NAME")
     e.add_argument("--task", required=True, help="mvbench | videomme | egoschema | egoschema_subset | longvideobench")
     e.add_argument("--data", required=True, help="the task's local copy (layout: see earlytom_jax/evals/tasks)")
     e.add_argument("--out", required=True, help="run directory: samples.jsonl, results.json; re-run to resume")
@@ -82,6 +82,7 @@ def eval_runs(args, cfg, info=None) -> list:
 
 
 def cmd_eval(args) -> int:
+    from earlytom_jax.checkpoint.hub import resolve_model
     from earlytom_jax.checkpoint.load import load_any_config
     from earlytom_jax.compression.defaults import read_model_info
     from earlytom_jax.evals import compare, runner
@@ -90,6 +91,7 @@ def cmd_eval(args) -> int:
     check_counts(args)
     check_writable_dir(args.out, "--out")
     _init_distributed(args)
+    args.model = resolve_model(args.model)  # a hub id → its snapshot directory (OUT/config.json pins it)
 
     s = runner.EvalSettings(
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,

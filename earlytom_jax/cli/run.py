@@ -7,7 +7,8 @@ import sys
 from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args, video_flags, video_settings
 from earlytom_jax.progress import status
 
-MODEL_HELP = "HF checkpoint or converted directory (`earlytom convert`): LLaVA-OneVision or Qwen2.5-VL"
+MODEL_HELP = ("HF checkpoint or converted directory (`earlytom convert`), or a Hugging Face hub id ORG/NAME "
+              "(from the HF cache, downloaded when online): LLaVA-OneVision or Qwen2.5-VL")
 DTYPE_HELP = "compute dtype of the weights and activations (bfloat16 halves memory)"
 
 
