@@ -320,3 +320,16 @@ def test_methods_at_their_own_ratio():
         spec_methods(BenchSpec(arch="tiny", methods=("fastv@2",)))
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         spec_methods(BenchSpec(arch="tiny", methods=("nope@0.5",)))
+
+
+def test_bench_counts_a_staged_llm_method(tmp_path):
+    """A method that drops tokens at several LLM layers (PyramidDrop) goes through `bench`: its
+    per-stage kept counts reach the FLOP counter, which counts less LLM work than full tokens'."""
+    from earlytom_jax.cli.main import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--arch", "tiny", "--frames", "2", "--methods", "full,pdrop@0.5", "--warmup", "0",
+                 "--runs", "1", "--decode-tokens", "2", "--no-xla-flops", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["pdrop"]["flops"]["llm"] < rows["full"]["flops"]["llm"]
+    assert rows["pdrop"]["flops_executed"]["llm"] < rows["full"]["flops_executed"]["llm"]

@@ -183,7 +183,8 @@ class MethodTimer:
                 pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)  # compile the stages
                 _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)
         stats = {k: jax.device_get(v).tolist() for k, v in self.stats.items()
-                 if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer")}
+                 if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer", "llm_kept_stages",
+                          "llm_query_rows")}  # what the FLOP counter reads
         text = pre.shape[0] + suf.shape[0]
         f, executed = stage_flops(cfg, pixels.shape, text, stats, method)
         fx = None
