@@ -267,17 +267,22 @@ def _query_rows(method, L: int, b: int) -> slice:
     raise ValueError(f"unknown llm_query {method.llm_query!r}")
 
 
-def _rows_probs(q, k, valid, rows: slice, causal: bool):
+def _rows_probs(q, k, valid, rows: slice, causal: bool, reduce: str = "mean"):
     """Attention probabilities [L] fp32 of the query rows `rows` (q [1, R, Hq, D] for those rows,
     k [1, L, Hk, D]), softmax over valid keys (and keys up to the row when causal), averaged
-    over heads, then over the valid rows."""
+    over heads, then over the valid rows (`reduce` "max": the maximum over heads, then over the
+    valid rows; `llm_reduce`)."""
     L = k.shape[1]
-    if rows == slice(L - 1, L):
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"unknown llm_reduce {reduce!r}")
+    if rows == slice(L - 1, L) and reduce == "mean":
         return last_row_probs(q, k, valid)[0]
     s = attn_dense.scores(q, k, q.shape[-1] ** -0.5)  # [1, Hk, G, R, L]
     row_idx = jnp.arange(rows.start, rows.stop)
     ok = valid[:, None, :] & (jnp.arange(L)[None, None, :] <= row_idx[None, :, None] if causal else True)
     s = jnp.where(ok[:, None, None], s, attn_dense.NEG)
+    if reduce == "max":  # probabilities are >= 0: an invalid row contributes 0
+        return jnp.where(valid[0, rows][:, None], jax.nn.softmax(s, -1).max(axis=(1, 2))[0], 0.0).max(0)
     p = jax.nn.softmax(s, -1).mean(axis=(1, 2))[0]  # [R, L]
     row_valid = valid[0, rows].astype(jnp.float32)
     return (p * row_valid[:, None]).sum(0) / jnp.maximum(row_valid.sum(), 1.0)
@@ -294,19 +299,34 @@ def _stage_signal(text, h, positions, valid, start: int, k_layer: int, b: int, m
         causal = not method.llm_noncausal
         h, k, v, q = text.layer(k_layer - 1)(h, cos, sin, valid, causal=causal)
         ks, vs = jnp.concatenate([ks, k[None]], 0), jnp.concatenate([vs, v[None]], 0)
-        return h, ks, vs, _rows_probs(q[:, rows], k, valid, rows, causal)
+        return h, ks, vs, _rows_probs(q[:, rows], k, valid, rows, causal, getattr(method, "llm_reduce", "mean"))
     if method.llm_signal_layer == "at":
         h, ks, vs = text.run_layers(h, positions, valid, start, k_layer)
         lay = text.layer(k_layer)
         x = rms_norm(h, lay.ln1[...], lay.cfg.rms_norm_eps)
         k = lay.qkv(x, cos, sin)[1]
         q = lay.qkv(x[:, rows], cos[:, rows], sin[:, rows])[0]  # only the rows the signal reads
-        return h, ks, vs, _rows_probs(q, k, valid, rows, True)
+        return h, ks, vs, _rows_probs(q, k, valid, rows, True, getattr(method, "llm_reduce", "mean"))
     raise ValueError(f"unknown llm_signal_layer {method.llm_signal_layer!r}")
 
 
-def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: ModelConfig, max_new: int, method=FULL):
-    """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer.
+def llm_span_info(info, method, span0: int, cfg: ModelConfig):
+    """Hook 2's `info` arrays that the method's hook 3 names (`llm_span_info`), one entry per slot
+    of the visual span: each [Vc] array padded at the end with -1 to span0 (LLaVA-OV's newline sits
+    at slot `count`, in hook 2's own -1 padding). None when the method names none."""
+    names = tuple(getattr(method, "llm_span_info", ()))
+    if not names:
+        return None
+    if getattr(cfg, "grid_newlines", False):
+        raise ValueError("hook 2's per-slot info does not follow LLaVA-Video's grid-newline layout")
+    return {k: jnp.pad(info[k], (0, span0 - info[k].shape[0]), constant_values=-1) for k in names}
+
+
+def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: ModelConfig, max_new: int, method=FULL,
+                span_info=None):
+    """Prefill. h [1, L, H]; span = (start, stop) static slots of the visual buffer; span_info:
+    `llm_span_info`'s arrays [span0] for a method that names some (passed to its stage merge,
+    following the slots as earlier stages compact the span).
 
     Hook 3 (compression/base.py): for each stage layer K_i of `method.llm_layers`, the layers up
     to K_i, the stage's attention signal, the method's keep mask over the current span, and the
@@ -331,10 +351,13 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: ModelCo
     alive = valid[0, a:b]  # over the first span: still in the sequence
     groups, kept, index = [], [], []
     start, shift, pos, h_cur, v_cur = 0, jnp.asarray(0, jnp.int32), positions, h, valid
+    if getattr(method, "llm_span_info", ()) and span_info is None:
+        raise ValueError(f"{type(method).__name__}'s hook 3 needs hook 2's info (span_info, `llm_span_info`)")
     for i, k_layer in enumerate(stages):
         h_cur, ks, vs, attn = _stage_signal(text, h_cur, pos, v_cur, start, k_layer, b, method)
         groups.append((ks, vs, v_cur, shift, orig))
-        h_span, keep = method.llm_stage_merge(i, h_cur[0, a:b], attn[a:b], v_cur[0, a:b], count0, span0)
+        extra = {"span_info": {k: x[orig] for k, x in span_info.items()}} if span_info else {}
+        h_span, keep = method.llm_stage_merge(i, h_cur[0, a:b], attn[a:b], v_cur[0, a:b], count0, span0, **extra)
         cap = method.llm_stage_capacity(i, span0)
         order = jnp.argsort(~keep, stable=True)[:cap]  # kept slots first, in order
         span_pos = pos[0, a:b][order]
@@ -473,7 +496,8 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FUL
     h, valid, positions, info = splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg, suffix_valid)
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
-    logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
+    span_info = llm_span_info(info, method, buf.shape[0], cfg)
+    logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method, span_info)
     stats = {"frames": n, "visual_tokens": buf_valid.sum(), **info, **llm_info, **method.encoder_stats(state)}
     return logits, caches, next_pos, stats
 
@@ -592,8 +616,8 @@ def stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "span", "max_new"))
-def stage_llm(params, h, valid, positions, span, cfg, method, max_new):
-    logits, caches, next_pos, info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method)
+def stage_llm(params, h, valid, positions, span, cfg, method, max_new, span_info=None):
+    logits, caches, next_pos, info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method, span_info)
     return jnp.argmax(logits), caches, next_pos, info
 
 
@@ -611,13 +635,14 @@ def staged_prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, met
     feats, n, state = jax.block_until_ready(stage_vision(params, pixels, cfg, method, video_time))
     times["vision"] = time.perf_counter() - t
     t = time.perf_counter()
-    h, valid, positions, _, _ = jax.block_until_ready(
+    h, valid, positions, _, info = jax.block_until_ready(
         stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method)
     )
     times["tokens"] = time.perf_counter() - t
     a = prefix_ids.shape[0]
     span = (a, h.shape[1] - suffix_ids.shape[0])
+    span_info = llm_span_info(info, method, span[1] - span[0], cfg)
     t = time.perf_counter()
-    tok, *_ = jax.block_until_ready(stage_llm(params, h, valid, positions, span, cfg, method, max_new))
+    tok, *_ = jax.block_until_ready(stage_llm(params, h, valid, positions, span, cfg, method, max_new, span_info))
     times["llm"] = time.perf_counter() - t
     return int(tok), times

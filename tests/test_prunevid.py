@@ -1,8 +1,9 @@
-"""PruneVid's merging (hook 2) against the PyTorch reference written from the official code
-(tests/references/prunevid_ref.py): DPC-KNN, the segment refinement, and the whole merging on
-a tiny random LLaVA-OneVision with the real 27 x 27 → 14 x 14 layout, whose projector is
-re-drawn with unit-scale weights so that token distances are not all ~0 (with the usual
-0.02 init every DPC-KNN density rounds to 1.0 in fp32 and the centres are ties)."""
+"""PruneVid against the PyTorch reference written from the official code
+(tests/references/prunevid_ref.py): DPC-KNN, the segment refinement, the whole merging (hook 2)
+and the in-LLM selection (hook 3: kept tokens, pruned caches, logits, greedy decoding) on a tiny
+random LLaVA-OneVision with the real 27 x 27 → 14 x 14 layout, whose projector is re-drawn with
+unit-scale weights so that token distances are not all ~0 (with the usual 0.02 init every
+DPC-KNN density rounds to 1.0 in fp32 and the centres are ties)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import torch
 
 from earlytom_jax import flops, pipeline
 from earlytom_jax.architectures import architecture
+from earlytom_jax.compression import defaults, registry
 from earlytom_jax.compression import prunevid_ops as ops
-from earlytom_jax.compression import registry
-from earlytom_jax.compression.prunevid import PruneVidMerge, cluster_table, merged_capacity
+from earlytom_jax.compression.prunevid import (PruneVid, PruneVidMerge, cluster_table, kept_capacity, merged_capacity,
+                                               quota_table)
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import generate
 from tests.references import prunevid_ref as ref
@@ -123,17 +125,11 @@ def test_capacity_is_the_largest_count():
 
 # ------------------------------------------------------------------------------ whole merging
 
-CLIPS = [(8, 0, 2), (12, 1, 3)]
+CLIPS = [(8, 0, 2, 2, 0.2), (12, 1, 3, 3, 0.15)]  # t0, seed, scenes, llm_layer K, ratio (α = 2 · ratio)
 
 
-@pytest.mark.parametrize("t0,seed,scenes", CLIPS, ids=["8f-2scenes", "12f-3scenes"])
-def test_merging_matches_reference(spread, t0, seed, scenes):
-    model, cfg, params = spread
-    pix = _clip(t0, seed, scenes, cfg.vision.image_size)
-    method = registry.build("prunevid_stage1", None, cfg)
-    want = ref.prunevid_reference(model, torch.tensor(pix), PREFIX, SUFFIX, max_new_tokens=3)
-    m, S = want["merge"], cfg.tokens_per_frame
-    buf, valid, info = _buffer_jit(params, jnp.asarray(pix), cfg, method)
+def _check_merge(m, info, buf, valid, t0, S):
+    """Hook 2's output against the reference's merge `m`."""
     count = int(info["count"])
     assert count == m["tokens"].shape[0] and int(valid.sum()) == count + 1  # and the newline
     # segments and the static/dynamic split
@@ -160,16 +156,61 @@ def test_merging_matches_reference(spread, t0, seed, scenes):
             base += len(group["centres"])
     assert np.asarray(info["token_slot"]).tolist() == slot_of
     assert any(len(g["centres"]) < len(g["assign"]) for g in m["sets"])  # clusters merge tokens
+    # the groups hook 3 selects in: each reference group, in order
+    gid = np.asarray(info["group"])[:count]
+    runs = [len(list(g)) for _, g in itertools.groupby(gid)]
+    assert [n for _, n in m["groups"] if n] == runs and (np.asarray(info["group"])[count:] == -1).all()
     np.testing.assert_allclose(np.asarray(buf[:count]), m["tokens"].numpy(), atol=1e-5, rtol=0)
-    gen = generate(params, cfg, pix, PREFIX, SUFFIX, method, 3)
+
+
+@pytest.mark.parametrize("t0,seed,scenes,layer,ratio", CLIPS, ids=["8f-2scenes", "12f-3scenes"])
+def test_matches_reference(spread, t0, seed, scenes, layer, ratio):
+    """Merging, then the selection before LLM layer K (the reference's selected_layer K - 1):
+    kept slots, the pruned caches of layers 0..K-1, first-token and decode-step logits, tokens."""
+    model, cfg, params = spread
+    pix = _clip(t0, seed, scenes, cfg.vision.image_size)
+    method = registry.build("prunevid", ratio, cfg, llm_layer=layer)
+    alpha = method.retention_ratio
+    want = ref.prunevid_reference(model, torch.tensor(pix), PREFIX, SUFFIX, selected_layer=layer - 1,
+                                  retention_ratio=alpha, max_new_tokens=4)
+    m = want["merge"]
+    buf, valid, info = _buffer_jit(params, jnp.asarray(pix), cfg, method)
+    _check_merge(m, info, buf, valid, t0, cfg.tokens_per_frame)
+    count = int(info["count"])
+    assert len(want["llm_keep"]) == sum(int(n * alpha) for _, n in m["groups"])
+    gen = generate(params, cfg, pix, PREFIX, SUFFIX, method, 4)
+    keep = np.asarray(gen.stats["llm_keep_mask"])
+    assert np.flatnonzero(keep).tolist() == want["llm_keep"] + [count]  # and the newline
+    assert gen.stats["llm_kept"] == len(want["llm_keep"]) + 1 <= method.llm_capacity(keep.shape[0])
+    assert gen.stats["llm_query_rows"] == len(SUFFIX)
     np.testing.assert_allclose(gen.first_logits, want["first_logits"].numpy(), atol=1e-4, rtol=0)
     assert gen.tokens == want["tokens"]
-    assert gen.stats["visual_tokens"] == count + 1
+    out = pipeline.prefill_jit(params, jnp.asarray(pix), jnp.asarray(PREFIX, jnp.int32),
+                               jnp.asarray(SUFFIX, jnp.int32), cfg, method, 4, None, None)  # generate's program
+    caches, pos = out[1], out[2]
+    a = len(PREFIX)
+    assert [g.k.shape[0] for g in caches] == [layer, cfg.text.num_layers - layer]
+    assert np.flatnonzero(np.asarray(caches[0].valid)[0, a:a + keep.shape[0]]).tolist() == np.flatnonzero(keep).tolist()
+    # a decode step attends the pruned caches of every layer (the greedy tokens above: three more)
+    logits, _ = pipeline.decode_step(params, jnp.asarray(want["tokens"][:1], jnp.int32), pos, caches,
+                                     jnp.asarray(0, jnp.int32), cfg)
+    np.testing.assert_allclose(np.asarray(logits), want["step_logits"][0].numpy(), atol=1e-4, rtol=0)
+
+
+def test_merging_only_matches_reference(spread):
+    """`prunevid_stage1` (the merging alone) end to end: the reference with no in-LLM stage."""
+    model, cfg, params = spread
+    pix = _clip(8, 0, 2, cfg.vision.image_size)
+    want = ref.prunevid_reference(model, torch.tensor(pix), PREFIX, SUFFIX, max_new_tokens=3)
+    gen = generate(params, cfg, pix, PREFIX, SUFFIX, registry.build("prunevid_stage1", None, cfg), 3)
+    np.testing.assert_allclose(gen.first_logits, want["first_logits"].numpy(), atol=1e-4, rtol=0)
+    assert gen.tokens == want["tokens"]
+    assert gen.stats["visual_tokens"] == want["merge"]["tokens"].shape[0] + 1 and "llm_kept" not in gen.stats
 
 
 def test_compiles_once(spread):
     _, cfg, params = spread
-    method = PruneVidMerge()
+    method = PruneVid(llm_layer=2)
     pre, suf = jnp.asarray(PREFIX, jnp.int32), jnp.asarray(SUFFIX, jnp.int32)
     size = cfg.vision.image_size
     pipeline.prefill_jit(params, jnp.asarray(_clip(8, 5, 2, size)), pre, suf, cfg, method, 1, None)
@@ -177,28 +218,28 @@ def test_compiles_once(spread):
     out = pipeline.prefill_jit(params, jnp.asarray(_clip(8, 6, 4, size)), pre, suf, cfg, method, 1, None)
     assert pipeline.prefill_jit._cache_size() == before
     assert int(out[3]["count"]) <= method.capacity(8, cfg.tokens_per_frame)
-
-
-def test_in_llm_reference_keeps_everything_at_full_retention(spread):
-    """The reference's in-LLM stage (not wired into the pipeline yet): with retention 1 it
-    changes nothing; with 0.4 each group keeps int(0.4 · size)."""
-    model, cfg, _ = spread
-    pix = torch.tensor(_clip(8, 0, 2, cfg.vision.image_size))
-    plain = ref.prunevid_reference(model, pix, PREFIX, SUFFIX, max_new_tokens=2)
-    full = ref.prunevid_reference(model, pix, PREFIX, SUFFIX, selected_layer=1, retention_ratio=1.0, max_new_tokens=2)
-    np.testing.assert_allclose(full["first_logits"].numpy(), plain["first_logits"].numpy(), atol=1e-5, rtol=0)
-    assert full["tokens"] == plain["tokens"]
-    part = ref.prunevid_reference(model, pix, PREFIX, SUFFIX, selected_layer=1, retention_ratio=0.4)
-    assert len(part["llm_keep"]) == sum(int(n * 0.4) for _, n in part["merge"]["groups"])
+    assert 0 < int(out[3]["llm_kept"]) <= method.llm_capacity(method.capacity(8, cfg.tokens_per_frame) + 1)
 
 
 # ------------------------------------------------------------------------------ settings, FLOPs
 
 
-def test_registry_and_settings():
+def test_registry_and_settings(spread):
     cfg = architecture("llava-ov-0.5b")
     assert registry.build("prunevid_stage1", None, cfg) == PruneVidMerge()
     assert registry.label(PruneVidMerge()) == "PruneVid (merging only)"
+    # the official setting: α 0.4 at ratio 0.2, selected_layer 10 (K = 11) where it fits the depth
+    kw, notes = defaults.settings("prunevid", cfg)
+    pv = registry.build("prunevid", 0.2, cfg, **kw)
+    assert pv == PruneVid(llm_layer=11, retention_ratio=0.4) and registry.label(pv) == "PruneVid" and not notes
+    assert pv.llm_layers == (11,) and pv.llm_capacity(8 * 98 + 1) == int(8 * 98 * 0.4) + 1
+    tiny = spread[1]
+    kw, notes = defaults.settings("prunevid", tiny)
+    assert kw == {"llm_layer": 1} and "llm_layer 11 -> 1" in notes[0]  # round(11 · 4 / 32) of 4 layers
+    for ratio, kw, match in [(0.6, {}, "at most ratio 0.5"), (0.2, {"llm_layer": 24}, "llm layer 24 must be in 1..23"),
+                             (0.3, {"cluster_ratio": 0.25}, "at most ratio 0.25")]:
+        with pytest.raises(ConfigError, match=match):
+            registry.build("prunevid", ratio, cfg, **kw)
     assert registry.build("prunevid_stage1", None, cfg, cluster_ratio=0.3).cluster_ratio == 0.3
     for kw, match in [({"k": 16}, "PruneVid k 16"), ({"cluster_ratio": 0.0}, "cluster_ratio 0.0"),
                       ({"temporal_segment_ratio": 1.5}, "temporal_segment_ratio 1.5")]:
@@ -217,11 +258,16 @@ def test_select_flops_count_the_clustering():
     full = flops.prefill_flops(cfg, 32, 20, stats, pipeline.FULL)
     pv = flops.prefill_flops(cfg, 32, 20, stats, m)
     assert pv.tokens - full.tokens == f32
+    # the whole method: layers 0..K-1 on the merged tokens, K.. on those the stage kept
+    whole = flops.prefill_flops(cfg, 32, 20, {**stats, "llm_kept": 1255, "llm_query_rows": 12}, PruneVid())
+    head = 2 * h * cfg.text.vocab_size
+    assert whole.tokens == pv.tokens
+    assert whole.llm == 11 * flops.llm_layer(cfg, 20 + 32 * 98 + 1) + 13 * flops.llm_layer(cfg, 20 + 1255) + head
 
 
 def test_in_llm_selection_matches_reference():
-    """`keep_in_groups` (the in-LLM stage's selection, for when hook 3 can run it) against the
-    reference's `select_in_llm` on the groups of a merged layout, with score ties."""
+    """`keep_in_groups` (hook 3's selection) against the reference's `select_in_llm` on the groups
+    of a merged layout, with score ties; and the kept count within `kept_capacity`."""
     from earlytom_jax.compression.prunevid import keep_in_groups
 
     groups = [("static", 49), ("dynamic", 37)] + [("dynamic", 37)] * 3 + [("static", 14), ("dynamic", 5), ("dynamic", 5)]
@@ -238,3 +284,6 @@ def test_in_llm_selection_matches_reference():
             jnp.asarray(sc), jnp.asarray(group), jnp.asarray(valid), retention_ratio=ratio))
         assert np.nonzero(keep[:v])[0].tolist() == ref.select_in_llm(torch.tensor(score), groups, ratio)
         assert keep[v] and not keep[v + 1:].any()
+        assert keep[:v].sum() <= kept_capacity(v, ratio)
+    q = quota_table(200, 0.7)  # int(n · 0.7) in float64: the capacity is the best quota per slot
+    assert kept_capacity(200, 0.7) == max(q[n] * 200 // n for n in range(1, 201)) == 140

@@ -102,12 +102,14 @@ def xla_stage_flops(params, cfg, t0: int, prefix_len: int, suffix_len: int, meth
     pre = jax.ShapeDtypeStruct((prefix_len,), jnp.int32)
     suf = jax.ShapeDtypeStruct((suffix_len,), jnp.int32)
     feats, n, state = jax.eval_shape(pipeline.stage_vision, P, pix, cfg, method, **timing)
-    h, valid, positions, _, _ = jax.eval_shape(pipeline.stage_tokens, P, feats, n, state, pre, suf, cfg, method)
+    h, valid, positions, _, info = jax.eval_shape(pipeline.stage_tokens, P, feats, n, state, pre, suf, cfg, method)
     span = (prefix_len, h.shape[1] - suffix_len)
+    span_info = jax.eval_shape(lambda i: pipeline.llm_span_info(i, method, span[1] - span[0], cfg), info)
     stages = (
         ("vision", pipeline.stage_vision, (P, pix), (cfg, method), timing),
         ("tokens", pipeline.stage_tokens, (P, feats, n, state, pre, suf), (cfg, method), {}),
-        ("llm", pipeline.stage_llm, (P, h, valid, positions), (span, cfg, method, max_new), {}),
+        ("llm", pipeline.stage_llm, (P, h, valid, positions), (span, cfg, method, max_new),
+         {} if span_info is None else {"span_info": span_info}),
     )
     out, raw = {}, {}
     for name, stage, args, static, kw in stages:

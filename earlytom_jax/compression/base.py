@@ -36,6 +36,8 @@ hook 3, inside the LLM (prefill only; `pipeline.llm_prefill`)
                                       "suffix_rows" (every valid slot after the visual span, e.g. the
                                       question; causal: a row sees keys up to itself), probabilities
                                       averaged over heads, then over those rows
+    llm_reduce: str                   "mean" (default: the averages above) or "max": the maximum over
+                                      heads, then over the valid query rows (PruneVid)
     llm_noncausal: bool               run layer K_i - 1 without the causal mask ("before" only)
     llm_renumber: bool                the survivors and the text after them take contiguous RoPE ids
                                       (1-D positions only: LLaVA-OV/Video; Qwen2.5-VL's 3-D ids stay);
@@ -49,6 +51,12 @@ hook 3, inside the LLM (prefill only; `pipeline.llm_prefill`)
                                       span: the current span (stage i-1's capacity); count0: int32 valid
                                       slots of the span entering the LLM, span0 its static length
                                       (default → llm_merge(h, attn, valid))
+    llm_span_info: tuple[str, ...]    names of hook 2's `info` arrays ([Vc], per buffer slot) the stage
+                                      merge needs (default: none); the pipeline pads each at the end with
+                                      -1 to span0 (`pipeline.llm_span_info`; LLaVA-OV's newline lies in
+                                      hook 2's -1 padding; not on LLaVA-Video's grid layout), re-indexes it
+                                      to the current span, and passes the dict as the keyword `span_info`:
+                                      llm_stage_merge(i, h, attn, valid, count0, span0, span_info={name: [span]})
     llm_capacity(span) -> int, llm_merge(h, attn, valid) -> (h, keep)   the single-stage forms
     Each stage compacts the span (kept slots first, in order) to its capacity; the KV caches are one
     CacheGroup per layer range ([0, K_1), [K_1, K_2), ..., [K_n, depth)).
@@ -119,6 +127,8 @@ class NoHooks:
     llm_query = "last_row"
     llm_renumber = False
     llm_prune_caches = False
+    llm_reduce = "mean"
+    llm_span_info: tuple[str, ...] = ()
     decode_layer = None  # hook 4: no decode-time pruning
 
     def input_frames(self, t0: int) -> tuple[int, ...] | None:

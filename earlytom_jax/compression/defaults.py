@@ -45,6 +45,7 @@ BUILT_IN = {
     "earlytom": {"layers": ((6, 21, 23), "vision", 26), "llm_layer": (18, "text", 24)},
     "fastv": {"layer": (2, "text", 24)},
     "holitom": {"llm_layer": (18, "text", 24)},  # HOLITOM_k of the official scripts
+    "prunevid": {"llm_layer": (11, "text", 32)},  # selected_layer 10 (+1) of PLLaVA-7B, scripts/eval.sh
 }
 # Qwen2.5-VL (docs/qwen-earlytom.md): the paper's blocks scaled to its 32-block encoder,
 # round(x · 32 / 26); its LLM has Qwen2-7B's 28 layers and keeps layer 18.

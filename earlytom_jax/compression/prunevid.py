@@ -1,6 +1,5 @@
 """PruneVid (Huang et al., ACL 2025 Findings; Visual-AI/PruneVid, commit b12600c6): merging of
-the pooled video tokens at hook 2, then (not wired yet, see below) a question-guided drop
-inside the LLM. docs/baselines/prunevid.md has the settings, their sources and the
+the pooled video tokens at hook 2, then a question-guided drop inside the LLM (hook 3). docs/baselines/prunevid.md has the settings, their sources and the
 differences from the original.
 
 Hook 2 (`select`), on the pooled tokens [T, S, H] (`prunevid_ops`):
@@ -19,11 +18,16 @@ token's in the window's first frame), "token_slot" (the slot each source token w
 "group" (per slot: its frame t for a dynamic token, T + w for window w's static set, -1 padding:
 the groups the in-LLM stage selects in), "segment" (window of each frame), "static" [T, S].
 
-The in-LLM stage (layer `selected_layer`: max over heads and over the question rows of the
-attention to each visual token; per group the int(size · retention_ratio) highest kept;
-the KV caches of layers 0..selected_layer pruned too) needs from hook 3 a max reduction and
-hook 2's "group"; until it has them this module registers the merging alone as
-"prunevid_stage1" (no ratio: the merging has no budget of its own).
+Hook 3 (`PruneVid`, registered "prunevid"): before LLM layer K = llm_layer (the official
+selected_layer + 1), layer K-1's attention of the question rows (every valid slot after the visual
+span; `llm_query` "suffix_rows") to each visual slot, the maximum over heads then over rows
+(`llm_reduce` "max"); per group of hook 2's "group" (`llm_span_info`) the int(size ·
+retention_ratio) highest are kept (`keep_in_groups`), the newline always; the KV caches of layers
+0..K-1 drop the others too (`llm_prune_caches`); the kept slots keep their positions.
+
+Budget (`PruneVid.from_ratio`, the one place): retention_ratio = r / cluster_ratio, so layers
+K.. see at most about r · T0 · 196 visual tokens; r > cluster_ratio is a ConfigError.
+"prunevid_stage1" (`PruneVidMerge`, no ratio) stays registered as the merging-only ablation.
 """
 
 from __future__ import annotations
@@ -88,19 +92,40 @@ def _sets(x, valid, table, k: int):
     return jax.vmap(means)(x, assign), count, assign, rep
 
 
+@functools.lru_cache(maxsize=None)
+def quota_table(v: int, retention_ratio: float) -> tuple[int, ...]:
+    """Slots a group of n keeps, for n = 0..v: int(n · retention_ratio) (Python float64, as the
+    official `int(size * alpha)`)."""
+    return tuple(int(n * retention_ratio) for n in range(v + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def kept_capacity(tokens: int, retention_ratio: float) -> int:
+    """The most grouped slots `keep_in_groups` keeps when the groups hold at most `tokens` slots in
+    all: at most max over n of quota(n) / n per slot (exact integer arithmetic; α · tokens
+    rounded down unless a float product rounds up)."""
+    q = quota_table(tokens, retention_ratio)
+    return max(((q[n] * tokens) // n for n in range(1, tokens + 1)), default=0)
+
+
 def keep_in_groups(score, group, valid, retention_ratio: float):
-    """The in-LLM selection (`VTPWindowCache.process_attention`), ready for hook 3: score [V]
-    fp32 (attention to each visual slot), group int32 [V] (hook 2's "group"; -1: a slot outside
-    every group, e.g. the newline, kept when valid), valid bool [V] → keep bool [V]: in each
-    group the int(size · retention_ratio) slots of highest score (ties: lower index)."""
+    """The in-LLM selection (`VTPWindowCache.process_attention`): score [V] fp32 (attention to
+    each visual slot), group int32 [V] (hook 2's "group"; -1: a slot outside every group, e.g.
+    the newline, kept when valid), valid bool [V] → keep bool [V]: in each group the
+    int(size · retention_ratio) slots of highest score (ties: lower index). One sort by (group,
+    score descending, index); a slot's rank in its group is its distance to the group's start."""
     v = score.shape[0]
-    mine = (group[:, None] == group[None, :]) & valid[None, :] & (group[:, None] >= 0)
-    size = jnp.sum(mine, axis=1)
-    quota = jnp.asarray([int(n * retention_ratio) for n in range(v + 1)], jnp.int32)[size]
-    idx = jnp.arange(v)
-    ahead = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (idx[None, :] < idx[:, None]))
-    rank = jnp.sum(mine & ahead, axis=1)
-    return valid & ((group < 0) | (rank < quota))
+    grouped = valid & (group >= 0)
+    key = jnp.where(grouped, group, jnp.iinfo(jnp.int32).max)  # slots outside every group: last, one block
+    by_score = jnp.argsort(0.0 - score.astype(jnp.float32), stable=True)  # 0 - s: no -0.0
+    order = by_score[jnp.argsort(key[by_score], stable=True)]
+    sorted_key = key[order]
+    first = jnp.searchsorted(sorted_key, sorted_key, side="left")
+    size = jnp.searchsorted(sorted_key, sorted_key, side="right") - first
+    quota = jnp.asarray(quota_table(v, retention_ratio), jnp.int32)[size]
+    kept_sorted = jnp.arange(v) - first < quota
+    keep = jnp.zeros((v,), bool).at[order].set(kept_sorted)
+    return valid & (~grouped | keep)
 
 
 @register(name="prunevid_stage1", label="PruneVid (merging only)",
@@ -189,3 +214,51 @@ class PruneVidMerge(NoHooks):
         similarity = 3 * t0 * s * h + 2 * t0 * t0 * s * h + 2 * max(1, t0 // 2) * t0 * s * h
         clustering = sets * (2 * s * s * h + 2 * s * h)
         return int(frames + similarity + clustering)
+
+
+@register(name="prunevid", label="PruneVid",
+          settings=("temporal_segment_ratio", "k", "threshold", "cluster_ratio", "llm_layer"))
+@dataclasses.dataclass(frozen=True)
+class PruneVid(PruneVidMerge):
+    """The whole method: the merging (hook 2, `PruneVidMerge`) and the in-LLM selection (hook 3).
+
+    llm_layer: K, the first LLM layer that sees only the kept tokens: the official
+    `selected_layer` + 1 (its attention is layer K - 1's); 11 = the official selected_layer 10 of
+    PLLaVA-7B's 32 layers, kept where it fits the depth, scaled where not (`defaults.BUILT_IN`).
+    retention_ratio: α, each group keeps int(size · α) (official 0.4)."""
+
+    llm_layer: int = 11
+    retention_ratio: float = 0.4
+    name = "prunevid"
+    llm_query = "suffix_rows"  # the text after the video (its newline)
+    llm_reduce = "max"  # max over heads, then over the rows
+    llm_prune_caches = True  # layers 0..K-1 drop them too
+    llm_span_info = ("group",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.retention_ratio <= 1.0:
+            raise ConfigError(f"PruneVid retention ratio {self.retention_ratio} is outside (0, 1]")
+
+    @classmethod
+    def from_ratio(cls, ratio, cfg, llm_layer: int = 11, cluster_ratio: float = 0.5, **kw) -> "PruneVid":
+        """The one place `--ratio` r is converted: α = r / cluster_ratio (r = 0.2: the official
+        α = 0.4), so that layers K.. see at most about r · T0 · 196 visual tokens (every set
+        clustered to cluster_ratio of its tokens, then α of each group kept); r > cluster_ratio
+        is a ConfigError."""
+        if ratio > cluster_ratio:
+            raise ConfigError(f"PruneVid keeps at most ratio {cluster_ratio} (its cluster_ratio), not {ratio}")
+        return cls(llm_layer=int(llm_layer), cluster_ratio=cluster_ratio,
+                   retention_ratio=ratio / cluster_ratio, **kw).check(cfg)
+
+    def check(self, cfg: LlavaOVConfig) -> "PruneVid":
+        if not 1 <= self.llm_layer < cfg.text.num_layers:
+            raise ConfigError(f"PruneVid llm layer {self.llm_layer} must be in 1..{cfg.text.num_layers - 1}")
+        return self
+
+    def llm_capacity(self, span: int) -> int:
+        # every span slot but one (LLaVA-OV's newline, kept) is grouped or padding
+        return min(span, kept_capacity(span - 1, self.retention_ratio) + 1)
+
+    def llm_stage_merge(self, stage, h, attn, valid, count0, span0, span_info):
+        return h, keep_in_groups(attn, span_info["group"], valid, self.retention_ratio)

@@ -5,6 +5,11 @@ static/dynamic split of a segment's tokens.
 Written from Visual-AI/PruneVid, commit b12600c6, `models/pllava/modeling_pllava.py`
 (`cluster_dpc_knn`, `refine_clusters`, `segment_lengths`, `merge_frames_dynamic`); the
 deterministic tie rules are in docs/baselines/prunevid.md.
+
+DPC-KNN's distance, density and centres are `compression/dpc_knn.py`'s (HoliTom's); PruneVid
+differs only in numbering the clusters by their centres' score rank and sending a point
+equidistant from two centres to the one of lower rank (torch's argmin over the centres in rank
+order), where `dpc_knn.assign_to_centres` picks the centre of lower index.
 """
 
 from __future__ import annotations
@@ -12,34 +17,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from earlytom_jax.compression import dpc_knn as shared
+
 
 def dpc_knn(x, valid, n_clusters, k: int):
-    """DPC-KNN over the valid points of x [N, C] (fp32).
+    """DPC-KNN over the valid points of x [N, C] (fp32): the shared `dpc_knn.distance_matrix` and
+    `dpc_knn.density_peaks` (distance, density with the k nearest, self included, δ, the
+    n_clusters centres of highest density · δ, index tie-breaks), then PruneVid's numbering.
 
-    n_clusters: int32 scalar (<= the valid count); k: static number of nearest neighbours
-    (self included) for the density, at most the valid count. Distances are Euclidean / sqrt(C)
-    (computed as torch.cdist's matmul path: |a|² + |b|² - 2ab, clamped, square root); density
-    exp(-mean of the k squared nearest distances), no noise; delta = distance to the nearest
-    denser point (denser: higher density, or equal density and lower index), the largest
-    valid distance for the densest; centres: the n_clusters highest density · delta (ties:
-    lower index). → (assign int32 [N]: the rank of each valid point's centre (nearest centre,
-    lower rank on ties; a centre its own), rank int32 [N]: each point's rank by score)."""
-    n, c = x.shape
-    x = x.astype(jnp.float32)
-    sq = jnp.sum(x * x, axis=-1)
-    d = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 1e-30)) / (c ** 0.5)
-    pair = valid[:, None] & valid[None, :]
-    near = -jax.lax.top_k(-jnp.where(valid[None, :], d, jnp.inf), k)[0]
-    density = jnp.exp(-jnp.mean(near ** 2, axis=-1))
-    idx = jnp.arange(n)
-    denser = valid[None, :] & ((density[None, :] > density[:, None])
-                               | ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None])))
-    dmax = jnp.max(jnp.where(pair, d, -jnp.inf))
-    delta = jnp.min(jnp.where(denser, d, dmax), axis=-1)
-    score = jnp.where(valid, delta * density, -jnp.inf)
+    n_clusters: int32 scalar (<= the valid count); k: static neighbour count, at most the valid
+    count. → (assign int32 [N]: the rank of each valid point's centre (nearest centre, lower rank
+    on ties; a centre its own), rank int32 [N]: each point's rank by score, ties to the lower
+    index)."""
+    n = x.shape[0]
+    d = shared.distance_matrix(x)
+    centre, score = shared.density_peaks(d, valid, n_clusters, jnp.int32(k), k_max=k)
     order = jnp.argsort(-score, stable=True)
     rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    centre = valid & (rank < n_clusters)
     to_centre = jnp.where(centre[:, None], d, jnp.inf)  # [centre j, point i]
     best = jnp.min(to_centre, axis=0)
     assign = jnp.min(jnp.where(centre[:, None] & (to_centre == best[None, :]), rank[:, None], n), axis=0)

@@ -173,7 +173,8 @@ def prunevid_reference(model, pixel_values, prefix_ids, suffix_ids, *, selected_
     (max over heads, then over rows) picks the visual tokens kept (`select_in_llm`; the newline
     always stays); hidden states and the KV caches of layers 0..selected_layer keep only the
     kept slots, every slot keeps its original position, and decoding continues at the full
-    prompt's length (`LlamaModelVTP`). Returns dict(first_logits, tokens, merge, llm_keep)."""
+    prompt's length (`LlamaModelVTP`). Returns dict(first_logits, tokens, step_logits (the logits
+of each decode step), merge, llm_keep)."""
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("the reference runs fp32 models only")
     pooled, _, _ = _encode(model, pixel_values)
@@ -203,7 +204,7 @@ def prunevid_reference(model, pixel_values, prefix_ids, suffix_ids, *, selected_
             for c in caches[:li + 1]:
                 c["k"], c["v"] = c["k"][:, idx], c["v"][:, idx]
     logits = _logits(model, h[-1])
-    first, tokens, next_pos = logits, [], full_len
+    first, tokens, steps, next_pos = logits, [], [], full_len
     for step in range(max_new_tokens):
         tok = int(torch.argmax(logits))
         tokens.append(tok)
@@ -213,5 +214,6 @@ def prunevid_reference(model, pixel_values, prefix_ids, suffix_ids, *, selected_
         for li, layer in enumerate(layers):
             x, _ = _qwen_layer(layer, x, [next_pos], rope, caches[li])
         logits = _logits(model, x[-1])
+        steps.append(logits)
         next_pos += 1
-    return dict(first_logits=first, tokens=tokens, merge=merge, llm_keep=llm_keep)
+    return dict(first_logits=first, tokens=tokens, step_logits=steps, merge=merge, llm_keep=llm_keep)
