@@ -260,16 +260,19 @@ def test_transformers_answers_the_shipped_model_identically(shipped):
 
 def test_toy_benchmark_command_writes_every_row(tmp_path):
     """`python -m earlytom_jax.evals.toy` end to end on 1 clip per type at one ratio: full,
-    EarlyTom with and without stage III and every baseline at EarlyTom's budget, in the JSON
-    and the markdown table."""
+    EarlyTom with and without stage III, every baseline at EarlyTom's budget and (a subset of
+    the paper's other baselines, to keep this short) methods at their own budget, PyramidDrop
+    also at its published schedule, in the JSON and the markdown table."""
     import json
 
     from earlytom_jax.evals import toy
 
     out = tmp_path / "toy.json"
-    assert toy.main(["--per-type", "1", "--ratios", "0.25", "--json", str(out), "--md", str(tmp_path / "toy.md")]) == 0
+    assert toy.main(["--per-type", "1", "--ratios", "0.25", "--own-budget", "holitom,pdrop", "--json", str(out),
+                     "--md", str(tmp_path / "toy.md")]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["full", "earlytom", "earlytom", *toy.BASELINES]
+    assert [r["name"] for r in rows] == ["full", "earlytom", "earlytom", *toy.BASELINES, "holitom", "pdrop", "pdrop"]
+    assert [r["ratio"] for r in rows[-3:]] == [0.25, 0.25, 0.5]
     assert rows[0]["visual_tokens"] == 144.0 and all(set(r["accuracy"]) == set(data.KINDS) for r in rows)
     table = (tmp_path / "toy.md").read_text()
     assert "| VisionZip at EarlyTom 25%'s budget |" in table and table.count("\n") == len(rows) + 2

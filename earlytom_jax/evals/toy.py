@@ -25,19 +25,25 @@ TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 BASELINES = ("visionzip", "fastv", "uniform_frames", "uniform_tokens")
+# The paper's other baselines, each at the ratio r by its own budget convention (docs/baselines/),
+# with its layers scaled to the toy's depth by `compression.defaults` (HoliTom's K 18 of 28 → 3,
+# PruneVid's selected layer 10 (+1) of 32 → 1; PyramidDrop's stages 8,16,24 of 32 → 1,2,3 and
+# DyCoke's decode layer 3 fit as they are). PyramidDrop also at its published schedule λ = 0.5.
+OWN_BUDGET = ("holitom", "fastvid", "pdrop", "dycoke", "prunevid")
 
 
 def build(name: str, ratio: float | None, cfg, stage3: bool = True):
     """A method with the toy model's layer choices (EarlyTom's P and k and FastV's K at the
-    official defaults' relative depth)."""
-    from earlytom_jax.compression import registry
+    official defaults' relative depth; the other baselines' layers as `compression.defaults`
+    scales them to the toy's depth)."""
+    from earlytom_jax.compression import defaults, registry
     from earlytom_jax.toy.model import TOY_FASTV_LAYER, TOY_LAYERS, TOY_LLM_LAYER
 
     if name == "earlytom":
         return registry.build(name, ratio, cfg, layers=TOY_LAYERS, llm_layer=TOY_LLM_LAYER if stage3 else None)
     if name == "fastv":
         return registry.build(name, ratio, cfg, layer=TOY_FASTV_LAYER)
-    return registry.build(name, ratio, cfg)
+    return registry.build(name, ratio, cfg, **defaults.settings(name, cfg)[0])
 
 
 def parse_letter(text: str) -> str | None:
@@ -45,11 +51,13 @@ def parse_letter(text: str) -> str | None:
     return t[0] if t and t[0] in data.LETTERS else None
 
 
-def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=say, progress: bool = True) -> dict:
-    """Full tokens; then per ratio r: EarlyTom (with and without stage III), and each baseline
+def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=say, progress: bool = True,
+        own_budget=OWN_BUDGET) -> dict:
+    """Full tokens; then per ratio r: EarlyTom (with and without stage III), each baseline
     at exactly EarlyTom's budget *per clip*: EarlyTom's stage II hands the LLM a data-dependent
     number c of tokens, so a baseline answers that clip at ratio c / (T0·S) (uniform frames
-    at the nearest whole number of frames; FastV keeps c tokens from its layer on).
+    at the nearest whole number of frames; FastV keeps c tokens from its layer on); then each
+    of `own_budget` at r by its own convention (PyramidDrop also once at λ = 0.5).
 
     → {"rows": [{label, name, ratio, accuracy: {kind: acc}, mean, visual_tokens, llm_tokens,
     seconds}], "per_type": n, "model": dir}. `log` gets one line per row; `progress`: a bar
@@ -99,6 +107,12 @@ def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=
         for name in BASELINES:
             rows.append(evaluate(f"{registry.LABELS[name]} at EarlyTom {r:.0%}'s budget", name, r,
                                  lambda i, n=name: method(n, counts[i] / full_tokens)))
+        for name in own_budget:
+            rows.append(evaluate(f"{registry.LABELS[name]} at r = {r:g} (its own budget)", name, r,
+                                 lambda i, n=name: method(n, r)))
+    if "pdrop" in own_budget:
+        rows.append(evaluate("PyramidDrop at λ = 0.5 (published schedule)", "pdrop", 0.5,
+                             lambda i: method("pdrop", 0.5)))
     for row in rows:
         del row["_counts"]
     return {"model": os.path.abspath(model_dir), "per_type": per_type, "frames": 16,
@@ -125,11 +139,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=TOY_DIR)
     ap.add_argument("--per-type", type=int, default=200)
     ap.add_argument("--ratios", default="0.25,0.1")
+    ap.add_argument("--own-budget", default=",".join(OWN_BUDGET),
+                    help="the baselines run at each ratio by their own budget convention (comma-separated; empty: none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
-    res = run(a.model, a.per_type, tuple(float(x) for x in a.ratios.split(",")), progress=not a.quiet)
+    own = tuple(x.strip() for x in a.own_budget.split(",") if x.strip())
+    res = run(a.model, a.per_type, tuple(float(x) for x in a.ratios.split(",")), progress=not a.quiet, own_budget=own)
     md = markdown(res)
     print(md)
     if a.json:
