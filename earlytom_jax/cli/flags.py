@@ -75,7 +75,8 @@ def compression_flags(p: argparse.ArgumentParser) -> None:
                         "(default: earlytom)")
     g.add_argument("--ratio", type=float, default=None,
                    help=f"retention ratio r in (0, 1] (default {registry.DEFAULT_RATIO}, or --preset TASK@R's)")
-    g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (default 0.6, or --preset's)")
+    g.add_argument("--tau", type=float, default=None, help="segmentation threshold τ in [0, 1] (EarlyTom: default 0.6, or --preset's; "
+                   "HoliTom: 0.65 at r <= 0.1, else 0.8)")
     g.add_argument("--layers", type=ints, default=None, help="SigLIP blocks after which frames merge, e.g. 6,21,23 (default: --preset's, else the "
                         "checkpoint's own, else 6,21,23, scaled to a shallower encoder)")
     g.add_argument("--llm-merge-layer", type=int, default=None, help="stage III layer k (EarlyTom) or FastV's layer K; -1 turns stage III off (default: --preset's, "
