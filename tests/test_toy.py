@@ -377,3 +377,20 @@ def test_a_short_training_run_shows_its_steps_and_validation(tmp_path, capsys):
     assert "stage 1 step 2/2" in out and all(k in out for k in data.KINDS)
     assert [s["stage"] for s in rec["stages"]] == [1] and rec["complete"]
     assert read_json(str(tmp_path / "ckpt" / "training.json"))["stages"][0]["history"][0]["step"] == 2
+
+
+def test_toy_table_marks_a_method_that_cannot_run_at_a_ratio():
+    """A baseline whose budget the toy's 9 tokens a frame cannot meet (HoliTom keeps a token per
+    frame: r >= 1/9) is a row saying so, not a crash and not a number."""
+    from earlytom_jax.compression import registry
+    from earlytom_jax.errors import ConfigError
+    from earlytom_jax.evals import toy
+    from earlytom_jax.toy.model import TOY_CONFIG
+
+    with pytest.raises(ConfigError, match="below 1/9"):
+        toy.build("holitom", 0.1, TOY_CONFIG)
+    row = {"label": "HoliTom at r = 0.1 (its own budget)", "name": "holitom", "ratio": 0.1, "skipped": "too few"}
+    table = toy.markdown({"rows": [row]})
+    assert "| HoliTom at r = 0.1 (its own budget) | not run: too few |" in table
+    assert table.splitlines()[-1].count("|") == table.splitlines()[0].count("|")
+    assert registry.LABELS["holitom"] == "HoliTom"
