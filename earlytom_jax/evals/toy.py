@@ -88,7 +88,8 @@ def run(model_dir: str = TOY_DIR, per_type: int = 200, ratios=(0.25, 0.10), log=
                 ans = llm.answer(px, s.prompt, pick(i), max_new_tokens=2, pad_multiple=64)
                 right[s.kind] += parse_letter(ans.text) == s.answer
                 vis.append(int(ans.stats["visual_tokens"]) - 1)  # without the newline
-                kept.append(int(ans.stats.get("llm_kept", ans.stats["visual_tokens"])) - 1)
+                # without the newline; a method that may drop the newline too (PyramidDrop) can keep 0
+                kept.append(max(0, int(ans.stats.get("llm_kept", ans.stats["visual_tokens"])) - 1))
                 clips.update()
         acc = {k: v / per_type for k, v in right.items()}
         row = {"label": label, "name": name, "ratio": ratio, "accuracy": acc,
