@@ -47,3 +47,33 @@ def hf_generate(model, pixels: np.ndarray, ids, n: int):
 
 def random_pixels(n_frames: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n_frames, 3, size, size)).astype(np.float32)
+
+
+def lmms_lab_name(k: str) -> str:
+    """A llava-hf LLaVA-OneVision tensor name as lmms-lab's original layout spells it."""
+    for a, b in [
+        ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+        ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("image_newline", "model.image_newline"),
+    ]:
+        if k.startswith(a):
+            return b + k[len(a):]
+    return k
+
+
+def segments(starts, n: int) -> list[tuple[int, int]]:
+    """(first, last) frame of each segment from a [n] segment-start mask."""
+    s = [i for i in range(n) if starts[i]]
+    return [(a, b - 1) for a, b in zip(s, s[1:] + [n])]
+
+
+def kept_per_frame(kept_index, n: int, per_frame: int) -> list[list[int]]:
+    """Each frame's kept token indices (in `kept_index`'s order) from flat t · S + s indices (-1: padding)."""
+    out = [[] for _ in range(n)]
+    for i in kept_index:
+        if i >= 0:
+            out[i // per_frame].append(i % per_frame)
+    return out

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.errors import CheckpointError
+from tests.helpers import lmms_lab_name
 
 
 def _rename(src_dir, dst_dir, fn, extra=None, config=None):
@@ -45,20 +46,6 @@ def _transformers_v5(k):
     return k
 
 
-def _lmms_lab(k):
-    for a, b in [
-        ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-        ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("image_newline", "model.image_newline"),
-    ]:
-        if k.startswith(a):
-            return b + k[len(a) :]
-    return k
-
-
 def _assert_same(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
@@ -81,11 +68,11 @@ def test_lmms_lab_layout_drops_the_extra_vision_block(tiny_dir, tmp_path):
     src = load_file(os.path.join(d, "model.safetensors"))
     for k, val in src.items():
         if k.startswith(f"vision_tower.encoder.layers.{n - 1}."):
-            extra[_lmms_lab(k).replace(f"layers.{n - 1}.", f"layers.{n}.")] = val + 1.0
+            extra[lmms_lab_name(k).replace(f"layers.{n - 1}.", f"layers.{n}.")] = val + 1.0
     lmms_cfg = dict(t, model_type="llava_qwen", mm_vision_tower="google/siglip-so400m-patch14-384",
                     mm_vision_select_layer=-2, vision_config=dict(v, num_hidden_layers=n + 1),
                     tie_word_embeddings=False, architectures=["LlavaQwenForCausalLM"])
-    lmms = _rename(d, str(tmp_path / "lmms"), _lmms_lab, extra=extra, config=lmms_cfg)
+    lmms = _rename(d, str(tmp_path / "lmms"), lmms_lab_name, extra=extra, config=lmms_cfg)
     cfg, p = load_hf(lmms)
     assert cfg.vision.num_layers == n
     _, base = load_hf(d)

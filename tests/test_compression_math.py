@@ -19,6 +19,7 @@ from earlytom_jax.compression import segments as sg
 from earlytom_jax.compression import select as sel
 from earlytom_jax.models.llava_onevision import bilinear_matrix
 
+from tests.helpers import segments  # noqa: E402
 from tests.references import earlytom_ref as ref  # noqa: E402
 
 TC = 48  # static frame capacity of the random cases (T0 <= 40 < TC)
@@ -98,8 +99,7 @@ def case_params(seed):
 def starts_to_segments(starts, n):
     starts = np.asarray(starts)
     assert not starts[n:].any(), "padding must never start a segment"
-    b = [i for i in range(n) if starts[i]]
-    return [(s, (b[k + 1] - 1 if k + 1 < len(b) else n - 1)) for k, s in enumerate(b)]
+    return segments(starts, n)
 
 
 def as_np(t):

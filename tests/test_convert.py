@@ -22,7 +22,8 @@ from earlytom_jax.checkpoint.orbax_io import config_from_json, convert_checkpoin
 from earlytom_jax.config import load_config
 from earlytom_jax.errors import CheckpointError
 from tests.helpers import random_pixels
-from tests.test_checkpoint import _lmms_lab, _llava_hf_v4, _rename, _transformers_v5
+from tests.helpers import lmms_lab_name
+from tests.test_checkpoint import _llava_hf_v4, _rename, _transformers_v5
 from tests.tiny_models import save_tiny_checkpoint
 
 
@@ -34,11 +35,11 @@ def _lmms(d, out):
     extra = {}
     for k, val in load_file(os.path.join(d, "model.safetensors")).items():
         if k.startswith(f"vision_tower.encoder.layers.{n - 1}."):
-            extra[_lmms_lab(k).replace(f"layers.{n - 1}.", f"layers.{n}.")] = val + 1.0
+            extra[lmms_lab_name(k).replace(f"layers.{n - 1}.", f"layers.{n}.")] = val + 1.0
     cfg = dict(t, model_type="llava_qwen", mm_vision_tower="google/siglip-so400m-patch14-384",
                mm_vision_select_layer=-2, vision_config=dict(v, num_hidden_layers=n + 1),
                tie_word_embeddings=False)
-    return _rename(d, out, _lmms_lab, extra=extra, config=cfg)
+    return _rename(d, out, lmms_lab_name, extra=extra, config=cfg)
 
 
 @pytest.fixture(scope="module")

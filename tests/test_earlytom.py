@@ -13,6 +13,7 @@ from earlytom_jax.checkpoint.load import load_hf
 from earlytom_jax.compression.earlytom import EarlyTom
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import generate
+from tests.helpers import kept_per_frame, segments
 from tests.references.earlytom_ref import earlytom_reference
 from tests.tiny_models import random_video
 
@@ -37,19 +38,6 @@ def _video(kind: str, t0: int, size: int, seed: int):
         out = [base[min(2, (3 * t) // t0)] + rng.normal(0, 6, base[0].shape) for t in range(t0)]
         return np.clip(np.stack(out), 0, 255).astype(np.uint8)
     raise ValueError(kind)
-
-
-def _segments(starts, n):
-    s = [i for i in range(n) if starts[i]]
-    return [(a, b - 1) for a, b in zip(s, s[1:] + [n])]
-
-
-def _kept_per_frame(kept_index, n, per_frame):
-    out = [[] for _ in range(n)]
-    for i in kept_index:
-        if i >= 0:
-            out[i // per_frame].append(i % per_frame)
-    return out
 
 
 CASES = [
@@ -89,9 +77,9 @@ def test_matches_reference(loaded, kind, t0, settings):
     s, rs = gen.stats, ref["stats"]
     n = s["frames"]
     assert s["frames_after_layer"] == rs["frames_after_layer"]
-    assert _segments(s["segment_starts"], n) == [tuple(x) for x in rs["segments"]]
+    assert segments(s["segment_starts"], n) == [tuple(x) for x in rs["segments"]]
     assert s["dynamic"][:n] == list(rs["dynamic"])
-    assert _kept_per_frame(s["kept_index"], n, cfg.tokens_per_frame) == [sorted(k) for k in rs["kept"]]
+    assert kept_per_frame(s["kept_index"], n, cfg.tokens_per_frame) == [sorted(k) for k in rs["kept"]]
     assert s["visual_tokens"] == rs["visual_tokens"]
     if method.llm_layer is not None:
         assert s["llm_kept"] == rs["visual_tokens_after_llm"]

@@ -31,7 +31,7 @@ from earlytom_jax.llava_video_torch import as_llava_video, placeholder_count
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.prompt import chat_prompt, time_instruction, with_time_instruction
 from earlytom_jax.video import llava_vid_sampling
-from tests.helpers import random_pixels
+from tests.helpers import kept_per_frame, lmms_lab_name, random_pixels, segments
 from tests.references.llava_video_ref import grid_sequence, llava_video_reference
 from tests.tiny_models import build_tiny_model, random_video, save_tiny_checkpoint
 
@@ -229,20 +229,6 @@ def test_bf16_close_to_fp32_reference(tmp_path):
 # ------------------------------------------------------------------------------ checkpoint layouts
 
 
-def _lmms_lab_name(k):
-    for a, b in [
-        ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-        ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("image_newline", "model.image_newline"),
-    ]:
-        if k.startswith(a):
-            return b + k[len(a):]
-    return k
-
-
 def test_lmms_lab_layout_loads_as_llava_video(tmp_path):
     """The original layout (an extra SigLIP block stored, hidden_states[-2] selected, a flat
     Qwen2 config with LLaVA-NeXT's keys) gives the llava-hf directory's tree, as LLaVA-Video."""
@@ -256,7 +242,7 @@ def test_lmms_lab_layout_loads_as_llava_video(tmp_path):
     tensors = load_file(os.path.join(hf, "model.safetensors"))
     out = {}
     for k, x in tensors.items():
-        name = _lmms_lab_name(k)
+        name = lmms_lab_name(k)
         out[name] = x
         if f"encoder.layers.{n - 1}." in name:
             out[name.replace(f"layers.{n - 1}.", f"layers.{n}.")] = x + 1.0
@@ -297,19 +283,6 @@ def video126(tmp_path_factory):
     return _video_checkpoint(str(tmp_path_factory.mktemp("video126")), seed=3, image_size=126, vision_layers=4)
 
 
-def _segments(starts, n):
-    s = [i for i in range(n) if starts[i]]
-    return [(a, b - 1) for a, b in zip(s, s[1:] + [n])]
-
-
-def _kept_per_frame(kept_index, n, per_frame):
-    out = [[] for _ in range(n)]
-    for i in kept_index:
-        if i >= 0:
-            out[i // per_frame].append(i % per_frame)
-    return [sorted(k) for k in out]
-
-
 ET_CASES = [
     ("scenes", 12, dict(ratio=0.25, tau=0.6, layers=(1, 2, 3), llm_layer=2)),
     ("scenes", 9, dict(ratio=0.1, tau=0.8, layers=(0, 3), llm_layer=None)),
@@ -335,9 +308,10 @@ def test_earlytom_matches_reference(video126, kind, t0, settings):
     s, rs = gen.stats, ref["stats"]
     n = s["frames"]
     assert s["frames_after_layer"] == rs["frames_after_layer"]
-    assert _segments(s["segment_starts"], n) == [tuple(x) for x in rs["segments"]]
+    assert segments(s["segment_starts"], n) == [tuple(x) for x in rs["segments"]]
     assert s["dynamic"][:n] == list(rs["dynamic"])
-    assert _kept_per_frame(s["kept_index"], n, cfg.tokens_per_frame) == [sorted(k) for k in rs["kept"]]
+    ours = kept_per_frame(s["kept_index"], n, cfg.tokens_per_frame)
+    assert [sorted(k) for k in ours] == [sorted(k) for k in rs["kept"]]
     assert s["visual_tokens"] == rs["visual_tokens"]  # tokens and their newlines
     rows = sum(len({j // cfg.pooled_grid for j in k}) for k in rs["kept"])
     assert s["visual_tokens"] == s["count"] + rows
@@ -386,7 +360,8 @@ def test_visionzip_matches_reference(video126, ratio):
     ref = llava_video_reference(model, torch.tensor(pix), PREFIX, SUFFIX, method="visionzip",
                                 settings=dict(ratio=ratio), max_new_tokens=4)
     gen = generate(params, cfg, pix, PREFIX, SUFFIX, method, 4, eos_ids=())
-    assert _kept_per_frame(gen.stats["kept_index"], 4, cfg.tokens_per_frame) == ref["stats"]["kept"]
+    ours = kept_per_frame(gen.stats["kept_index"], 4, cfg.tokens_per_frame)
+    assert [sorted(k) for k in ours] == ref["stats"]["kept"]
     assert gen.stats["count"] == registry.token_budget(4, ratio, cfg.tokens_per_frame)
     assert gen.stats["visual_tokens"] == ref["stats"]["visual_tokens"] == gen.stats["count"] + 4 * cfg.pooled_grid
     np.testing.assert_allclose(gen.first_logits, ref["first_logits"].numpy(), atol=1e-4, rtol=0)

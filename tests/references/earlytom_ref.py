@@ -548,21 +548,27 @@ def earlytom_reference(model, pixel_values, prefix_ids, suffix_ids, *, method_cf
         else:
             h, _ = _qwen_layer(layers[li], h, pos, rope, caches[li])
     first_logits = _logits(model, h[-1])
+    tokens = greedy_tokens(model, layers, rope, caches, first_logits, L_full, max_new_tokens)
+    return dict(first_logits=first_logits, tokens=tokens, stats=stats)
 
-    tokens = []
-    logits = first_logits
-    next_pos = L_full
+
+def greedy_tokens(model, layers, rope, caches, first_logits, next_pos: int, max_new_tokens: int) -> list[int]:
+    """Exactly `max_new_tokens` greedy tokens (no EOS stop) after a prefill whose per-layer
+    caches are `caches` and last logits `first_logits`; the new tokens at 1-D positions from
+    `next_pos` on."""
+    emb = model.model.language_model.embed_tokens
+    tokens, logits = [], first_logits
     for step in range(max_new_tokens):
         tok = int(torch.argmax(logits))
         tokens.append(tok)
         if step == max_new_tokens - 1:
             break
         x = emb(torch.tensor([tok], dtype=torch.long)).float()
-        for li in range(nL):
+        for li in range(len(layers)):
             x, _ = _qwen_layer(layers[li], x, [next_pos], rope, caches[li])
         logits = _logits(model, x[-1])
         next_pos += 1
-    return dict(first_logits=first_logits, tokens=tokens, stats=stats)
+    return tokens
 
 
 def fastv_drop(h: torch.Tensor, attn_row: torch.Tensor, r_drop: float) -> dict:

@@ -37,6 +37,7 @@ from tests.references.earlytom_ref import (
     _siglip_block_with_probs,
     _vision_parts,
     fastv_drop,
+    greedy_tokens,
     merge_layer,
     segment_frames,
     stage2_select,
@@ -188,17 +189,7 @@ def llava_video_reference(model, pixel_values, prefix_ids, suffix_ids, *, method
             h, row_probs = _qwen_layer(layers[li], h, pos, rope, caches[li], causal=not noncausal, want_probs=True)
         else:
             h, _ = _qwen_layer(layers[li], h, pos, rope, caches[li])
-    logits = first = _logits(model, h[-1])
-    tokens, next_pos = [], L_full
-    for step in range(max_new_tokens):
-        tok = int(torch.argmax(logits))
-        tokens.append(tok)
-        if step == max_new_tokens - 1:
-            break
-        x = emb(torch.tensor([tok], dtype=torch.long)).float()
-        for li in range(nL):
-            x, _ = _qwen_layer(layers[li], x, [next_pos], rope, caches[li])
-        logits = _logits(model, x[-1])
-        next_pos += 1
-    return dict(first_logits=first, tokens=tokens, stats=stats)
+    first = _logits(model, h[-1])
+    return dict(first_logits=first, tokens=greedy_tokens(model, layers, rope, caches, first, L_full, max_new_tokens),
+                stats=stats)
 
