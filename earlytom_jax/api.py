@@ -34,7 +34,7 @@ from earlytom_jax.compression import defaults as compression_defaults
 from earlytom_jax.compression import registry
 from earlytom_jax.config import FAMILIES, ModelConfig
 from earlytom_jax.errors import ConfigError
-from earlytom_jax.generate import Generation, generate
+from earlytom_jax.generate import Generation, generate, generate_batch
 from earlytom_jax.models import family, stack
 from earlytom_jax.prompt import PromptIds, Tokenizer, encode_prompt, with_time_instruction
 from earlytom_jax.progress import human_bytes
@@ -286,6 +286,79 @@ class VideoLLM:
         question = self.question_for(question, vf)
         ans = self.answer(pixels, question, method, max_new_tokens, on_token, video_time=video_time)
         return dataclasses.replace(ans, video=vf)
+
+    def ask_batch(self, videos, questions, method=pipeline.FULL, num_frames: int = 32, max_new_tokens: int = 32,
+                  batch_size: int = 4) -> list[Answer]:
+        """`ask` for several videos (file paths or uint8 frames [T, H, W, 3]) and questions, up to
+        `batch_size` at a time in one jitted prefill and one decode loop (`answer_batch`); videos
+        whose pixels differ in shape (Qwen2.5-VL's frame sizes, LLaVA-Video's frame counts) go in
+        separate batches. Answers come back in the input order; each equals `ask` on its own
+        (tokens identical in fp32)."""
+        if len(videos) != len(questions):
+            raise ConfigError(f"{len(videos)} videos but {len(questions)} questions; give one question per video")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: need at least 1")
+        if hasattr(method, "check"):
+            method = method.check(self.cfg)
+        prepared = []
+        for video, question in zip(videos, questions):
+            path = isinstance(video, (str, os.PathLike))
+            if path:
+                self.check_request(num_frames, question, method, max_new_tokens)
+            vf = self.load_video(os.fspath(video), num_frames) if path else None
+            pixels, video_time = self.prepare(vf.frames if vf is not None else np.asarray(video))
+            prepared.append((pixels, video_time, self.question_for(question, vf), vf))
+        answers: list[Answer | None] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, (pixels, *_) in enumerate(prepared):
+            groups.setdefault(tuple(pixels.shape), []).append(i)
+        for idx in groups.values():
+            for j in range(0, len(idx), batch_size):
+                part = idx[j : j + batch_size]
+                got = self.answer_batch([prepared[i][0] for i in part], [prepared[i][2] for i in part], method,
+                                        max_new_tokens, batch_size=batch_size,
+                                        video_times=[prepared[i][1] for i in part])
+                for i, ans in zip(part, got):
+                    answers[i] = dataclasses.replace(ans, video=prepared[i][3])
+        return answers
+
+    def answer_batch(self, pixels: list[np.ndarray], questions: list[str], method=pipeline.FULL,
+                     max_new_tokens: int = 32, pad_multiple: int = 32, batch_size: int | None = None,
+                     video_times: list[float | None] | None = None) -> list[Answer]:
+        """Answer about several preprocessed videos of one pixel shape (`prepare`) in one batch:
+        one prefill (`pipeline.prefill_batch`), one decode loop, each sample stopping at its own
+        EOS. Prompts are left-padded to one length (a multiple of `pad_multiple`). batch_size: the
+        compiled batch (default: len(pixels)); fewer videos fill it with copies of the last,
+        whose answers are dropped, so a last, partial batch reuses the program. Each answer's
+        ttft_s is the batch's prefill."""
+        if hasattr(method, "check"):
+            method = method.check(self.cfg)
+        pipeline.check_family(self.cfg, method)
+        n = len(pixels)
+        b = batch_size or n
+        if not 1 <= n <= b or len(questions) != n:
+            raise ConfigError(f"{n} videos and {len(questions)} questions for a batch of {b}; give 1 to {b} of each")
+        shapes = {tuple(p.shape) for p in pixels}
+        if len(shapes) > 1:
+            raise ConfigError(f"a batch needs pixels of one shape, got {sorted(shapes)}; batch them apart (ask_batch does)")
+        ids = [self.prompt_ids(q) for q in questions]
+        if any(list(x.prefix) != list(ids[0].prefix) for x in ids):
+            raise ConfigError("the questions' prompts differ before the video; batch them apart")
+        suffix, suffix_valid = pipeline.pad_suffixes([x.suffix for x in ids] + [ids[-1].suffix] * (b - n), pad_multiple)
+        for p in pixels:
+            self._check_length(p, len(ids[0].prefix) + suffix.shape[1], method, max_new_tokens)
+        batch = np.stack(list(pixels) + [pixels[-1]] * (b - n))
+        times = None
+        if family.is_qwen(self.cfg):
+            vt = list(video_times or [None] * n) + [None] * (b - n)
+            vt = vt[:n] + [vt[n - 1]] * (b - n)
+            times = np.asarray([1.0 if t is None else t for t in vt], np.float32)
+        if self.mesh is not None:
+            batch = jax.device_put(batch, sharding.batch_sharding(self.mesh, batch.shape))
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            gens = generate_batch(self.params, self.cfg, batch, ids[0].prefix, suffix, suffix_valid, method,
+                                  max_new_tokens, self.tokenizer.eos_ids, times, samples=n)
+        return [Answer(self.tokenizer.decode(g.tokens).strip(), g, None) for g in gens]
 
     def answer(self, pixels: np.ndarray, question: str, method=pipeline.FULL, max_new_tokens: int = 32,
                on_token=None, pad_multiple: int | None = None, video_time: float | None = None) -> Answer:

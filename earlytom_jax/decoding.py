@@ -127,9 +127,8 @@ decode_step_pruned_jit = jax.jit(decode_step_pruned, static_argnames=("cfg", "me
                                  donate_argnames=("caches",))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "method", "span", "trace"))
-def decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids, method=FULL, span=None,
-                trace: bool = False):
+def _decode_loop(params, first_logits, position, caches, cfg, steps: int, eos_ids, method=FULL, span=None,
+                 trace: bool = False):
     """Greedy decoding of up to `steps` tokens in one device loop (no host sync per token),
     stopping after the first token in `eos_ids`.
 
@@ -179,3 +178,18 @@ def _decode_loop_pruned(params, toks, position, caches, cfg, steps, eos_ids, met
     init = (jnp.asarray(1, jnp.int32), toks, caches, method.decode_init(width), hist)
     count, toks, _, _, hist = jax.lax.while_loop(cond, body, init)
     return (toks, count, hist) if trace else (toks, count)
+
+
+decode_loop = jax.jit(_decode_loop, static_argnames=("cfg", "steps", "method", "span", "trace"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "method", "span"))
+def decode_loop_batch(params, first_logits, position, caches, cfg, steps: int, eos_ids, method=FULL, span=None):
+    """`decode_loop` for a batch from `prefill_batch` (first_logits [B, V], position [B, 1], caches
+    with a leading batch axis) in one device loop: every step decodes the whole batch, a sample
+    that has reached EOS carries its tokens unchanged, and the loop ends when all have.
+    → (tokens int32 [B, steps], count int32 [B]); sample i's are `decode_loop`'s for it alone."""
+    def one(first_logits, position, caches):
+        return _decode_loop(params, first_logits, position, caches, cfg, steps, eos_ids, method, span)
+
+    return jax.vmap(one)(first_logits, position, caches)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 from earlytom_jax.compression import registry
 from earlytom_jax.config import LlavaOVConfig, ModelConfig
-from earlytom_jax.decoding import (FULL, CacheGroup, decode_loop, decode_span, decode_step, decode_step_jit,
-                                   decode_step_pruned, decode_step_pruned_jit, split_caches)
+from earlytom_jax.decoding import (FULL, CacheGroup, decode_loop, decode_loop_batch, decode_span, decode_step,
+                                   decode_step_jit, decode_step_pruned, decode_step_pruned_jit, split_caches)
 from earlytom_jax.llm_stages import llm_prefill, llm_span_info
 from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
@@ -45,23 +45,30 @@ from earlytom_jax.models.qwen2_5_vl import video_positions
 
 # the LLM's prefill hook (llm_stages) and decoding (decoding) live in their own modules; callers
 # reach them through this one as well
-__all__ = ["CacheGroup", "FULL", "check_family", "compile_prefill", "decode_loop", "decode_span",
-           "decode_step", "decode_step_jit", "decode_step_pruned", "decode_step_pruned_jit", "encode_video",
-           "llm_prefill", "llm_span_info", "pad_suffix", "prefill", "prefill_jit", "sequence_logits", "splice",
-           "split_caches", "stage_llm", "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer",
+__all__ = ["BATCH", "CacheGroup", "FULL", "check_family", "compile_prefill", "decode_loop", "decode_loop_batch",
+           "decode_span", "decode_step", "decode_step_jit", "decode_step_pruned", "decode_step_pruned_jit",
+           "encode_video", "llm_prefill", "llm_span_info", "pad_suffix", "pad_suffixes", "prefill", "prefill_batch",
+           "prefill_jit", "sequence_logits", "splice", "split_caches", "stage_llm", "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer",
            "visual_span"]
 
 # ----------------------------------------------------------------------------- vision
 
 
-def _bucketed(fn, x, n, buckets):
+BATCH = "batch"  # the vmapped axis of `prefill_batch`
+
+
+def _bucketed(fn, x, n, buckets, batch_axis=None):
     """Run fn on the first b frames of x for the smallest bucket b >= n; pad back to capacity.
 
-    fn(x [b, ...]) → tuple of arrays with leading frame axis b.
+    fn(x [b, ...]) → tuple of arrays with leading frame axis b. Under `vmap` over `batch_axis`
+    the bucket holds the largest `n` of the batch: its index is the same for every sample, so
+    the switch stays one branch run for the batch rather than every branch for every sample.
     """
     cap = x.shape[0]
     if len(buckets) == 1 and buckets[0] == cap:
         return fn(x)
+    if batch_axis is not None:
+        n = jax.lax.pmax(n, batch_axis)
 
     def branch(b):
         def f(x):
@@ -114,7 +121,7 @@ def _pick(pixels, picked, cfg):
     return pairs.reshape((-1,) + pixels.shape[1:])
 
 
-def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None):
+def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None, batch_axis=None):
     """pixels [T0,3,S,S] → (features [T, N, C] with the first `n` frames valid, n, state);
     T = T0, or the number of frames the method's `input_frames` picks.
 
@@ -122,7 +129,8 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
     state) over T = T'/2 temporal patches (the encoder's frames: stage I merges them), with
     state["positions"] int32 [T, mh·mw, 3] (each merged frame at the temporal position of its
     earliest source, `frame_sources`) and state["text_start"] (`_qwen_positions`);
-    video_time: seconds per temporal patch (None = 1)."""
+    video_time: seconds per temporal patch (None = 1). batch_axis: the vmapped axis name when
+    called per sample of a batch (`prefill_batch`)."""
     check_family(cfg, method)
     qwen = family.is_qwen(cfg)
     vcfg = cfg.vision
@@ -147,7 +155,7 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
         def run(x, start=start, layer=layer):
             return with_attention(run_blocks(x, start, layer), layer, keys)
 
-        x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,))
+        x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,), batch_axis)
         extra = {"keys": k[0]} if keys else {}
         x, n, state = method.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1, **extra)
         start, merged = layer + 1, True
@@ -155,7 +163,7 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
     def rest(x):
         return (finish(run_blocks(x, start, vcfg.num_layers)),)
 
-    (x,) = _bucketed(rest, x, n, buckets if merged else (t0,))
+    (x,) = _bucketed(rest, x, n, buckets if merged else (t0,), batch_axis)
     if qwen:
         _, gh, gw = vision.grid(pixels.shape)
         m = vcfg.spatial_merge_size
@@ -170,7 +178,7 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None)
 # ----------------------------------------------------------------------------- tokens
 
 
-def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
+def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL, batch_axis=None):
     """Features [T0, N, C] → (buffer [Vc+1, H], valid [Vc+1], info): the method's selected
     tokens packed at the front, then the newline right after the last kept token.
     LLaVA-Video: the selected tokens frame by frame in raster order, a newline after every
@@ -191,7 +199,7 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL):
     if method.pooled:
         # on the smallest frame bucket that holds the n frames left after the encoder's merges
         buckets = method.frame_buckets(feats.shape[0]) if method.encoder_layers else (feats.shape[0],)
-        (tokens,) = _bucketed(lambda f: (model.video_tokens(f),), feats, n, buckets)  # [T0, S, H]
+        (tokens,) = _bucketed(lambda f: (model.video_tokens(f),), feats, n, buckets, batch_axis)  # [T0, S, H]
     else:
         tokens = model.projector(feats)  # [T0, N', H]
     h = tokens.shape[-1]
@@ -249,15 +257,16 @@ def splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg: ModelConfi
 
 
 def prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FULL, max_new: int = 32, suffix_valid=None,
-            video_time=None):
+            video_time=None, batch_axis=None):
     """Video + prompt → (first-token logits [V], caches, next position [1], stats dict).
 
     prefix_ids/suffix_ids: int32 token ids around the `<video>` placeholder; suffix_valid
     (optional bool [Q]) marks padding at the front of the suffix (see `pad_suffix`);
-    video_time: Qwen2.5-VL's seconds per temporal patch (fp32 scalar; None = 1).
+    video_time: Qwen2.5-VL's seconds per temporal patch (fp32 scalar; None = 1); batch_axis:
+    see `prefill_batch`.
     """
-    feats, n, state = encode_video(params, pixels, cfg, method, video_time)
-    buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method)
+    feats, n, state = encode_video(params, pixels, cfg, method, video_time, batch_axis)
+    buf, buf_valid, info = visual_buffer(params, feats, n, state, cfg, method, batch_axis)
     h, valid, positions, info = splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg, suffix_valid)
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
@@ -273,6 +282,27 @@ def prefill_jit(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_ne
     return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new, suffix_valid, video_time)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new"))
+def prefill_batch(params, pixels, prefix_ids, suffix_ids, cfg, method=FULL, max_new: int = 32, suffix_valid=None,
+                  video_time=None):
+    """`prefill` for B videos of one shape in one program, each with its own compression.
+
+    pixels [B, T0, ...]; prefix_ids [P] (shared); suffix_ids int32 and suffix_valid bool [B, Q]
+    (each prompt left-padded to the batch's length: `pad_suffix`); video_time fp32 [B] or None.
+    → (logits [B, V], caches with a leading batch axis on every array, next position [B, 1],
+    stats with a leading batch axis). Sample i's outputs are `prefill` of sample i alone: the
+    per-sample stages are vmapped; where a stage runs on a bucket of frames, the batch shares
+    the bucket of its largest frame count (`_bucketed`).
+    """
+    def one(pixels, suffix_ids, suffix_valid, video_time):
+        return prefill(params, pixels, prefix_ids, suffix_ids, cfg, method, max_new, suffix_valid, video_time, BATCH)
+
+    if suffix_valid is None:
+        suffix_valid = jnp.ones(suffix_ids.shape, bool)
+    axis = None if video_time is None else 0
+    return jax.vmap(one, in_axes=(0, 0, 0, axis), axis_name=BATCH)(pixels, suffix_ids, suffix_valid, video_time)
+
+
 def pad_suffix(suffix_ids, multiple: int = 32, pad_id: int = 0):
     """Left-pad prompt ids to a multiple of `multiple` so that prompts of similar length share
     one compiled program. → (ids int32 [Q'], valid bool [Q']); padding slots are invalid,
@@ -281,6 +311,15 @@ def pad_suffix(suffix_ids, multiple: int = 32, pad_id: int = 0):
     total = max(multiple, -(-q // multiple) * multiple)
     ids = [pad_id] * (total - q) + [int(i) for i in suffix_ids]
     valid = [False] * (total - q) + [True] * q
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
+
+
+def pad_suffixes(suffixes, multiple: int = 32, pad_id: int = 0):
+    """Several prompts left-padded to one length (the longest's `pad_suffix` length), for
+    `prefill_batch`. → (ids int32 [B, Q'], valid bool [B, Q'])."""
+    total = max(max(multiple, -(-len(q) // multiple) * multiple) for q in suffixes)
+    ids = [[pad_id] * (total - len(q)) + [int(i) for i in q] for q in suffixes]
+    valid = [[False] * (total - len(q)) + [True] * len(q) for q in suffixes]
     return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
 
 

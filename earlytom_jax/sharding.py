@@ -112,5 +112,14 @@ def frames_sharding(mesh: Mesh, n_frames: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axis))
 
 
+def batch_sharding(mesh: Mesh, shape) -> NamedSharding:
+    """A batch of pixels [B, T, ...]: samples over `data` when it divides B, else frames when
+    it divides T, else replicated."""
+    d = mesh.shape["data"]
+    if d > 1 and shape[0] % d == 0:
+        return NamedSharding(mesh, PartitionSpec("data"))
+    return NamedSharding(mesh, PartitionSpec(None, "data" if d > 1 and shape[1] % d == 0 else None))
+
+
 def describe(mesh: Mesh) -> str:
     return f"mesh data={mesh.shape['data']},model={mesh.shape['model']} over {math.prod(mesh.devices.shape)} {mesh.devices.flat[0].platform} devices"

@@ -146,10 +146,11 @@ def _eval_args(tiny_dir, data, out, *extra):
             "--frames", "4", "--method", "full", "--quiet", *extra]
 
 
-def test_sigkill_then_resume_gives_one_record_per_sample(tiny_dir, mvbench_root, tmp_path):
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "3"]], ids=["one", "batched"])
+def test_sigkill_then_resume_gives_one_record_per_sample(tiny_dir, mvbench_root, tmp_path, batch):
     out = tmp_path / "out"
     path = out / "samples.jsonl"
-    proc = _cli(_eval_args(tiny_dir, mvbench_root, out))
+    proc = _cli(_eval_args(tiny_dir, mvbench_root, out, *batch))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if path.exists() and len(path.read_text().splitlines()) >= 3:
@@ -160,7 +161,7 @@ def test_sigkill_then_resume_gives_one_record_per_sample(tiny_dir, mvbench_root,
     proc.wait()
     n_killed = len(rec.read_records(str(path)))
     assert 3 <= n_killed < 20
-    proc = _cli(_eval_args(tiny_dir, mvbench_root, out))
+    proc = _cli(_eval_args(tiny_dir, mvbench_root, out, *batch))
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert f"{n_killed} of 20 samples done" in stdout
@@ -169,10 +170,12 @@ def test_sigkill_then_resume_gives_one_record_per_sample(tiny_dir, mvbench_root,
     assert [r["id"] for r in rows] == ids
 
 
-def test_four_devices_equal_one_device(tiny_dir, mvbench_root, tmp_path):
+@pytest.mark.parametrize("mesh", [["--mesh", "data=4"], ["--mesh", "data=2", "--batch-size", "4"]],
+                         ids=["data4", "data2-batch4"])
+def test_four_devices_equal_one_device(tiny_dir, mvbench_root, tmp_path, mesh):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     one = _cli(_eval_args(tiny_dir, mvbench_root, tmp_path / "one"))
-    four = _cli(_eval_args(tiny_dir, mvbench_root, tmp_path / "four", "--mesh", "data=4"), env)
+    four = _cli(_eval_args(tiny_dir, mvbench_root, tmp_path / "four", *mesh), env)
     for p in (one, four):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
@@ -181,8 +184,27 @@ def test_four_devices_equal_one_device(tiny_dir, mvbench_root, tmp_path):
     b = [{k: r[k] for k in keep} for r in rec.read_records(str(tmp_path / "four" / "samples.jsonl"))]
     assert a == b and len(a) == 20
     res = json.load(open(tmp_path / "four" / "results.json"))
-    assert res["config"]["mesh"] == "data=4" and len(res["config"]["devices"]) == 4
+    assert res["config"]["mesh"] == mesh[1] and len(res["config"]["devices"]) == 4
     assert res["metrics"] == json.load(open(tmp_path / "one" / "results.json"))["metrics"]
+
+
+@pytest.mark.parametrize("method", [pipeline.FULL, TINY_ET], ids=["full", "earlytom"])
+def test_batched_eval_equals_one_at_a_time(tiny_dir, llm, mvbench_root, tmp_path, method):
+    """--batch-size 3 over 20 samples (the last batch partial): the same records as batch 1, one
+    batched program per padded prompt length, and the batch size in results.json."""
+    keep = ("id", "answer", "parsed", "correct", "visual_tokens", "frames_after_merge", "new_tokens", "flops")
+    one = run_eval(_settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "one"), method, llm)
+    before = pipeline.prefill_batch._cache_size()
+    three = run_eval(_settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "three", batch_size=3), method, llm)
+    suffixes = {math.ceil(len(llm.prompt_ids(x.context).suffix) / 32)
+                for x in get_task("mvbench").load(mvbench_root)}
+    assert pipeline.prefill_batch._cache_size() - before <= len(suffixes)
+    rows = [rec.read_records(str(tmp_path / d / "samples.jsonl")) for d in ("one", "three")]
+    assert [{k: r[k] for k in keep} for r in rows[0]] == [{k: r[k] for k in keep} for r in rows[1]]
+    assert {r["batch"] for r in rows[1]} == {3, 2} and {r["batch"] for r in rows[0]} == {1}
+    assert three["metrics"] == one["metrics"] and three["config"]["batch_size"] == 3
+    with pytest.raises(ConfigError, match="--batch-size 0: need at least 1"):
+        run_eval(_settings(tiny_dir, "mvbench", mvbench_root, tmp_path / "x", batch_size=0), method, llm)
 
 
 def test_compare_prints_one_row_per_method(tiny_dir, mvbench_root, tmp_path):

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
                    help="compute dtype of the weights and activations (bfloat16 halves memory)")
     e.add_argument("--mesh", default=None, help="data-parallel groups (and tensor parallel inside), e.g. data=4 or data=2,model=2")
     e.add_argument("--prefetch", type=int, default=4, help="videos decoded ahead in background threads")
+    e.add_argument("--batch-size", type=int, default=1,
+                   help="videos answered per jitted call (same answers as 1; --mesh data=N gives each group B/N, rounded up)")
     e.add_argument("--compare", type=names, default=None,
                    help="run several methods (e.g. full,earlytom,fastv) at --ratios and print one table")
     e.add_argument("--ratios", type=floats, default=None, help="ratios for --compare (default: --ratio, else 0.1)")
@@ -97,7 +99,7 @@ def cmd_eval(args) -> int:
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
         limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
         prefetch=args.prefetch, progress=not args.quiet, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        time_instruction=args.time_instruction,
+        time_instruction=args.time_instruction, batch_size=args.batch_size,
     )
     video_settings(args)  # contradictory bounds: one line, before anything loads
     runs = eval_runs(args, load_any_config(args.model), read_model_info(args.model))

@@ -70,6 +70,7 @@ class EvalSettings:
     min_pixels: int = 37632  # Qwen2.5-VL's frame area bounds (the official script's)
     max_pixels: int = 200704
     time_instruction: bool = False  # LLaVA-Video: lmms-eval llava_vid's add_time_instruction
+    batch_size: int = 1  # videos per jitted call, split over the mesh's N data groups (each ⌈B / N⌉)
 
     def video(self):
         """Qwen2.5-VL's `QwenVideoSettings` of these settings."""
@@ -146,7 +147,7 @@ def device_groups(mesh_spec: str | None) -> tuple[list, list[int]]:
     return groups, index
 
 
-def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int, pixel_shape) -> dict:
+def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int, pixel_shape, batch: int = 1) -> dict:
     parsed, drawn = task.parse(ans.text, sample, random.Random(f"{task.name}:{sample.id}"))
     correct = task.correct(parsed, sample)
     stats = ans.stats
@@ -158,7 +159,8 @@ def _record(task, sample, ans, cfg, method, n_prompt_tokens: int, frames: int, p
         "id": sample.id, "prompt": sample.context, "answer": ans.text, "parsed": parsed,
         "random": bool(drawn), "gold": sample.gold, "correct": correct,
         "visual_tokens": int(stats["visual_tokens"]), "frames_after_merge": int(stats.get("frames", frames)),
-        "llm_kept": stats.get("llm_kept"), "ttft_s": round(ans.ttft_s, 6), "new_tokens": len(ans.tokens),
+        "llm_kept": stats.get("llm_kept"), "ttft_s": round(ans.ttft_s, 6), "batch": batch,
+        "new_tokens": len(ans.tokens),
         "flops": pf.total, "flops_paper_llm": pf.paper_llm, "meta": sample.meta,
     }
 
@@ -191,8 +193,11 @@ class _Writer:
         self.bar.close()
 
 
-def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, writer, stop: threading.Event):
-    """Answer `items` in order on one device group, decoding videos `s.prefetch` ahead."""
+def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, writer, stop: threading.Event,
+            batch: int = 1):
+    """Answer `items` in order on one device group, decoding videos `s.prefetch` ahead, `batch`
+    videos of one pixel shape per jitted call (a smaller batch, the last or one cut short by a
+    change of shape, is filled up to `batch` and reuses the program)."""
     def load(sample):
         """(pixels, video_time) of one sample: a video file as the model's family samples it; a
         folder of frames (MVBench) read as `s.frames` evenly spaced stills, then preprocessed
@@ -207,11 +212,31 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
     it = iter(items)
 
     def fill():
-        while len(pending) < max(1, s.prefetch):
+        while len(pending) < max(1, s.prefetch, batch):
             sample = next(it, None)
             if sample is None:
                 return
             pending.append((sample, pool.submit(load, sample)))
+
+    def record(sample, ans, pixels, question, batch):
+        ids = llm.prompt_ids(question)
+        # the frames encoded: LLaVA-Video's 1-a-second sampling may give fewer than --frames
+        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), pixels.shape[0],
+                           pixels.shape, batch))
+
+    group: list = []  # loaded samples of one pixel shape waiting for a batch
+
+    def flush():
+        if batch == 1:
+            for sample, pixels, video_time, question in group:
+                ans = llm.answer(pixels, question, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
+                record(sample, ans, pixels, question, 1)
+        elif group:
+            answers = llm.answer_batch([g[1] for g in group], [g[3] for g in group], method, max_new,
+                                       s.pad_multiple, batch, [g[2] for g in group])
+            for (sample, pixels, _, question), ans in zip(group, answers):
+                record(sample, ans, pixels, question, len(group))
+        group.clear()
 
     fill()
     while pending and not stop.is_set():
@@ -222,12 +247,13 @@ def _worker(llm, task, method, items, s: EvalSettings, max_new: int, pool, write
         except EarlyTomError as e:
             writer.error(sample, e)
             continue
-        question = llm.question_for(sample.context, vf)
-        ans = llm.answer(pixels, question, method, max_new, pad_multiple=s.pad_multiple, video_time=video_time)
-        ids = llm.prompt_ids(question)
-        # the frames encoded: LLaVA-Video's 1-a-second sampling may give fewer than --frames
-        writer.put(_record(task, sample, ans, llm.cfg, method, len(ids.prefix) + len(ids.suffix), pixels.shape[0],
-                           pixels.shape))
+        if group and group[0][1].shape != pixels.shape:
+            flush()
+        group.append((sample, pixels, video_time, llm.question_for(sample.context, vf)))
+        if len(group) == batch or not pending:
+            flush()
+    if not stop.is_set():
+        flush()
 
 
 def run_eval(s: EvalSettings, method, llm=None) -> dict:
@@ -247,6 +273,9 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
         raise ConfigError(f"{s.data}: no samples to evaluate for {s.task}")
     groups, index = device_groups(s.mesh)
     n_groups = sharding.parse_mesh(s.mesh).devices.shape[0] if s.mesh else 1
+    if s.batch_size < 1:
+        raise ConfigError(f"--batch-size {s.batch_size}: need at least 1")
+    batch = -(-s.batch_size // n_groups)  # each data group's share of the batch, rounded up
 
     os.makedirs(s.out, exist_ok=True)
     if llm is None:
@@ -286,7 +315,7 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
         with logging_redirect_tqdm() if s.progress else contextlib.nullcontext(), \
                 cf.ThreadPoolExecutor(max(1, s.prefetch), thread_name_prefix="video") as pool, \
                 cf.ThreadPoolExecutor(len(models), thread_name_prefix="device") as workers:
-            futs = [workers.submit(_worker, m, task, method, per_group[g], s, max_new, pool, writer, stop)
+            futs = [workers.submit(_worker, m, task, method, per_group[g], s, max_new, pool, writer, stop, batch)
                     for m, g in zip(models, index)]
             try:
                 for f in cf.as_completed(futs):
@@ -333,7 +362,7 @@ def _results(s, task, method, max_new, note, rows, n_samples, errors, llm, wall)
             "model": os.path.abspath(s.model), "task": s.task, "data": os.path.abspath(s.data),
             "method": method_description(method), "frames": s.frames, "max_new_tokens": max_new,
             "token_limit_note": note, "dtype": s.dtype, "mesh": s.mesh, "limit": s.limit,
-            "pad_multiple": s.pad_multiple, "model_config": dataclasses.asdict(llm.cfg),
+            "pad_multiple": s.pad_multiple, "batch_size": s.batch_size, "model_config": dataclasses.asdict(llm.cfg),
             "versions": _versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **host(),
         },
