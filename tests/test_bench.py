@@ -333,3 +333,31 @@ def test_bench_counts_a_staged_llm_method(tmp_path):
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["pdrop"]["flops"]["llm"] < rows["full"]["flops"]["llm"]
     assert rows["pdrop"]["flops_executed"]["llm"] < rows["full"]["flops_executed"]["llm"]
+
+
+def test_bench_batch_times_each_batch_size(tmp_path, capsys):
+    """`bench --batch 1,3`: one row per (method, B) with the batch's prefill, prefill / B and
+    samples/s beside batch 1; sample i's frames are rolled by i, so the samples compress
+    differently and each reports its own counts; --batch 0 is one line."""
+    from earlytom_jax.bench.batching import batch_pixels
+    from earlytom_jax.cli.main import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--arch", "tiny", "--frames", "4", "--methods", "full,earlytom", "--ratios", "0.5",
+                 "--warmup", "0", "--runs", "1", "--decode-tokens", "3", "--no-xla-flops", "--no-stages",
+                 "--batch", "1,3", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["meta"]["batches"] == [1, 3]
+    rows = {(r["method"], r["batch"]): r for r in d["batching"]}
+    assert set(rows) == {("full", 1), ("full", 3), ("earlytom", 1), ("earlytom", 3)}
+    for (m, b), r in rows.items():
+        assert len(r["prefill_s"]) == 1 and r["decode_tokens"] == 3 and len(r["visual_tokens"]) == b
+        assert r["prefill_per_sample_s"] == pytest.approx(r["prefill_mean_s"] / b)
+        assert r["samples_per_s"] == pytest.approx(b / (r["prefill_mean_s"] + r["decode_mean_s"]))
+        assert r["samples_per_s_over_batch1"] == pytest.approx(r["samples_per_s"] / rows[(m, 1)]["samples_per_s"])
+    assert rows[("earlytom", 1)]["visual_tokens"] == [d["results"][1]["visual_tokens"]]
+    assert "| earlytom | 0.5 | 3 |" in capsys.readouterr().out
+    pix = jnp.arange(4.0).reshape(4, 1)
+    assert batch_pixels(pix, 2)[1].ravel().tolist() == [3.0, 0.0, 1.0, 2.0]
+    assert main(["bench", "--arch", "tiny", "--batch", "0"]) != 0
+    assert "--batch 0: every batch size needs to be at least 1" in capsys.readouterr().err

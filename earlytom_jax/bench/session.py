@@ -51,6 +51,7 @@ class BenchSpec:
     mesh: str | None = None
     min_pixels: int = QwenVideoSettings.min_pixels
     max_pixels: int = QwenVideoSettings.max_pixels
+    batches: tuple[int, ...] = ()  # --batch: batch sizes timed after the methods (`bench.batching`)
 
 
 @dataclasses.dataclass
@@ -62,14 +63,21 @@ class BenchRun:
     reference: dict | None
     meta: dict
     source: str
+    batching: list[dict] | None = None  # `bench.batching.time_batch`'s rows, with method and ratio
 
     def markdown(self) -> str:
-        return markdown(self.results, self.reference)
+        text = markdown(self.results, self.reference)
+        if self.batching:
+            from earlytom_jax.bench import batching
+
+            text += "\n\n" + batching.markdown(self.batching)
+        return text
 
     def save_json(self, path: str) -> None:
         from earlytom_jax.io_utils import atomic_write_text, strict_json
 
-        out = {"meta": self.meta, "results": [r.to_json() for r in self.results], "reference": self.reference}
+        out = {"meta": self.meta, "results": [r.to_json() for r in self.results], "reference": self.reference,
+               "batching": self.batching}
         atomic_write_text(path, strict_json(out, indent=1))  # null, not NaN
 
     def save_chart(self, path: str) -> None:
@@ -221,6 +229,8 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
 
     if spec.frames < 1 or spec.runs < 1 or spec.warmup < 0 or spec.decode_tokens < 0:
         raise ConfigError("need --frames >= 1, --runs >= 1, --warmup >= 0 and --decode-tokens >= 0")
+    if any(b < 1 for b in spec.batches):
+        raise ConfigError(f"--batch {','.join(map(str, spec.batches))}: every batch size needs to be at least 1")
     spec_methods(spec)  # before any loading: a misspelt name fails at once
     mesh = shd.parse_mesh(spec.mesh) if spec.mesh else None
     if spec.reference == "torch":
@@ -243,6 +253,22 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
     results = time_methods(spec, make_method, cfg, params, video.pixels, prefix, suffix, mesh, log,
                            video_time=video.video_time)
+    batch_rows = None
+    if spec.batches:
+        from earlytom_jax.bench import batching
+        from earlytom_jax.models import stack
+
+        batch_rows = []
+        packed = stack.pack(params)
+        for name, r in spec_methods(spec):
+            method = make_method(cfg, name, r)
+            for b in spec.batches:
+                row = batching.time_batch(packed, cfg, video.pixels, prefix, suffix, method, b, spec.warmup,
+                                          spec.runs, spec.decode_tokens, video.video_time)
+                batch_rows.append({"method": name, "ratio": r, **row})
+                log(f"{name} r={r} batch {b}: prefill {row['prefill_mean_s']:.3f} s, "
+                    f"{row['samples_per_s']:.2f} samples/s")
+        batching.relate(batch_rows)
     full = find_full(results)
     if reference is not None:
         for r in results:
@@ -256,10 +282,10 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
     meta = {"date": datetime.date.today().isoformat(), **host(), "weights": weights,
             "video": spec.video or "generated clip",
             "frames": spec.frames, "dtype": spec.dtype, "warmup": spec.warmup, "runs": spec.runs, "timing": spec.timing,
-            "decode_tokens": spec.decode_tokens, "mesh": None if mesh is None else shd.describe(mesh),
+            "decode_tokens": spec.decode_tokens, "batches": list(spec.batches), "mesh": None if mesh is None else shd.describe(mesh),
             "reference": spec.reference, "command": " ".join(sys.argv),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if video.meta:
         meta["video_input"] = video.meta
     source = spec.arch or os.path.basename(os.path.normpath(spec.model))
-    return BenchRun(results, reference, meta, source)
+    return BenchRun(results, reference, meta, source, batch_rows)

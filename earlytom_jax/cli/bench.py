@@ -4,7 +4,8 @@ flags become a `bench.session.BenchSpec`, the library runs it."""
 from __future__ import annotations
 
 from earlytom_jax.architectures import ARCHITECTURES
-from earlytom_jax.cli.flags import compression_flags, floats, method_from_args, names, ratio_from_args, video_flags
+from earlytom_jax.cli.flags import (compression_flags, floats, ints, method_from_args, names, ratio_from_args,
+                                    video_flags)
 from earlytom_jax.errors import ConfigError
 
 
@@ -37,6 +38,8 @@ def add_parser(sub) -> None:
                    help="also time transformers' full-token model (PyTorch, CPU) on the same weights and inputs")
     b.add_argument("--chart", default=None, help="write a PNG stacked-bar chart of the TTFT breakdown here")
     b.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
+    b.add_argument("--batch", type=ints, default=(),
+                   help="also time each method at these batch sizes, e.g. 1,2,4: samples/s and prefill / B")
     compression_flags(b)
     video_flags(b)
     b.set_defaults(fn=cmd_bench)
@@ -61,7 +64,8 @@ def cmd_bench(args) -> int:
         model=args.model, arch=args.arch, video=args.video, frames=args.frames, methods=methods,
         ratios=bench_ratios(args), warmup=args.warmup, runs=args.runs, timing=args.timing, dtype=args.dtype,
         staged=not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops,
-        reference=args.reference, mesh=args.mesh, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        reference=args.reference, mesh=args.mesh, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        batches=tuple(args.batch))
     from earlytom_jax.io_utils import check_writable
 
     for flag, path in (("--json", args.json), ("--chart", args.chart)):
