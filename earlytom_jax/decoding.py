@@ -48,21 +48,28 @@ def _alloc(ks, vs, valid, extra: int, shift=0) -> CacheGroup:
     )
 
 
+def _step(params, tokens, positions, caches, step, cfg: ModelConfig):
+    """One step of B sequences: tokens/positions int32 [B]; caches' k/v [n, B, Lc, Hk, D], valid
+    [B, Lc], shift scalar or [B]. → (logits [B, V], caches)."""
+    text = family.bind(cfg, params).text
+    h = text.embed_tokens(tokens)[:, None]
+    out, start = [], 0
+    for g in caches:
+        nlay = g.k.shape[0]
+        h, ck, cv, valid = text.decode_layers(h, positions - g.shift, g.k, g.v, g.valid, g.length + step, start)
+        out.append(CacheGroup(ck, cv, valid, g.length, g.shift))
+        start += nlay
+    return text.logits(h[:, -1]), tuple(out)
+
+
 def decode_step(params, token, position, caches, step, cfg: ModelConfig):
     """One greedy step. token/position int32 [1]; step int32 scalar (0 for the first new token).
     A generated token's three multimodal positions are equal: the 1-D position serves both families.
 
     → (logits [V], caches). Compiles once per set of cache lengths.
     """
-    text = family.bind(cfg, params).text
-    h = text.embed_tokens(token)[:, None]
-    out, start = [], 0
-    for g in caches:
-        nlay = g.k.shape[0]
-        h, ck, cv, valid = text.decode_layers(h, position - g.shift, g.k, g.v, g.valid, g.length + step, start)
-        out.append(CacheGroup(ck, cv, valid, g.length, g.shift))
-        start += nlay
-    return text.logits(h[0, -1]), tuple(out)
+    logits, caches = _step(params, token, position, caches, step, cfg)
+    return logits[0], caches
 
 
 def split_caches(caches, layer: int):
@@ -186,10 +193,50 @@ decode_loop = jax.jit(_decode_loop, static_argnames=("cfg", "steps", "method", "
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "method", "span"))
 def decode_loop_batch(params, first_logits, position, caches, cfg, steps: int, eos_ids, method=FULL, span=None):
     """`decode_loop` for a batch from `prefill_batch` (first_logits [B, V], position [B, 1], caches
-    with a leading batch axis) in one device loop: every step decodes the whole batch, a sample
-    that has reached EOS carries its tokens unchanged, and the loop ends when all have.
+    with a leading batch axis) in one device loop: every step decodes the whole batch (the
+    per-sample step vmapped), a sample past its EOS keeps its tokens and count, and the loop
+    ends when all are done or after `steps`. The loop's condition is the batch's, so the caches
+    are carried as they are (a vmapped loop would select every cache entry each step).
     → (tokens int32 [B, steps], count int32 [B]); sample i's are `decode_loop`'s for it alone."""
-    def one(first_logits, position, caches):
-        return _decode_loop(params, first_logits, position, caches, cfg, steps, eos_ids, method, span)
+    b = first_logits.shape[0]
+    first = jnp.argmax(first_logits, -1).astype(jnp.int32)
+    toks = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first)
+    hooked = getattr(method, "decode_layer", None) is not None
+    if hooked:  # hook 4 picks each sample's slots: the one-sample step, vmapped
+        if span is None:
+            raise ValueError("a method with decode_layer needs the visual span (pipeline.decode_span)")
+        caches = jax.vmap(lambda c: split_caches(c, method.decode_layer))(caches)
+        state = jax.vmap(lambda _: method.decode_init(span[1] - span[0]))(jnp.arange(b))
 
-    return jax.vmap(one)(first_logits, position, caches)
+        def step(toks, caches, state, i):
+            def one(tok, pos, caches, state):
+                logits, caches, state, _ = decode_step_pruned(params, tok[None], pos + i - 1, caches, i - 1, cfg,
+                                                              method, span, state)
+                return jnp.argmax(logits).astype(jnp.int32), caches, state
+
+            return jax.vmap(one)(toks, position, caches, state)
+    else:  # the model's own batch axis: caches [n, B, Lc, Hk, D], moved there once
+        caches = tuple(CacheGroup(jnp.moveaxis(g.k[:, :, 0], 0, 1), jnp.moveaxis(g.v[:, :, 0], 0, 1), g.valid[:, 0],
+                                  g.length, g.shift) for g in caches)
+        state = jnp.zeros((b,), jnp.int32)  # unused
+        pos = position[:, 0]
+
+        def step(toks, caches, state, i):
+            logits, caches = _step(params, toks, pos + i - 1, caches, i - 1, cfg)
+            return jnp.argmax(logits, -1).astype(jnp.int32), caches, state
+
+    def cond(carry):
+        i, _, alive = carry[:3]
+        return (i < steps) & alive.any()
+
+    def body(carry):
+        i, toks, alive, count, caches, state = carry
+        new, caches, state = step(toks[:, i - 1], caches, state, i)
+        toks = toks.at[:, i].set(jnp.where(alive, new, 0))
+        count = jnp.where(alive, i + 1, count)
+        return i + 1, toks, alive & ~jnp.isin(new, eos_ids), count, caches, state
+
+    alive = ~jnp.isin(first, eos_ids)
+    init = (jnp.asarray(1, jnp.int32), toks, alive, jnp.ones((b,), jnp.int32), caches, state)
+    _, toks, _, count, _, _ = jax.lax.while_loop(cond, body, init)
+    return toks, count
