@@ -63,7 +63,7 @@ class BenchRun:
     reference: dict | None
     meta: dict
     source: str
-    batching: list[dict] | None = None  # `bench.batching.time_batch`'s rows, with method and ratio
+    batching: list[dict] | None = None  # `bench.batching.time_batches` rows, with method and ratio
 
     def markdown(self) -> str:
         text = markdown(self.results, self.reference)
@@ -261,12 +261,11 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         batch_rows = []
         packed = stack.pack(params)
         for name, r in spec_methods(spec):
-            method = make_method(cfg, name, r)
-            for b in spec.batches:
-                row = batching.time_batch(packed, cfg, video.pixels, prefix, suffix, method, b, spec.warmup,
-                                          spec.runs, spec.decode_tokens, video.video_time)
+            rows = batching.time_batches(packed, cfg, video.pixels, prefix, suffix, make_method(cfg, name, r),
+                                         spec.batches, spec.warmup, spec.runs, spec.decode_tokens, video.video_time)
+            for row in rows:
                 batch_rows.append({"method": name, "ratio": r, **row})
-                log(f"{name} r={r} batch {b}: prefill {row['prefill_mean_s']:.3f} s, "
+                log(f"{name} r={r} batch {row['batch']}: prefill {row['prefill_median_s']:.3f} s, "
                     f"{row['samples_per_s']:.2f} samples/s")
         batching.relate(batch_rows)
     full = find_full(results)
