@@ -32,22 +32,11 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from earlytom_jax.checkpoint.load import load_hf
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = tiny_qwen.build(**MODELS[name])
-            cfg, params = load_hf(tiny_qwen.save(model, str(tmp_path_factory.mktemp(f"qwen-pdrop-{name}"))))
-            cache[name] = model, cfg, params
-        return cache[name]
-
-    return get
+    return tiny_qwen.loader(tmp_path_factory, MODELS, "qwen-pdrop")
 
 
-def _pixels(frames: int, h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(frames, 3, h, w)).astype(np.float32)
+_pixels = tiny_qwen.random_pixels
+
 
 
 def _prefill(params, cfg, method, pix, spt):

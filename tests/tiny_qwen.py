@@ -127,3 +127,25 @@ def greedy(model, pixels, prefix, suffix, n: int, second_per_grid_t: float = 1.0
             cache = out.past_key_values
             toks.append(int(out.logits[0, -1].argmax()))
     return toks
+
+
+def loader(tmp_path_factory, models: dict, tag: str):
+    """get(name) → (transformers model, our cfg, our params) of `models[name]` (kwargs of `build`),
+    built, saved and loaded once per name (a module fixture's cache)."""
+    from earlytom_jax.checkpoint.load import load_hf
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = build(**models[name])
+            cfg, params = load_hf(save(model, str(tmp_path_factory.mktemp(f"{tag}-{name}"))))
+            cache[name] = model, cfg, params
+        return cache[name]
+
+    return get
+
+
+def random_pixels(frames: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Normal random preprocessed pixels [frames, 3, h, w] fp32."""
+    return np.random.default_rng(seed).normal(size=(frames, 3, h, w)).astype(np.float32)
