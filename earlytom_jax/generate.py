@@ -189,8 +189,8 @@ def generate_batch(
         ttft = warm
     logits, caches, pos, stats = out
     del out
-    one = jax.tree.map(lambda x: x[0], caches)  # hook 4's span is the same for every sample
-    span = pipeline.decode_span(method, one, prefix.shape[0], suffix_ids.shape[1])
+    # hook 4's span: the batch's caches have the groups and lengths of each sample's
+    span = pipeline.decode_span(method, caches, prefix.shape[0], suffix_ids.shape[1])
     hooked = {} if span is None else {"method": method, "span": span}
     decode_s = 0.0
     if max_new > 1:

@@ -46,8 +46,7 @@ class BatchTimer:
                                                     max(16, self.steps), self.valid, self.vt).compile()
         self.compile_s = time.perf_counter() - t
         out = self._prefill()
-        span = pipeline.decode_span(method, jax.tree.map(lambda x: x[0], out[1]), self.pre.shape[0],
-                                    self.suf.shape[1])
+        span = pipeline.decode_span(method, out[1], self.pre.shape[0], self.suf.shape[1])
         hooked = {} if span is None else {"method": method, "span": span}
         self.decode = None
         if self.steps > 1:
