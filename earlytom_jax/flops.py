@@ -246,6 +246,14 @@ def _llm_executed(cfg, text_tokens: int, span: int, method, conditionals: str, q
     return llm + 2 * t.hidden_size * t.vocab_size
 
 
+def _span_run(span: int, stats: dict, conditionals: str) -> int:
+    """The visual span the LLM ran on: the span bucket the prefill chose (`llm_span_bucket`, for a
+    method with `llm_span_buckets`), else the whole static span; "largest" counts the whole span."""
+    if conditionals == "largest" or "llm_span_bucket" not in stats:
+        return span
+    return int(stats["llm_span_bucket"])
+
+
 def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
                            conditionals: str = "executed") -> dict:
     """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks,
@@ -271,6 +279,7 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     from earlytom_jax.pipeline import visual_span
 
     span = visual_span(cfg, method, t0, cfg.tokens_per_frame)  # newlines included (LLaVA-Video: per row)
+    span = _span_run(span, stats, conditionals)
     llm = _llm_executed(cfg, text_tokens, span, method, conditionals, _query_rows(method, stats, "llm_query_slots"))
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}
 
@@ -348,5 +357,6 @@ def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int],
     span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
     vis = qwen_vision(cfg, grid, padded=True, frames_per_block=frames)
     tok = method.select_flops(cfg, t, per_patch) if hasattr(method, "select_flops") else 0
+    span = _span_run(span, stats, conditionals)
     llm = _llm_executed(cfg, text_tokens, span, method, conditionals, _query_rows(method, stats, "llm_query_slots"))
     return {"vision": vis, "tokens": tok, "llm": llm, "total": vis + tok + llm}

@@ -1,6 +1,8 @@
 """Hook 3 inside the LLM prefill (compression/base.py): the layers up to each stage layer, the
 stage's attention signal, the method's keep mask over the visual span, and the span compacted
-to the stage's static capacity; the KV caches as one `decoding.CacheGroup` per layer range."""
+to the stage's static capacity; the KV caches as one `decoding.CacheGroup` per layer range.
+`llm_prefill_bucketed` runs it on the smallest span bucket that holds the valid visual slots,
+for a method whose hook 2 fills its static buffer to a count known only on device."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax.config import ModelConfig
-from earlytom_jax.decoding import FULL, _alloc
+from earlytom_jax.decoding import FULL, CacheGroup, _alloc
 from earlytom_jax.models import family
 from earlytom_jax.models.attention import dense as attn_dense
 from earlytom_jax.models.attention import last_row_probs
@@ -148,3 +150,74 @@ def llm_prefill(params, h, valid, positions, span: tuple[int, int], cfg: ModelCo
     logits = text.logits(h_cur[0, -1])
     next_pos = positions.reshape(positions.shape[:2] + (-1,))[:, -1, 0] + 1  # the last slot is text
     return logits, tuple(caches), next_pos, info
+
+
+def llm_prefill_bucketed(params, h, valid, positions, span: tuple[int, int], cfg: ModelConfig, max_new: int,
+                         method=FULL, span_info=None, batch_axis=None):
+    """`llm_prefill` on the smallest of the method's span buckets (`llm_span_buckets(span0)`) that
+    holds every valid slot of the visual span: the span's slots from the bucket on are all invalid
+    (never attended, no position), so they are left out of the sequence, and the outputs are padded
+    back to the unbucketed layout (invalid cache slots inserted after each group's span; stats'
+    per-slot arrays padded at the end), so decoding and the stats see one layout whatever the
+    bucket. The bucket is chosen on device (`lax.switch`: every bucket is a branch of one program);
+    under `vmap` over `batch_axis` the batch shares the bucket of its largest need.
+
+    → `llm_prefill`'s outputs, info also holding "llm_span_bucket" (int32: the span slots run)
+    when the method has buckets."""
+    a, b = span
+    span0 = b - a
+    buckets = tuple(getattr(method, "llm_span_buckets", lambda s: (s,))(span0))
+    if buckets == (span0,):
+        return llm_prefill(params, h, valid, positions, span, cfg, max_new, method, span_info)
+    if buckets[-1] != span0 or any(x >= y for x, y in zip(buckets, buckets[1:])):
+        raise ValueError(f"span buckets {buckets} must ascend to the span's {span0} slots")
+    need = jnp.max(jnp.where(valid[0, a:b], jnp.arange(1, span0 + 1, dtype=jnp.int32), 0))
+    if batch_axis is not None:
+        need = jax.lax.pmax(need, batch_axis)
+    caps = [span0] + [method.llm_stage_capacity(i, span0) for i in range(len(tuple(method.llm_layers)))]
+
+    def branch(bj: int):
+        def run(h, valid, positions, span_info):
+            def cut(x):
+                return jnp.concatenate([x[:, : a + bj], x[:, b:]], 1)
+
+            info_j = None if span_info is None else {k: x[:bj] for k, x in span_info.items()}
+            logits, caches, next_pos, info = llm_prefill(params, cut(h), cut(valid), cut(positions), (a, a + bj),
+                                                         cfg, max_new, method, info_j)
+            caps_j = [bj] + [method.llm_stage_capacity(i, bj) for i in range(len(caps) - 1)]
+            caches = tuple(_widen(g, a + cj, cap - cj) for g, cj, cap in zip(caches, caps_j, caps))
+            return logits, caches, next_pos, {**_pad_span_info(info, span0), "llm_span_bucket": jnp.int32(bj)}
+
+        return run
+
+    idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left")
+    return jax.lax.switch(idx, [branch(x) for x in buckets], h, valid, positions, span_info)
+
+
+def _widen(g: CacheGroup, at: int, gap: int) -> CacheGroup:
+    """g with `gap` invalid slots inserted before slot `at` (k/v [n, B, Lc, Hk, D], valid [B, Lc])."""
+    if gap < 0:
+        raise ValueError(f"a span bucket's stage capacity exceeds the full span's by {-gap}")
+    if gap == 0:
+        return g
+
+    def ins(x, axis):
+        shape = list(x.shape)
+        shape[axis] = gap
+        parts = [jax.lax.slice_in_dim(x, 0, at, axis=axis), jnp.zeros(shape, x.dtype),
+                 jax.lax.slice_in_dim(x, at, x.shape[axis], axis=axis)]
+        return jnp.concatenate(parts, axis)
+
+    return CacheGroup(ins(g.k, 2), ins(g.v, 2), ins(g.valid, 1), g.length + gap, g.shift)
+
+
+_SPAN_FILL = {"llm_keep_mask": False, "llm_stage_index": -1}  # llm_prefill's per-span-slot stats
+
+
+def _pad_span_info(info: dict, span0: int) -> dict:
+    out = dict(info)
+    for k, fill in _SPAN_FILL.items():
+        if k in out:
+            x = out[k]
+            out[k] = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, span0 - x.shape[-1])], constant_values=fill)
+    return out

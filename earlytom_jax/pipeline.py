@@ -38,7 +38,7 @@ from earlytom_jax.compression import registry
 from earlytom_jax.config import LlavaOVConfig, ModelConfig
 from earlytom_jax.decoding import (FULL, CacheGroup, decode_loop, decode_loop_batch, decode_span, decode_step,
                                    decode_step_jit, decode_step_pruned, decode_step_pruned_jit, split_caches)
-from earlytom_jax.llm_stages import llm_prefill, llm_span_info
+from earlytom_jax.llm_stages import llm_prefill, llm_prefill_bucketed, llm_span_info
 from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models.qwen2_5_vl import video_positions
@@ -47,9 +47,9 @@ from earlytom_jax.models.qwen2_5_vl import video_positions
 # reach them through this one as well
 __all__ = ["BATCH", "CacheGroup", "FULL", "check_family", "compile_prefill", "decode_loop", "decode_loop_batch",
            "decode_span", "decode_step", "decode_step_jit", "decode_step_pruned", "decode_step_pruned_jit",
-           "encode_video", "llm_prefill", "llm_span_info", "pad_suffix", "pad_suffixes", "prefill", "prefill_batch",
-           "prefill_jit", "sequence_logits", "splice", "split_caches", "stage_llm", "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer",
-           "visual_span"]
+           "encode_video", "llm_prefill", "llm_prefill_bucketed", "llm_span_info", "pad_suffix", "pad_suffixes",
+           "prefill", "prefill_batch", "prefill_jit", "sequence_logits", "splice", "split_caches", "stage_llm",
+           "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer", "visual_span"]
 
 # ----------------------------------------------------------------------------- vision
 
@@ -271,7 +271,8 @@ def prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FUL
     a = prefix_ids.shape[0]
     span = (a, a + buf.shape[0])
     span_info = llm_span_info(info, method, buf.shape[0], cfg)
-    logits, caches, next_pos, llm_info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method, span_info)
+    logits, caches, next_pos, llm_info = llm_prefill_bucketed(params, h, valid, positions, span, cfg, max_new, method,
+                                                              span_info, batch_axis)
     stats = {"frames": n, "visual_tokens": buf_valid.sum(), **info, **llm_info, **method.encoder_stats(state)}
     return logits, caches, next_pos, stats
 
@@ -362,7 +363,8 @@ def stage_tokens(params, feats, n, state, prefix_ids, suffix_ids, cfg, method):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "span", "max_new"))
 def stage_llm(params, h, valid, positions, span, cfg, method, max_new, span_info=None):
-    logits, caches, next_pos, info = llm_prefill(params, h, valid, positions, span, cfg, max_new, method, span_info)
+    logits, caches, next_pos, info = llm_prefill_bucketed(params, h, valid, positions, span, cfg, max_new, method,
+                                                          span_info)
     return jnp.argmax(logits), caches, next_pos, info
 
 

@@ -197,6 +197,42 @@ def test_matches_reference(spread, t0, seed, scenes, layer, ratio):
     np.testing.assert_allclose(np.asarray(logits), want["step_logits"][0].numpy(), atol=1e-4, rtol=0)
 
 
+class _Unbucketed(PruneVid):
+    def llm_span_buckets(self, span0):
+        return (span0,)
+
+
+def test_span_buckets_change_nothing(spread):
+    """The LLM prefill on the smallest span bucket holding the merged tokens equals it on the whole
+    static buffer: first-token logits, kept slots, cache layout and validity, greedy tokens; the
+    bucket is smaller than the buffer, and the executed FLOPs count the bucket."""
+    _, cfg, params = spread
+    pix = _clip(8, 0, 2, cfg.vision.image_size)
+    fields = dict(llm_layer=2, retention_ratio=0.4)
+    got = generate(params, cfg, pix, PREFIX, SUFFIX, PruneVid(**fields), 4)
+    want = generate(params, cfg, pix, PREFIX, SUFFIX, _Unbucketed(**fields), 4)
+    span = PruneVid(**fields).capacity(8, cfg.tokens_per_frame) + 1
+    bucket = int(got.stats["llm_span_bucket"])
+    assert int(got.stats["visual_tokens"]) <= bucket < span and "llm_span_bucket" not in want.stats
+    assert bucket in PruneVid(**fields).llm_span_buckets(span)
+    np.testing.assert_allclose(got.first_logits, want.first_logits, atol=1e-5, rtol=0)
+    assert got.tokens == want.tokens
+    for k in ("llm_keep_mask", "llm_kept", "count"):
+        np.testing.assert_array_equal(np.asarray(got.stats[k]), np.asarray(want.stats[k]))
+    args = (params, jnp.asarray(pix), jnp.asarray(PREFIX, jnp.int32), jnp.asarray(SUFFIX, jnp.int32), cfg)
+    c_got = pipeline.prefill_jit(*args, PruneVid(**fields), 4, None, None)[1]
+    c_want = pipeline.prefill_jit(*args, _Unbucketed(**fields), 4, None, None)[1]
+    for g, w in zip(c_got, c_want):
+        assert g.length == w.length and g.k.shape == w.k.shape
+        np.testing.assert_array_equal(np.asarray(g.valid), np.asarray(w.valid))
+        ok = np.asarray(w.valid)[0]
+        np.testing.assert_allclose(np.asarray(g.k)[:, 0, ok], np.asarray(w.k)[:, 0, ok], atol=1e-5, rtol=0)
+    stats = {k: np.asarray(v) for k, v in got.stats.items()}
+    run = flops.executed_prefill_flops(cfg, 8, len(PREFIX) + len(SUFFIX), stats, PruneVid(**fields))
+    whole = flops.executed_prefill_flops(cfg, 8, len(PREFIX) + len(SUFFIX), stats, PruneVid(**fields), "largest")
+    assert run["llm"] < whole["llm"]
+
+
 def test_merging_only_matches_reference(spread):
     """`prunevid_stage1` (the merging alone) end to end: the reference with no in-LLM stage."""
     model, cfg, params = spread

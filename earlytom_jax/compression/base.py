@@ -58,6 +58,11 @@ hook 3, inside the LLM (prefill only; `pipeline.llm_prefill`)
                                       to the current span, and passes the dict as the keyword `span_info`:
                                       llm_stage_merge(i, h, attn, valid, count0, span0, span_info={name: [span]})
     llm_capacity(span) -> int, llm_merge(h, attn, valid) -> (h, keep)   the single-stage forms
+    llm_span_buckets(span0) -> tuple[int, ...]   ascending span lengths ending at span0 (default
+                                      (span0,): none): the LLM prefill runs on the smallest that holds
+                                      the span's last valid slot, the slots after it left out
+                                      (`llm_stages.llm_prefill_bucketed`); for a method whose hook 2
+                                      fills its buffer to a count known only on device (PruneVid)
     Each stage compacts the span (kept slots first, in order) to its capacity; the KV caches are one
     CacheGroup per layer range ([0, K_1), [K_1, K_2), ..., [K_n, depth)).
 hook 4, at every decode step (`pipeline.decode_loop`; LLaVA-OneVision, methods without hook 3)
@@ -175,6 +180,9 @@ class NoHooks:
 
     def llm_stage_merge(self, stage: int, h, attn, valid, count0, span0: int):
         return self.llm_merge(h, attn, valid)
+
+    def llm_span_buckets(self, span0: int) -> tuple[int, ...]:
+        return (span0,)
 
     def decode_init(self, span: int):
         return {}

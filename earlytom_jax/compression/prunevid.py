@@ -23,7 +23,10 @@ selected_layer + 1), layer K-1's attention of the question rows (every valid slo
 span; `llm_query` "suffix_rows") to each visual slot, the maximum over heads then over rows
 (`llm_reduce` "max"); per group of hook 2's "group" (`llm_span_info`) the int(size ·
 retention_ratio) highest are kept (`keep_in_groups`), the newline always; the KV caches of layers
-0..K-1 drop the others too (`llm_prune_caches`); the kept slots keep their positions.
+0..K-1 drop the others too (`llm_prune_caches`); the kept slots keep their positions. The merged
+count is known on device only, so the LLM prefill runs on the smallest of 8 evenly spaced span
+lengths that holds it (`llm_span_buckets`, `llm_stages.llm_prefill_bucketed`), not on the whole
+static buffer.
 
 Budget (`PruneVid.from_ratio`, the one place): retention_ratio = r / cluster_ratio, so layers
 K.. see at most about r · T0 · 196 visual tokens; r > cluster_ratio is a ConfigError.
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from earlytom_jax.compression import prunevid_ops as ops
-from earlytom_jax.compression.base import NoHooks
+from earlytom_jax.compression.base import NoHooks, frame_buckets
 from earlytom_jax.compression.registration import register
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
@@ -140,6 +143,7 @@ class PruneVidMerge(NoHooks):
     threshold: float = 0.8
     cluster_ratio: float = 0.5
     name = "prunevid_stage1"
+    span_buckets = 8  # the merged count is known on device only: the LLM runs on 8 evenly spaced span lengths
 
     def __post_init__(self):
         if not 0.0 < self.temporal_segment_ratio <= 1.0:
@@ -154,6 +158,9 @@ class PruneVidMerge(NoHooks):
 
     def capacity(self, t0: int, s: int) -> int:
         return merged_capacity(t0, s, self.cluster_ratio)
+
+    def llm_span_buckets(self, span0: int) -> tuple[int, ...]:
+        return frame_buckets(span0, self.span_buckets)
 
     def select(self, tokens, n, state, cfg, grid=None):
         t, s, h = tokens.shape
