@@ -92,6 +92,35 @@ def test_matches_reference(real_layout, clip, ratio, tau):
     assert gen.tokens == ref["tokens"]
 
 
+@pytest.mark.parametrize("clip", ["varied", "singleton"])
+def test_contextual_tokens_match_reference(real_layout, clip):
+    """D = 0.5: each dynamic frame keeps round(c/2) top-attention tokens and c minus that many
+    DPC-KNN cluster tokens of its other dynamic tokens (one program for both clips)."""
+    model, cfg, params = real_layout
+    pix = _clip(clip)
+    method = registry.build("holitom", 0.1, cfg, llm_layer=K_LLM, tau=0.97, d=0.5)
+    gen = generate(params, cfg, pix, PREFIX, SUFFIX, method, 4)
+    ref = holitom_ref.holitom_reference(model, torch.tensor(pix), PREFIX, SUFFIX, ratio=0.1, tau=0.97,
+                                        llm_layer=K_LLM, max_new_tokens=4, D=0.5)
+    S, st = cfg.tokens_per_frame, gen.stats
+    assert _segments(st["segment_start"]) == ref["segments"] and len(ref["segments"]) > 1
+    assert [i for i in st["kept_index"] if i >= 0] == ref["kept"]
+    assert st["count"] == len(ref["kept"]) <= method.capacity(T0, S)
+    members, kept = 0, list(st["kept_index"])
+    for t, groups in ref["context"].items():  # contextual clusters of frame t: centre → members
+        row = st["context_cluster"][t]
+        assert groups and {c: [s for s in range(S) if row[s] == c and s != c] for c in groups} == groups
+        members += sum(map(len, groups.values()))
+        for c, ms in groups.items():  # a member's tokens went to its centre's slot
+            assert {st["token_slot"][t * S + m] for m in [c, *ms]} == {kept.index(t * S + c)}
+    assert members > 0
+    buf, _, _ = _visual(params, jnp.asarray(pix), cfg, method)
+    np.testing.assert_allclose(np.asarray(buf[:st["count"]]), ref["visual"].numpy(), atol=1e-5, rtol=0)
+    assert [i for i, k in enumerate(st["llm_keep_mask"]) if k] == ref["llm_keep"]
+    np.testing.assert_allclose(gen.first_logits, ref["first_logits"].numpy(), atol=1e-4, rtol=0)
+    assert gen.tokens == ref["tokens"]
+
+
 def test_cases_cover_the_branches(real_layout):
     """The clips above exercise what they claim: one static segment, multi-frame segments with
     some static tokens, a segment of one frame, merges with members."""
@@ -168,12 +197,17 @@ def test_budget_tables_follow_python_floats():
     """ceil/round of n · r' as Python computes them in float64: at R = 42, 135 · r' is
     14.000000000000002 and ceil gives 15 (fp32 arithmetic would give 14)."""
     t0, s, r = 6, 196, 0.1
-    dom, cl = temporal.count_tables(t0, s, r)
+    dom, ctx, cl = temporal.count_tables(t0, s, r)
     total = t0 * s
     for R in (0, 1, 42, 490, 980):
         rr = min(r / ((total - float(R)) / total), 1)
-        assert [int(v) for v in dom[R]] == [math.ceil(n * rr) for n in range(s + 1)]
+        assert [int(v) for v in dom[R]] == [math.ceil(n * rr) for n in range(s + 1)] and not ctx.any()
         assert [int(v) for v in cl[R]] == [round(n * rr) for n in range(s + 1)]
+        for D in (0.3, 0.5, 0.9):  # dominant = round(c·(1 - D)) (half to even), contextual = c - dominant
+            dd, cc, _ = temporal.count_tables(t0, s, r, D)
+            c = [math.ceil(n * rr) for n in range(s + 1)]
+            assert [int(v) for v in dd[R]] == [round(k * (1 - D)) for k in c]
+            assert [int(a + b) for a, b in zip(dd[R], cc[R])] == c
     assert dom[42, 135] == 15 and int(np.ceil(np.float32(135) * np.float32(r / ((total - 42) / total)))) == 14
     assert temporal.capacity(32, 196, 0.1) == 627 + 32 + 8
 
@@ -184,7 +218,7 @@ def test_settings_and_errors(real_layout):
     assert registry.build("holitom", 0.1, ov).tau == 0.65
     assert registry.build("holitom", 0.15, ov).tau == registry.build("holitom", 0.25, ov).tau == 0.80
     m = registry.build("holitom", 0.1, ov)
-    assert (m.llm_layer, m.llm_ratio, m.beta, m.knn) == (18, 0.5, 0.6, 7)
+    assert (m.llm_layer, m.llm_ratio, m.beta, m.knn, m.d) == (18, 0.5, 0.6, 7, 0.0)
     assert registry.build("holitom", 0.1, tiny, llm_layer=-1).llm_layer is None
     with pytest.raises(ConfigError, match="llm layer 18 must be in 1..3"):
         registry.build("holitom", 0.1, tiny)
@@ -192,6 +226,9 @@ def test_settings_and_errors(real_layout):
         registry.build("holitom", 0.004, ov)
     with pytest.raises(ConfigError, match="tau"):
         registry.build("holitom", 0.1, ov, tau=1.5)
+    for d in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"HoliTom D .* is outside \[0, 1\)"):
+            registry.build("holitom", 0.1, ov, d=d)
 
 
 def test_flops_count_selection_and_the_llm_merge():
@@ -202,6 +239,7 @@ def test_flops_count_selection_and_the_llm_merge():
     f = flops.prefill_flops(cfg, t0, text, stats, m)
     extra = m.select_flops(cfg, t0)
     assert extra > t0 * 2 * S * S * H  # DPC-KNN's Gram matrices on every row
+    assert registry.build("holitom", 0.1, cfg, d=0.5).select_flops(cfg, t0) == extra + t0 * dpc_knn.flops(S, H)
     assert f.tokens == flops.projector_and_pool(cfg, t0) + extra
     assert f.llm == flops.llm_prefill(cfg, text + 700, text + 350, 18)
 

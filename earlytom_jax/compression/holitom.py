@@ -9,10 +9,14 @@ sources; in short, on the pooled tokens [T0, S, H] (hook 2):
    r' = min(r · T0·S / (T0·S - R), 1);
 3. spatial merging: the static tokens of a segment are clustered by DPC-KNN (`dpc_knn`,
    round(n·r') clusters, k = min(7, clusters) neighbours), each cluster token = beta · centre +
-   (1 - beta) · mean(members) (beta 0.6); every frame keeps its ceil(n·r') dynamic tokens of
-   highest pooled attention (the last SigLIP block's attention received, as VisionZip's);
-   order: per segment its static cluster tokens (centre raster order), then frame by frame
-   its dynamic tokens (raster order); one newline after the video (LLaVA-OV);
+   (1 - beta) · mean(members) (beta 0.6); every frame keeps c = ceil(n·r') of its n dynamic
+   tokens: its round(c·(1 - D)) of highest pooled attention (the last SigLIP block's
+   attention received, as VisionZip's), "dominant", and (D > 0) c minus that many
+   "contextual" tokens, DPC-KNN cluster tokens of its other dynamic tokens formed as the
+   static ones (D = 0, the official setting: dominant tokens only); order: per segment its
+   static cluster tokens (centre raster order), then frame by frame its dominant tokens
+   (raster order) and its contextual ones (centre raster order); one newline after the
+   video (LLaVA-OV);
 4. inside the LLM (hook 3) at layer K = 18 with drop ratio 0.5: exactly EarlyTom's stage III
    (`llm_merge.merge_visual_span`: keep round(L·(1 - r)) of the visual span by the last
    prompt token's attention at layer K-1, average every other token into its most similar
@@ -20,8 +24,9 @@ sources; in short, on the pooled tokens [T0, S, H] (hook 2):
 
 Budget: `ratio` is r of the official code (RETAIN_RATIO), the share of the T0·S pooled tokens;
 the count kept is data dependent (about r·T0·S, above it by the per-frame ceilings), held in a
-static buffer of `holitom_temporal.capacity` slots with a valid mask. kept_index: a dynamic
-token's own t·S + s, a cluster token's segment-first-frame t and centre s.
+static buffer of `holitom_temporal.capacity` slots with a valid mask (D does not change the
+count). kept_index: a dominant token's own t·S + s, a contextual token's frame t and centre s,
+a static cluster token's segment-first-frame t and centre s.
 
 LLaVA-Video: the same on the 13 x 13 average-pooled tokens; a cluster token sits in its
 segment's first frame at its centre's position, and the pipeline's grid newlines (after each
@@ -52,13 +57,14 @@ def default_tau(ratio: float, family: str = "llava_onevision") -> float:
     return TAU_LOW if family == "llava_onevision" and ratio <= 0.10 + 1e-9 else TAU
 
 
-@register(name="holitom", label="HoliTom", settings=("tau", "llm_layer", "llm_ratio", "beta", "knn", "max_window"))
+@register(name="holitom", label="HoliTom", settings=("tau", "llm_layer", "llm_ratio", "beta", "knn", "max_window", "d"))
 @dataclasses.dataclass(frozen=True)
 class HoliTom(NoHooks):
     """ratio: retention r (of T0·S pooled tokens); tau: T, the static-token similarity
     threshold; llm_layer: HOLITOM_k (None: no in-LLM merge); llm_ratio: HOLITOM_r;
     beta: a cluster token's weight of its centre; knn: DPC-KNN's K (neighbours, capped by the
-    number of clusters); max_window: the longest segment in frames."""
+    number of clusters); max_window: the longest segment in frames; d: D, the share of a
+    dynamic frame's tokens given to contextual (DPC-KNN cluster) tokens, 0 officially."""
 
     families = ("llava_onevision", "llava_video")
 
@@ -69,6 +75,7 @@ class HoliTom(NoHooks):
     beta: float = 0.6
     knn: int = 7
     max_window: int = 1024
+    d: float = 0.0
     name = "holitom"
     encoder_layers = (-1,)  # observe the last SigLIP block's attention
 
@@ -80,6 +87,8 @@ class HoliTom(NoHooks):
             raise ConfigError(f"HoliTom llm ratio {self.llm_ratio} is outside [0, 1)")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"HoliTom beta {self.beta} is outside [0, 1]")
+        if not 0.0 <= self.d < 1.0:
+            raise ConfigError(f"HoliTom D {self.d} is outside [0, 1)")
         if self.knn < 1 or self.max_window < 1:
             raise ConfigError("HoliTom knn and max_window must be >= 1")
 
@@ -117,13 +126,23 @@ class HoliTom(NoHooks):
         x = tokens.astype(jnp.float32)
         seg = temporal.segments(temporal.adjacent_similarity(x), self.tau, self.max_window)
         static, start, length, reduced = seg["static"], seg["start"], seg["length"], seg["reduced"]
-        dom_table, cl_table = (jnp.asarray(a, jnp.int32) for a in temporal.count_tables(t0, s, self.ratio))
+        tables = temporal.count_tables(t0, s, self.ratio, self.d)
+        dom_table, ctx_table, cl_table = (jnp.asarray(a, jnp.int32) for a in tables)
         n_static = jnp.sum(static, -1, dtype=jnp.int32)
+        cluster = jax.vmap(lambda m, v, c, k: dpc_knn.dpc_knn(m, v, c, k, self.knn))
+        merge = jax.vmap(lambda m, c, a: dpc_knn.merge_clusters(m, c, a, self.beta))
 
-        # dynamic tokens: each frame's top ceil(n_dyn · r') by pooled attention
-        k_dom = dom_table[reduced, s - n_static]
+        # dynamic tokens: each frame's dominant ones by pooled attention, its contextual ones
+        # (D > 0) clustered from the rest by DPC-KNN, centre and members as the static ones
         dynamic = ~static
-        dom = jax.vmap(sel.topk_mask)(jnp.where(dynamic, attn, -jnp.inf), k_dom) & dynamic
+        dom = jax.vmap(sel.topk_mask)(jnp.where(dynamic, attn, -jnp.inf), dom_table[reduced, s - n_static]) & dynamic
+        parts_keep, parts_vals = [dom], [x]
+        ctx_assign = jnp.full((t0, s), -1, jnp.int32)
+        if self.d > 0:
+            k_ctx = ctx_table[reduced, s - n_static]
+            ctx_centre, ctx_assign, _ = cluster(x, dynamic & ~dom, k_ctx, jnp.minimum(self.knn, k_ctx))
+            parts_keep.append(ctx_centre)
+            parts_vals.append(merge(x, ctx_centre, ctx_assign))
 
         # static tokens: the mean over the segment's frames, clustered, on its first frame's row
         f = jnp.arange(t0, dtype=jnp.int32)
@@ -133,44 +152,51 @@ class HoliTom(NoHooks):
         mean = mean / jnp.maximum(length, 1)[:, None, None].astype(jnp.float32)
         rows_valid = static & first[:, None]
         n_cl = jnp.where(first, cl_table[reduced, n_static], 0)
-        k_nn = jnp.minimum(self.knn, n_cl)
-        cluster = jax.vmap(lambda m, v, c, k: dpc_knn.dpc_knn(m, v, c, k, self.knn))
-        centre, assign, _ = cluster(mean, rows_valid, n_cl, k_nn)
-        merged = jax.vmap(lambda m, c, a: dpc_knn.merge_clusters(m, c, a, self.beta))(mean, centre, assign)
+        centre, assign, _ = cluster(mean, rows_valid, n_cl, jnp.minimum(self.knn, n_cl))
+        merged = merge(mean, centre, assign)
 
-        # per frame row: [its segment's cluster tokens | its dynamic tokens], compacted in order
-        keep = jnp.concatenate([centre, dom], 1)
-        vals = jnp.concatenate([merged, x], 1).astype(tokens.dtype)
+        # per frame row: [its segment's cluster tokens | its dominant tokens | its contextual
+        # tokens (D > 0)], compacted in order
+        keep = jnp.concatenate([centre] + parts_keep, 1)
+        vals = jnp.concatenate([merged] + parts_vals, 1).astype(tokens.dtype)
+        width = keep.shape[1]
         buf, valid, src, count = sel.compact(keep, vals, self.capacity(t0, s))
-        kept = jnp.where(src >= 0, (src // (2 * s)) * s + src % s, -1)
-        token_slot = self._token_slots(src, static, start, assign, t0, s)
+        kept = jnp.where(src >= 0, (src // width) * s + src % s, -1)
+        token_slot = self._token_slots(src, static, start, assign, ctx_assign, width)
         info = {
             "count": count, "kept_index": kept, "token_slot": token_slot, "importance": attn,
             "segment_start": start, "static": static, "reduced": reduced, "cluster": assign,
-            "kept_per_frame": jnp.sum(keep, 1),
+            "context_cluster": ctx_assign, "kept_per_frame": jnp.sum(keep, 1),
         }
         return buf, valid, info
 
     @staticmethod
-    def _token_slots(src, static, start, assign, t0, s):
-        """[T0·S] int32: the buffer slot each source token went to (-1: dropped): a dynamic
-        token its own, a static one its cluster's (on its segment's first row)."""
+    def _token_slots(src, static, start, assign, ctx_assign, width):
+        """[T0·S] int32: the buffer slot each source token went to (-1: dropped): a dominant
+        token its own, a contextual member its centre's, a static one its cluster's (on its
+        segment's first row). src indexes rows of `width` = 2·S or 3·S columns (`select`)."""
+        t0, s = static.shape
         cap = src.shape[0]
-        slot_of = jnp.full((t0 * 2 * s,), -1, jnp.int32).at[jnp.where(src >= 0, src, t0 * 2 * s)].set(
+        slot_of = jnp.full((t0 * width,), -1, jnp.int32).at[jnp.where(src >= 0, src, t0 * width)].set(
             jnp.arange(cap, dtype=jnp.int32), mode="drop")
-        rows = slot_of.reshape(t0, 2 * s)
-        own = rows[:, s:]  # dynamic tokens kept in their own slot
+        rows = slot_of.reshape(t0, width)
+        own = rows[:, s:2 * s]  # dominant tokens kept in their own slot
+        if width > 2 * s:
+            via_ctx = jnp.take_along_axis(rows[:, 2 * s:], jnp.maximum(ctx_assign, 0), axis=1)
+            own = jnp.where(ctx_assign >= 0, via_ctx, own)
         seg_assign = assign[start]  # [T, S]: the cluster of the token's segment
         via = jnp.take_along_axis(rows[start, :s], jnp.maximum(seg_assign, 0), axis=1)
         return jnp.where(static, jnp.where(seg_assign >= 0, via, -1), own).reshape(-1)
 
     def select_flops(self, cfg, t0: int, s: int | None = None) -> int:
         """Pooling the attention, the adjacent-frame similarities, the segment means and
-        DPC-KNN with its cluster sums on each of the T0 rows (static shapes: every row runs)."""
+        DPC-KNN with its cluster sums on each of the T0 rows (static shapes: every row runs),
+        at D > 0 once more per frame for the contextual tokens."""
         g, pg, h = cfg.vision.grid, cfg.pooled_grid, cfg.text.hidden_size
         s = cfg.tokens_per_frame if s is None else s
         pool = 2 * (pg * g * g + pg * pg * g)
-        return pool * t0 + 2 * (t0 - 1) * s * h + 2 * t0 * t0 * s * h + t0 * dpc_knn.flops(s, h)
+        runs = 2 if self.d > 0 else 1
+        return pool * t0 + 2 * (t0 - 1) * s * h + 2 * t0 * t0 * s * h + runs * t0 * dpc_knn.flops(s, h)
 
     # hook 3 --------------------------------------------------------------------------------
 

@@ -82,20 +82,25 @@ def segments(sim: jax.Array, tau: float, max_window: int):
 
 
 @functools.lru_cache(maxsize=64)
-def count_tables(t0: int, s: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """(dominant, clusters), int [R_max + 1, s + 1] each, R_max = s·(t0 - 1): for tokens saved R
-    and n tokens, with r' = min(ratio / ((t0·s - R) / (t0·s)), 1) in float64 (l. 389-390),
-    dominant[R, n] = ceil(n · r') (a dynamic frame's top-attention tokens, D = 0, l. 154) and
-    clusters[R, n] = round(n · r') (half to even; a segment's static clusters, l. 201)."""
+def count_tables(t0: int, s: int, ratio: float, d: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dominant, contextual, clusters), int [R_max + 1, s + 1] each, R_max = s·(t0 - 1): for
+    tokens saved R and n tokens, with r' = min(ratio / ((t0·s - R) / (t0·s)), 1) in float64
+    (l. 389-390) and a dynamic frame's budget c = ceil(n · r') (l. 154-155):
+    dominant[R, n] = round(c · (1 - d)) (its top-attention tokens), contextual[R, n] =
+    c - dominant (its DPC-KNN cluster tokens of the rest; 0 at d = 0) and clusters[R, n] =
+    round(n · r') (a segment's static clusters, l. 201). round: Python's, half to even."""
     total = t0 * s
     R = np.arange(s * (t0 - 1) + 1, dtype=np.float64)
     rr = np.minimum(ratio / ((total - R) / total), 1.0)
     x = np.arange(s + 1, dtype=np.float64)[None, :] * rr[:, None]
+    frame = np.ceil(x)
+    dominant = np.rint(frame * (1.0 - float(d)))
     dtype = np.uint8 if s < 256 else np.int16
-    return np.ceil(x).astype(dtype), np.rint(x).astype(dtype)
+    return dominant.astype(dtype), (frame - dominant).astype(dtype), np.rint(x).astype(dtype)
 
 
 def capacity(t0: int, s: int, ratio: float) -> int:
     """Static bound of the tokens HoliTom keeps: at most r·t0·s plus one ceil per frame and
-    one half per multi-frame segment (at most t0 // 2 of them), and at most t0·s."""
+    one half per multi-frame segment (at most t0 // 2 of them), and at most t0·s. Any D: a
+    dynamic frame keeps ceil(n · r') tokens, dominant and contextual together."""
     return min(t0 * s, int(np.floor(ratio * t0 * s * (1 + 1e-12) + t0 + (t0 // 2) / 2)))

@@ -8,6 +8,11 @@ Departures (the same ones earlytom_jax makes, docs/baselines/holitom.md):
   equal densities the lower index counts as denser; equal scores: the lower index becomes a
   centre first (stable sort). Attention top-k ties: the lower index (stable sort).
 - The official in-LLM step (`Qwen2Model_holitom.forward`) is written for one batch row, as here.
+- D > 0 (`merge_tokens_by_attention_density`, l. 152-197): the official line 174 takes the
+  contextual tokens' positions with `pos.masked_select(mask.unsqueeze(-1))`, which broadcasts
+  pos [W, n] against [W, n, 1] and fails (a size error, or W·n·n elements for one frame) on any
+  input; here, as evidently meant, `pos.masked_select(mask)`: the non-dominant tokens'
+  positions, of which the centres' are taken (l. 177). The features do not depend on it.
 """
 
 from __future__ import annotations
@@ -84,17 +89,39 @@ def merge_clusters(x: torch.Tensor, centres: list[int], dist: torch.Tensor, beta
     return torch.stack(out) if out else x[:0], groups
 
 
-def holitom_tokens(pooled, attn, ratio: float, tau: float, beta=0.6, K=7, max_window=1024) -> dict:
+def attention_density(feat, attn_row, pos: list[int], retain: float, D: float, beta: float, K: int):
+    """`merge_tokens_by_attention_density` for one frame: feat [n, H], attn_row [n], pos the
+    tokens' positions. c = ceil(n·r'); dominant: the round(c·(1 - D)) of highest attention,
+    raster order; contextual: c minus that many DPC-KNN cluster tokens of the other tokens
+    (centres in raster order, merged as `merge_tokens_by_clustering`), after the dominant ones.
+    → (tokens [c, H], positions, {centre: [members]} (positions))."""
+    c = math.ceil(len(pos) * retain)
+    n_dom = round(c * (1 - D))
+    n_ctx = c - n_dom
+    chosen = _top(attn_row, n_dom) if n_dom > 0 else []
+    toks, kept, groups = [feat[chosen]], [pos[i] for i in chosen], {}
+    if n_ctx > 0:
+        rest = [i for i in range(len(pos)) if i not in set(chosen)]
+        centres, dist = dpc_knn(feat[rest], n_ctx, min(K, n_ctx))
+        merged, g = merge_clusters(feat[rest], centres, dist, beta)
+        toks.append(merged)
+        kept += [pos[rest[c]] for c in centres]
+        groups = {pos[rest[c]]: [pos[rest[m]] for m in ms] for c, ms in g.items()}
+    return torch.cat(toks, 0), kept, groups
+
+
+def holitom_tokens(pooled, attn, ratio: float, tau: float, beta=0.6, K=7, max_window=1024, D=0.0) -> dict:
     """HoliTom after the projector: pooled [T, S, H], pooled attention [T, S]. Returns dict(
     visual [V, H], kept (t·S + s per token), segments, saved, retain, static {start: [positions]},
-    groups {start: {centre: [members]}} (positions), dynamic {t: [kept positions]})."""
+    groups {start: {centre: [members]}} (positions), dynamic {t: [kept positions]},
+    context {t: {centre: [members]}} (positions; D > 0))."""
     T, S, _ = pooled.shape
     normed = F.normalize(pooled, p=2, dim=-1)
     feature_sim = F.cosine_similarity(normed[:-1], normed[1:], dim=-1)
     segs, saved = static_windows(feature_sim, tau, max_window)
     total = T * S
     retain = min(ratio / ((total - saved) / total), 1)
-    toks, kept, static, groups, dynamic = [], [], {}, {}, {}
+    toks, kept, static, groups, dynamic, context = [], [], {}, {}, {}, {}
     for a, b in segs:
         if b > a:
             mask = torch.all(feature_sim[a:b] > tau, dim=0)
@@ -112,14 +139,13 @@ def holitom_tokens(pooled, attn, ratio: float, tau: float, beta=0.6, K=7, max_wi
                 kept += [a * S + pos[c] for c in centres]
                 groups[a] = {pos[c]: [pos[m] for m in ms] for c, ms in g.items()}
         dyn = [s for s in range(S) if not mask[s]]
-        n_dom = round(math.ceil(len(dyn) * retain) * (1 - 0.0))  # D = 0: dominant tokens only
         for t in range(a, b + 1):
-            chosen = [dyn[i] for i in _top(attn[t, dyn], n_dom)] if dyn and n_dom else []
-            dynamic[t] = chosen
-            toks.append(pooled[t, chosen])
+            feat, chosen, ctx = attention_density(pooled[t, dyn], attn[t, dyn], dyn, retain, D, beta, K)
+            dynamic[t], context[t] = chosen, ctx
+            toks.append(feat)
             kept += [t * S + s for s in chosen]
     return dict(visual=torch.cat(toks, 0), kept=kept, segments=segs, saved=saved, retain=retain,
-                static=static, groups=groups, dynamic=dynamic)
+                static=static, groups=groups, dynamic=dynamic, context=context)
 
 
 def llm_merge(h: torch.Tensor, attn_row: torch.Tensor, r: float) -> dict:
@@ -159,16 +185,17 @@ def _encode_video(model, pixel_values):
 
 @torch.no_grad()
 def holitom_reference(model, pixel_values, prefix_ids, suffix_ids, *, ratio, tau, llm_layer, llm_ratio=0.5,
-                      max_new_tokens=4, grid=False) -> dict:
+                      max_new_tokens=4, grid=False, D=0.0) -> dict:
     """prompt = prefix + HoliTom's visual tokens + image_newline + suffix (grid=True,
     LLaVA-Video: the tokens frame by frame by position, a cluster token on its segment's first
     frame, a newline after each row that kept one, as `add_newline_token`); the in-LLM merge at
-    `llm_layer` (None: off) over the visual span with its newlines. Greedy tokens (no EOS)."""
+    `llm_layer` (None: off) over the visual span with its newlines; D: the contextual share.
+    Greedy tokens (no EOS)."""
     if grid:
         pooled, attn = _encode_video(model, pixel_values)
     else:
         pooled, attn, _ = _encode(model, pixel_values)
-    sel = holitom_tokens(pooled, attn, ratio, tau)
+    sel = holitom_tokens(pooled, attn, ratio, tau, D=D)
     lm = model.model.language_model
     layers, rope = list(lm.layers), _Rope(model.config.text_config)
     emb = lm.embed_tokens
