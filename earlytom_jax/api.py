@@ -28,6 +28,7 @@ import numpy as np
 
 from earlytom_jax import pipeline, sharding, xla_setup
 from earlytom_jax.architectures import param_shapes
+from earlytom_jax.checkpoint import siglip_head as siglip_head_lib
 from earlytom_jax.checkpoint.hub import resolve_model
 from earlytom_jax.checkpoint.load import load_any, load_any_config
 from earlytom_jax.compression import defaults as compression_defaults
@@ -151,7 +152,7 @@ class VideoLLM:
 
     @classmethod
     def load(cls, directory: str, dtype: str = "float32", mesh=None, video: QwenVideoSettings | None = None,
-             time_instruction: bool = False) -> "VideoLLM":
+             time_instruction: bool = False, siglip_head: str | None = None) -> "VideoLLM":
         """An HF checkpoint directory (safetensors, any supported layout), a converted one
         (`earlytom convert`), or a Hugging Face hub id such as
         "llava-hf/llava-onevision-qwen2-0.5b-ov-hf" (from the HF cache, downloaded when
@@ -162,7 +163,12 @@ class VideoLLM:
         video: Qwen2.5-VL's pixel bounds (default: the official EarlyTom script's).
         time_instruction: LLaVA-Video only, the question opens with the video's length and the
         sampled frames' times (`prompt.with_time_instruction`), as lmms-eval's `llava_vid` with
-        add_time_instruction=True; ConfigError (one line) on another family."""
+        add_time_instruction=True; ConfigError (one line) on another family.
+        siglip_head: LLaVA-OneVision/LLaVA-Video only, a directory of the original SigLIP
+        (google/siglip-so400m-patch14-384, HF layout, safetensors) whose post-LayerNorm and
+        attention-pooling head FastVID's official signals need (`params["siglip_head"]`,
+        checkpoint/siglip_head.py); without it, the head of `directory` itself when that
+        checkpoint carries one. ConfigError (one line) for a directory that does not give it."""
         xla_setup.apply_cpu_flags(dtype)  # takes effect only if no JAX backend is open yet
         directory = resolve_model(directory)
         m = sharding.parse_mesh(mesh) if isinstance(mesh, str) and mesh else (mesh or None)
@@ -171,7 +177,8 @@ class VideoLLM:
             shapes = param_shapes(load_any_config(directory))
             shardings, _ = sharding.plan_shardings(shapes, m)
         cfg, params = load_any(directory, dtype, shardings)
-        params = stack.pack(params)
+        head = siglip_head_lib.model_head(cfg, directory, siglip_head, "float32" if dtype is None else dtype, m)
+        params = siglip_head_lib.with_head(stack.pack(params), head)
         info = compression_defaults.read_model_info(directory)
         video = video or QwenVideoSettings()
         pre = QwenPreprocessor.from_dir(directory, video) if family.is_qwen(cfg) else Preprocessor.from_dir(directory)
@@ -211,6 +218,8 @@ class VideoLLM:
             raise ConfigError(f"--max-new-tokens {max_new_tokens}: need at least 1 (the first token is the answer's start)")
         if hasattr(method, "check"):
             method = method.check(self.cfg)
+        if hasattr(method, "uses_head") and family.is_llava(self.cfg):  # FastVID: signals="head" needs the head
+            method.uses_head(siglip_head_lib.KEY in self.params)
         ids = self.prompt_ids(question)
         text = len(ids.prefix) + len(ids.suffix)
         if pad_multiple:

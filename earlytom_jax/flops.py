@@ -169,6 +169,16 @@ def _llm_exact(cfg, text_tokens: int, stats: dict, method) -> tuple[int, int]:
     return ours, paper
 
 
+def _select_flops(method, cfg, t0: int, stats: dict) -> int:
+    """Hook 2's work beyond projector and pooling (`select_flops`), given the run's stats when
+    the method's count depends on what ran (`select_flops_stats`: FastVID's SigLIP head)."""
+    if not hasattr(method, "select_flops"):
+        return 0
+    if getattr(method, "select_flops_stats", False):
+        return method.select_flops(cfg, t0, stats=stats)
+    return method.select_flops(cfg, t0)
+
+
 def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method) -> PrefillFlops:
     """Counts for one prefill, from the statistics the pipeline returned (Python values).
 
@@ -177,7 +187,7 @@ def prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, me
     t_in = _input_frames(method, t0)
     frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats)
     t_final = stats.get("frames", t_in)
-    extra = method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
+    extra = _select_flops(method, cfg, t0, stats)
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
     else:
@@ -275,7 +285,7 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
         merges = bool(getattr(method, "encoder_layers", ()))
         last = bucket(int(stats["frames"])) if merges and getattr(method, "pooled", True) else t_in
         vis, tok = vision(cfg, frames), projector_and_pool(cfg, last)
-    tok += method.select_flops(cfg, t0) if hasattr(method, "select_flops") else 0
+    tok += _select_flops(method, cfg, t0, stats)
     from earlytom_jax.pipeline import visual_span
 
     span = visual_span(cfg, method, t0, cfg.tokens_per_frame)  # newlines included (LLaVA-Video: per row)

@@ -42,6 +42,7 @@ from earlytom_jax.llm_stages import llm_prefill, llm_prefill_bucketed, llm_span_
 from earlytom_jax.models import family
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models.qwen2_5_vl import video_positions
+from earlytom_jax.models.siglip_head import KEY as SIGLIP_HEAD
 
 # the LLM's prefill hook (llm_stages) and decoding (decoding) live in their own modules; callers
 # reach them through this one as well
@@ -157,6 +158,8 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None,
 
         x, colmean, *k = _bucketed(run, x, n, buckets if merged else (t0,), batch_axis)
         extra = {"keys": k[0]} if keys else {}
+        if keys == "heads":  # Qwen2.5-VL: per-head rotated keys and queries
+            extra["queries"] = k[1]
         x, n, state = method.encoder_merge(x, n, colmean, state, last=i == len(layers) - 1, **extra)
         start, merged = layer + 1, True
 
@@ -164,6 +167,8 @@ def encode_video(params, pixels, cfg: ModelConfig, method=FULL, video_time=None,
         return (finish(run_blocks(x, start, vcfg.num_layers)),)
 
     (x,) = _bucketed(rest, x, n, buckets if merged else (t0,), batch_axis)
+    if not qwen and hasattr(method, "head_signals"):  # FastVID: the original SigLIP's head on the tower's output
+        state = method.head_signals(params.get(SIGLIP_HEAD), x, state, cfg)
     if qwen:
         _, gh, gw = vision.grid(pixels.shape)
         m = vcfg.spatial_merge_size

@@ -143,3 +143,30 @@ def real_layout_model(directory: str, seed: int, vision_layers: int):
     cfg, params = load_hf(save_tiny_checkpoint(model, directory))
     assert cfg.tokens_per_frame == 196
     return model, cfg, params
+
+
+def tiny_siglip(vision_config, directory: str, seed: int = 5, use_head: bool = True):
+    """The original SigLIP beside a tiny LLaVA-OneVision's tower (FastVID's signals): a random
+    transformers `SiglipVisionModel` with the tower's sizes (one block: only its post-LayerNorm
+    and head are read), its head on (`use_head`), saved to `directory`. Biases and norms are
+    perturbed and the probe scaled so that its attention is far from uniform.
+    → (the model in fp32 eval mode, directory)."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    v = vision_config
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=1,
+                             num_attention_heads=v.num_attention_heads, image_size=v.image_size,
+                             patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
+                             vision_use_head=use_head)
+    model = SiglipVisionModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+            if "probe" in name:
+                p.mul_(30.0)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return model, directory

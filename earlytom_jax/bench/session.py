@@ -18,6 +18,7 @@ from earlytom_jax.bench.inputs import BenchVideo, bench_video, prompt_ids
 from earlytom_jax.bench.probes import host
 from earlytom_jax.bench.reports import find_full, markdown, relate_to_full
 from earlytom_jax.bench.timing import BenchResult, MethodTimer, measure, measure_interleaved
+from earlytom_jax.checkpoint import siglip_head
 from earlytom_jax.compression import registry
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import family
@@ -52,6 +53,9 @@ class BenchSpec:
     min_pixels: int = QwenVideoSettings.min_pixels
     max_pixels: int = QwenVideoSettings.max_pixels
     batches: tuple[int, ...] = ()  # --batch: batch sizes timed after the methods (`bench.batching`)
+    # --siglip-head: the original SigLIP (FastVID's official signals); a named LLaVA architecture
+    # gets a random head without it (checkpoint.siglip_head.model_head)
+    siglip_head: str | None = None
 
 
 @dataclasses.dataclass
@@ -249,6 +253,7 @@ def run(spec: BenchSpec, make_method, log=to_stderr) -> BenchRun:
         check_spec_frames(spec, make_method, len(prefix) + len(suffix))  # before the clip is made
         video = bench_video(cfg, spec.video, spec.frames, spec.model)
     cfg, params, reference, weights = _load(spec, mesh, video, prefix, suffix)
+    params = siglip_head.with_head(params, siglip_head.model_head(cfg, spec.model, spec.siglip_head, spec.dtype, mesh))
     if reference is not None:
         log(f"PyTorch full: TTFT mean {reference['ttft_mean_s']:.3f} s")
     results = time_methods(spec, make_method, cfg, params, video.pixels, prefix, suffix, mesh, log,

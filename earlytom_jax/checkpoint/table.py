@@ -135,6 +135,28 @@ QWEN_TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
 
 TABLES = {"llava_onevision": TABLE, "llava_video": TABLE, "qwen2_5_vl": QWEN_TABLE}  # LLaVA-Video: OV's tensors
 
+# the probe [1, 1, C] → [C]
+PROBE = Layout("probe", lambda x, s: x.reshape(s), lambda y: y.reshape(1, 1, -1), lambda s: (1, 1, s[0]))
+_HB = "vision.head."
+
+# the original SigLIP's post-LayerNorm and attention-pooling head (`models.siglip_head.SiglipHead`,
+# params["siglip_head"]), from a second checkpoint: FastVID's signals (checkpoint/siglip_head.py)
+HEAD_TABLE: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("post_s",): ("vision.post_layernorm.weight", SAME),
+    ("post_b",): ("vision.post_layernorm.bias", SAME),
+    ("probe",): (_HB + "probe", PROBE),
+    ("qkv_w",): (_HB + "attention.in_proj_weight", QKV_IN),
+    ("qkv_b",): (_HB + "attention.in_proj_bias", QKV_BIAS),
+    ("o_w",): (_HB + "attention.out_proj.weight", HEADS_OUT),
+    ("o_b",): (_HB + "attention.out_proj.bias", SAME),
+    ("ln_s",): (_HB + "layernorm.weight", SAME),
+    ("ln_b",): (_HB + "layernorm.bias", SAME),
+    ("fc1_w",): (_HB + "mlp.fc1.weight", LINEAR),
+    ("fc1_b",): (_HB + "mlp.fc1.bias", SAME),
+    ("fc2_w",): (_HB + "mlp.fc2.weight", LINEAR),
+    ("fc2_b",): (_HB + "mlp.fc2.bias", SAME),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -167,6 +189,14 @@ class Row:
 def shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of every parameter of the model `cfg` (the module's), in loader order."""
     return model_params.shapes(family.module(cfg), cfg)
+
+
+def head_rows(vcfg) -> list[Row]:
+    """A `Row` for every parameter of the SigLIP head of a tower `vcfg` (`SiglipConfig`), in
+    the module's order (`HEAD_TABLE`)."""
+    from earlytom_jax.models.siglip_head import SiglipHead
+
+    return [Row(path, *HEAD_TABLE[path], shape) for path, shape in model_params.shapes(SiglipHead, vcfg).items()]
 
 
 def rows(cfg: ModelConfig) -> list[Row]:

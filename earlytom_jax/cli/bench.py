@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from earlytom_jax.architectures import ARCHITECTURES
 from earlytom_jax.cli.flags import (compression_flags, floats, ints, method_from_args, names, ratio_from_args,
-                                    video_flags)
+                                    siglip_head_flag, video_flags)
 from earlytom_jax.errors import ConfigError
 
 
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     b.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
     b.add_argument("--batch", type=ints, default=(),
                    help="also time each method at these batch sizes, e.g. 1,2,4: samples/s and prefill / B")
+    siglip_head_flag(b)
     compression_flags(b)
     video_flags(b)
     b.set_defaults(fn=cmd_bench)
@@ -65,7 +66,7 @@ def cmd_bench(args) -> int:
         ratios=bench_ratios(args), warmup=args.warmup, runs=args.runs, timing=args.timing, dtype=args.dtype,
         staged=not args.no_stages, decode_tokens=args.decode_tokens, xla=not args.no_xla_flops,
         reference=args.reference, mesh=args.mesh, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        batches=tuple(args.batch))
+        batches=tuple(args.batch), siglip_head=args.siglip_head)
     from earlytom_jax.io_utils import check_writable
 
     for flag, path in (("--json", args.json), ("--chart", args.chart)):

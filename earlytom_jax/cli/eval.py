@@ -8,7 +8,7 @@ import os
 import sys
 
 from earlytom_jax.cli.flags import (DEFAULT_METHOD, check_counts, compression_flags, floats, method_from_args, names,
-                                    ratio_from_args, video_flags, video_settings)
+                                    ratio_from_args, siglip_head_flag, video_flags, video_settings)
 from earlytom_jax.errors import ConfigError
 
 
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
                    help="run several methods (e.g. full,earlytom,fastv) at --ratios and print one table")
     e.add_argument("--ratios", type=floats, default=None, help="ratios for --compare (default: --ratio, else 0.1)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    siglip_head_flag(e)
     video_flags(e)
     m = e.add_argument_group("multi-host (every host runs the same command; --out on a shared file system)")
     m.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
@@ -99,7 +100,7 @@ def cmd_eval(args) -> int:
         model=args.model, task=args.task, data=args.data, out=args.out, frames=args.frames,
         limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh,
         prefetch=args.prefetch, progress=not args.quiet, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        time_instruction=args.time_instruction, batch_size=args.batch_size,
+        time_instruction=args.time_instruction, batch_size=args.batch_size, siglip_head=args.siglip_head,
     )
     video_settings(args)  # contradictory bounds: one line, before anything loads
     runs = eval_runs(args, load_any_config(args.model), read_model_info(args.model))

@@ -64,6 +64,14 @@ def video_settings(args):
                              min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
+def siglip_head_flag(p: argparse.ArgumentParser) -> None:
+    """--siglip-head DIR: the original SigLIP beside the tower, for FastVID's official signals."""
+    p.add_argument("--siglip-head", default=None, metavar="DIR",
+                   help="LLaVA-OneVision/LLaVA-Video: a directory of the original SigLIP (google/siglip-so400m-patch14-384, "
+                        "HF layout, safetensors) whose post-LayerNorm and attention-pooling head give FastVID its "
+                        "official signals (without it: the tower's own frame means and last-block attention)")
+
+
 DEFAULT_METHOD = "earlytom"  # --method when not given, on every family
 
 

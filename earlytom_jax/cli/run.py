@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args, video_flags, video_settings
+from earlytom_jax.cli.flags import (check_counts, compression_flags, method_from_args, siglip_head_flag, video_flags,
+                                    video_settings)
 from earlytom_jax.progress import status
 
 MODEL_HELP = ("HF checkpoint or converted directory (`earlytom convert`), or a Hugging Face hub id ORG/NAME "
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=DTYPE_HELP)
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4")
+    siglip_head_flag(r)
     video_flags(r)
     compression_flags(r)
     r.set_defaults(fn=cmd_run)
@@ -69,7 +71,7 @@ def cmd_run(args) -> int:
     check_counts(args)
     status(f"earlytom: loading {args.model}...")
     llm = VideoLLM.load(args.model, args.dtype, args.mesh, video=video_settings(args),
-                        time_instruction=args.time_instruction)
+                        time_instruction=args.time_instruction, siglip_head=args.siglip_head)
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, args.max_new_tokens)
     note = llm.info.open_question_note(args.prompt)

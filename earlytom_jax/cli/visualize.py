@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from earlytom_jax.cli.flags import check_counts, compression_flags, method_from_args, video_flags, video_settings
+from earlytom_jax.cli.flags import (check_counts, compression_flags, method_from_args, siglip_head_flag, video_flags,
+                                    video_settings)
 from earlytom_jax.cli.run import DTYPE_HELP, MODEL_HELP
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.progress import status
@@ -17,6 +18,7 @@ def add_parser(sub) -> None:
     v.add_argument("--frames", type=int, default=32, help="frames sampled evenly from the video")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=DTYPE_HELP)
     v.add_argument("--out", required=True, help="PNG file to write")
+    siglip_head_flag(v)
     video_flags(v)
     compression_flags(v)
     v.set_defaults(fn=cmd_visualize)
@@ -34,7 +36,7 @@ def cmd_visualize(args) -> int:
         raise ConfigError("--method tome merges tokens inside the encoder (no pooled-token grid): there is no "
                           "kept-token map to draw; choose another method")
     status(f"earlytom: loading {args.model}...")
-    llm = VideoLLM.load(args.model, args.dtype, video=video_settings(args))
+    llm = VideoLLM.load(args.model, args.dtype, video=video_settings(args), siglip_head=args.siglip_head)
     method = method_from_args(args, llm.cfg, info=llm.info)
     llm.check_request(args.frames, args.prompt, method, 1)
     status(f"earlytom: decoding {args.frames} frames, then compiling and running {registry.label(method)}...")

@@ -8,12 +8,17 @@ hook 0, before the vision encoder
 hook 1, inside the vision encoder
     encoder_layers: tuple[int, ...]   blocks after which `encoder_merge` runs (sorted;
                                       negative counts from the end, -1 = the last block)
-    encoder_keys: bool                also pass `keys` [Tc,N,D] (that block's keys, mean
-                                      over heads) to `encoder_merge` as a keyword
+    encoder_keys: bool | str          also pass `keys` [Tc,N,D] (that block's keys, mean
+                                      over heads) to `encoder_merge` as a keyword; "heads"
+                                      (Qwen2.5-VL only): `keys` and `queries` [Tc,N,heads,D],
+                                      the block's rotated keys and queries per head
     frame_buckets(t0) -> tuple[int]   frame counts the later blocks may run on
     encoder_init(t0) -> state
-    encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last[, keys]) -> (x, n, state)
+    encoder_merge(x [Tc,N,C], n, colmean [Tc,N], state, last[, keys[, queries]]) -> (x, n, state)
     encoder_stats(state) -> dict
+    head_signals(head, x [T0,N,C], state, cfg) -> state   optional, LLaVA only (FastVID): called on the
+                                      encoder's output with the SigLIP head's tree (params["siglip_head"],
+                                      models/siglip_head.py; None when not loaded)
     token_merging: bool               instead of all the above, the method runs the blocks:
     encode_tokens(vision, x [T,N,C], cfg) -> x [T,N',C]   (ToMe: fewer tokens per frame; vision: SiglipEncoder)
 hook 2, after projector and pooling

@@ -13,11 +13,14 @@ floors bite. Output: tokens in frame then raster order, then the newline; with
 `keep_positions` (the official code) every kept token keeps its RoPE position in the full
 sequence (`info["visual_positions"]`), the newline and the text theirs.
 
-Signals: the official LLaVA-OV code takes DySeg's frame features and ATS's attention from the
-original SigLIP's post-LayerNorm and attention-pooling head (the pooled output and the probe's
-attention), weights LLaVA-OV checkpoints do not carry. Here, as FastVID's official
-Qwen2.5-VL port does: DySeg on the mean of each frame's visual tokens, ATS on the last encoder
-block's attention received (mean over heads and queries), pooled as the tokens are.
+Signals (`signals`): "head", as the official LLaVA-OV code: the original SigLIP's
+post-LayerNorm and attention-pooling head (models/siglip_head.py, loaded from a second
+checkpoint: `--siglip-head`) on the tower's output; DySeg's g_t is the head's pooled output,
+ATS's attention the probe's attention over the patches (mean over heads), pooled to the token
+grid. "tower": the tower's own, g_t the mean of each frame's visual tokens (as
+FastVID's Qwen2.5-VL port), ATS on the last encoder block's attention received (mean over heads
+and queries), pooled the same way. "auto" (default): "head" when the parameters carry the head
+(`params["siglip_head"]`), else "tower"; `info["signals_head"]` says which ran.
 """
 
 from __future__ import annotations
@@ -33,16 +36,22 @@ from earlytom_jax.compression.registration import DEFAULT_RATIO, check_ratio, re
 from earlytom_jax.config import LlavaOVConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.models import llava_onevision as lov
+from earlytom_jax.models import siglip_head
+
+SIGNALS = ("auto", "head", "tower")
 
 
-@register(name="fastvid", label="FastVID", settings=("dyseg_c", "tau", "d", "p", "beta", "keep_positions"))
+@register(name="fastvid", label="FastVID",
+          settings=("dyseg_c", "tau", "d", "p", "beta", "keep_positions", "dyseg_ignore", "signals"))
 @dataclasses.dataclass(frozen=True)
 class FastVID(NoHooks):
     """ratio: FastVID's RETAIN_RATIO r (R = int(S·r) tokens per frame, at most T0·R in all);
     dyseg_c: DySeg's minimum segment count c (the c - 1 least similar boundaries are cut);
     tau: DySeg's similarity threshold; d: STPrune's context share (salient = R - int(R·d));
     p: DTM's anchor-frame stride; beta: DTM's minimum anchor weight; keep_positions: kept
-    tokens keep their position ids in the full sequence (official) instead of consecutive ones."""
+    tokens keep their position ids in the full sequence (official) instead of consecutive ones;
+    signals: where DySeg's frame features and ATS's attention come from, "head" (the SigLIP
+    head's, official), "tower" (the tower's own) or "auto" (the head's when loaded)."""
 
     ratio: float = DEFAULT_RATIO
     dyseg_c: int = 8
@@ -51,7 +60,9 @@ class FastVID(NoHooks):
     p: int = 4
     beta: float = 0.6
     keep_positions: bool = True
+    signals: str = "auto"
     name = "fastvid"
+    families = ("llava_onevision", "qwen2_5_vl")  # Qwen2.5-VL: `from_ratio` builds fastvid_qwen.FastVIDQwen
     encoder_layers = (-1,)  # the last block's attention received: ATS's signal
 
     def __post_init__(self):
@@ -60,12 +71,23 @@ class FastVID(NoHooks):
             raise ConfigError(f"FastVID dyseg_c {self.dyseg_c} and p {self.p} must be >= 1")
         if not (0.0 <= self.d <= 1.0 and 0.0 <= self.beta <= 1.0 and 0.0 <= self.tau <= 1.0):
             raise ConfigError(f"FastVID d {self.d}, beta {self.beta} and tau {self.tau} must be in [0, 1]")
+        if self.signals not in SIGNALS:
+            raise ConfigError(f"FastVID signals {self.signals!r}: choose one of {', '.join(SIGNALS)}")
 
     @classmethod
     def from_ratio(cls, ratio, cfg, **kw) -> "FastVID":
         """The one budget conversion: `--ratio r` is FastVID's own RETAIN_RATIO (the scripts'
         0.10/0.15/0.20/0.25 are the tables' ratios), i.e. at most T0·int(196·r) tokens, which
-        is at most (and about) the shared r·T0·196."""
+        is at most (and about) the shared r·T0·196. On Qwen2.5-VL: the official port's variant
+        (`fastvid_qwen.FastVIDQwen`, its own defaults: tau 0.84, dyseg_ignore 0.95)."""
+        from earlytom_jax.models import family
+
+        if family.is_qwen(cfg):
+            from earlytom_jax.compression.fastvid_qwen import FastVIDQwen
+
+            return FastVIDQwen.from_ratio(ratio, cfg, **kw)
+        if "dyseg_ignore" in kw:
+            raise ConfigError("FastVID dyseg_ignore is a setting of its Qwen2.5-VL port only")
         return cls(ratio=ratio, **kw).check(cfg)
 
     def check(self, cfg: LlavaOVConfig) -> "FastVID":
@@ -102,15 +124,38 @@ class FastVID(NoHooks):
     def encoder_merge(self, x, n, colmean, state, last):
         return x, n, {"colmean": colmean}
 
+    def uses_head(self, loaded: bool) -> bool:
+        """Whether the SigLIP head gives the signals, the head being `loaded` or not;
+        ConfigError (one line) for signals="head" without it."""
+        if self.signals == "head" and not loaded:
+            raise ConfigError("FastVID signals='head' needs the original SigLIP's head: load it with --siglip-head DIR "
+                              "(google/siglip-so400m-patch14-384; VideoLLM.load(..., siglip_head=DIR)), or use "
+                              "signals='tower'")
+        return self.signals == "head" or (self.signals == "auto" and loaded)
+
+    def head_signals(self, head, feats, state, cfg):
+        """The end of hook 1 (`pipeline.encode_video`, LLaVA only), with the head's tree `head`
+        (None: not loaded). With the head's signals: feats [T0, N, C] (the tower's output) →
+        state["frame_feature"] [T0, C] (the pooled output: DySeg's g_t) and state["colmean"]
+        [T0, N] replaced by the probe's attention (mean over heads), which `select` pools to the
+        token grid as the official `get_attn_2dPool` does (llava_arch.py l. 171-182)."""
+        if not self.uses_head(head is not None):
+            return state
+        pooled, attn = siglip_head.bind(cfg.vision, head)(feats)
+        return {**state, "colmean": attn, "frame_feature": pooled}
+
     # hook 2 --------------------------------------------------------------------------------
 
     def select(self, tokens, n, state, cfg, grid=None):
+        if grid is not None:  # a FastVID built directly, not by from_ratio, on Qwen2.5-VL
+            raise ConfigError("FastVID on Qwen2.5-VL: build it with FastVID.from_ratio (fastvid_qwen.FastVIDQwen)")
         t0, s, h = tokens.shape
         _, sal, ctx = self.per_frame(s)
         cmax = self.context_slots(t0, s)
         x = tokens.astype(jnp.float32)
         imp = lov.pool_frames(state["colmean"][..., None], cfg)[..., 0]  # [T, S]
-        starts = fp.dyseg(jnp.mean(x, axis=1), self.dyseg_c, self.tau)
+        g = state.get("frame_feature")  # the SigLIP head's pooled output, else the token mean
+        starts = fp.dyseg(jnp.mean(x, axis=1) if g is None else g, self.dyseg_c, self.tau)
         counts, seg_id = fp.context_counts(starts, ctx, self.p)
         salient = fp.salient_mask(imp, sal)
         keep = salient
@@ -125,19 +170,26 @@ class FastVID(NoHooks):
             keep = keep | jnp.zeros((t0, s), bool).at[frame, at].set(True, mode="drop")
         buf, valid, src, count = sel.compact(keep, x.astype(tokens.dtype), self.capacity(t0, s))
         info = {"count": count, "kept_index": src, "segment_starts": starts, "context_per_frame": counts,
-                "kept_per_frame": keep.sum(1), "importance": imp}
+                "kept_per_frame": keep.sum(1), "importance": imp, "signals_head": jnp.asarray(g is not None)}
         return buf, valid, info
 
-    def select_flops(self, cfg: LlavaOVConfig, t0: int, s: int | None = None) -> int:
-        """Pooling the attention, DySeg's frame means and similarities, the per-frame distance
-        matrices and density scores, and DTM's anchor similarities and sums as executed: every
-        frame's cmax anchor slots against all T0·M filtered tokens (masked to the segment)."""
+    select_flops_stats = True  # `select_flops` takes the run's stats: "auto" counts the head when it ran
+
+    def select_flops(self, cfg: LlavaOVConfig, t0: int, s: int | None = None, stats: dict | None = None) -> int:
+        """The SigLIP head when it gives the signals (signals "head", or "auto" with
+        stats["signals_head"]: `siglip_head.flops`), pooling the attention, DySeg's frame means
+        (without the head) and similarities, the per-frame distance matrices and density
+        scores, and DTM's anchor similarities and sums as executed: every frame's cmax anchor
+        slots against all T0·M filtered tokens (masked to the segment)."""
+        head = self.signals == "head" or (self.signals == "auto" and bool((stats or {}).get("signals_head", False)))
         g, pg, h = cfg.vision.grid, cfg.pooled_grid, cfg.text.hidden_size
         s = cfg.tokens_per_frame if s is None else s
         _, sal, _ = self.per_frame(s)
         m = s - sal
         cmax = self.context_slots(t0, s)
         pool = 2 * (pg * g * g + pg * pg * g)
-        per_frame = pool + s * h + 3 * h + 2 * m * m * h + 3 * m * h + 8 * m * m
-        return int(t0 * per_frame + 4 * t0 * t0 * m * cmax * h + 3 * t0 * cmax * h)
+        means = 0 if head else s * h
+        per_frame = pool + means + 3 * h + 2 * m * m * h + 3 * m * h + 8 * m * m
+        signals = siglip_head.flops(cfg.vision, t0) if head else 0
+        return int(signals + t0 * per_frame + 4 * t0 * t0 * m * cmax * h + 3 * t0 * cmax * h)
 

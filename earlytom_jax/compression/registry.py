@@ -10,7 +10,7 @@ convention: r of the T0 · 196 pooled visual tokens (`base.token_budget`).
     uniform_frames  max(1, round(r·T0)) frames with all 196 tokens (frame-granular)
     tome            ToMe in every encoder block: round(r·196) merged tokens per frame, no pooling
     holitom         about r·T0·196 tokens (data dependent), then half of them from layer 18
-    fastvid         at most T0·int(196·r) tokens (FastVID's RETAIN_RATIO)
+    fastvid         at most T0·int(196·r) tokens (FastVID's RETAIN_RATIO; Qwen2.5-VL: T·int(S·r))
     pdrop           all tokens enter the LLM; r is PyramidDrop's per-stage λ (published 0.5)
     dycoke          r is the share of its tokens a pruned frame keeps (K = 1 - r)
     prunevid        r / 0.5 of each merged group kept from layer selected_layer + 1
@@ -87,14 +87,24 @@ def __getattr__(attr: str):
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
+def _registration(method) -> registration.Registration:
+    """The registration of a built method's class, or of its nearest registered base (a
+    family's variant such as FastVID's Qwen2.5-VL class, built by the registered one)."""
+    by_cls = {r.cls: r for r in registration.TABLE.values()}
+    for cls in type(method).__mro__:
+        if cls in by_cls:
+            return by_cls[cls]
+    raise KeyError(type(method).__qualname__)
+
+
 def label(method) -> str:
     """The display name of a built method ("full tokens", "EarlyTom", ...)."""
-    return {r.cls: r.label for r in registration.TABLE.values()}[type(method)]
+    return _registration(method).label
 
 
 def name(method) -> str:
     """The registry name of a built method ("full", "earlytom", ...)."""
-    return {r.cls: r.name for r in registration.TABLE.values()}[type(method)]
+    return _registration(method).name
 
 
 def canonical(name: str) -> str:

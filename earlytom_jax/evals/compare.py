@@ -34,7 +34,7 @@ def compare(s: EvalSettings, runs: list[tuple[str, float | None, object]], llm=N
     from earlytom_jax.api import VideoLLM
 
     if llm is None:
-        llm = VideoLLM.load(s.model, s.dtype, s.mesh, video=s.video())
+        llm = VideoLLM.load(s.model, s.dtype, s.mesh, video=s.video(), siglip_head=s.siglip_head)
     rows = []
     for name, ratio, method in runs:
         tag = run_tag(name, ratio)

@@ -71,6 +71,7 @@ class EvalSettings:
     max_pixels: int = 200704
     time_instruction: bool = False  # LLaVA-Video: lmms-eval llava_vid's add_time_instruction
     batch_size: int = 1  # videos per jitted call, split over the mesh's N data groups (each ⌈B / N⌉)
+    siglip_head: str | None = None  # the original SigLIP's directory: FastVID's official signals (`VideoLLM.load`)
 
     def video(self):
         """Qwen2.5-VL's `QwenVideoSettings` of these settings."""
@@ -109,11 +110,12 @@ def _identity(s: EvalSettings, method, max_new: int) -> dict:
         "model": os.path.abspath(s.model), "task": s.task, "data": os.path.abspath(s.data),
         "method": repr(method), "frames": s.frames, "max_new_tokens": max_new, "dtype": s.dtype,
         "time_instruction": s.time_instruction,
+        "siglip_head": None if s.siglip_head is None else os.path.abspath(s.siglip_head),
     }
 
 
 # identity keys added after results directories existed, with the value such a directory ran with
-_IDENTITY_DEFAULTS = {"time_instruction": False}
+_IDENTITY_DEFAULTS = {"time_instruction": False, "siglip_head": None}
 
 
 def _check_identity(out: str, ident: dict) -> None:
@@ -279,7 +281,8 @@ def run_eval(s: EvalSettings, method, llm=None) -> dict:
 
     os.makedirs(s.out, exist_ok=True)
     if llm is None:
-        llm = VideoLLM.load(s.model, s.dtype, groups[0], video=s.video(), time_instruction=s.time_instruction)
+        llm = VideoLLM.load(s.model, s.dtype, groups[0], video=s.video(), time_instruction=s.time_instruction,
+                            siglip_head=s.siglip_head)
     else:
         if s.time_instruction and llm.cfg.family != "llava_video":
             raise ConfigError("--time-instruction is LLaVA-Video's; leave it out for this model")

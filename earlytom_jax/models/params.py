@@ -70,8 +70,13 @@ def abstract(cls, cfg) -> nnx.State:
 
 def bind(cls, cfg, params: dict):
     """The module `cls(cfg)` over the parameter tree `params` (nested dicts of arrays, held
-    forms included: models/stack.py), e.g. inside a jitted function of (params, inputs)."""
-    return nnx.merge(_abstract_split(cls, cfg)[0], params)
+    forms included: models/stack.py), e.g. inside a jitted function of (params, inputs).
+    Top-level trees of other modules beside the model's (`params["siglip_head"]`,
+    models/siglip_head.py) are left out."""
+    graph, state = _abstract_split(cls, cfg)
+    if any(k not in state for k in params):
+        params = {k: v for k, v in params.items() if k in state}
+    return nnx.merge(graph, params)
 
 
 def shapes(cls, cfg) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -119,12 +119,14 @@ class QwenVisionBlock(nnx.Module):
         self.down_w = param(rngs, (f, c), ("mlp", None))
         self.down_b = param(rngs, (c,), (None,))
 
-    def __call__(self, x, cos, sin, windows: Segments | None, with_attention: bool = False, with_keys: bool = False):
+    def __call__(self, x, cos, sin, windows: Segments | None, with_attention: bool = False,
+                 with_keys: bool | str = False):
         """x [T, N, C] (window order); cos, sin [1, N, D]; windows: the window layout, or None
         for a full-attention block (all N positions of each temporal patch). → [T, N, C];
         with_attention: (x, colmean [T, N] fp32), the attention each patch receives averaged
         over heads and all N queries (zero from queries outside its window); with_keys also the
-        rotated keys averaged over heads [T, N, D] fp32."""
+        rotated keys averaged over heads [T, N, D] fp32; with_keys="heads" instead the rotated
+        keys and queries per head, (x, colmean, keys, queries), each [T, N, heads, D] fp32."""
         x = constrain(x, "frames", None, None)
         h = rms_norm(x, self.ln1[...], NORM_EPS)
         qkv = dense("tnc,cshd->tnshd", h, self.qkv_w[...], self.qkv_b[...])
@@ -143,6 +145,8 @@ class QwenVisionBlock(nnx.Module):
         x = x + self.mlp(rms_norm(x, self.ln2[...], NORM_EPS))
         if not with_attention:
             return x
+        if with_keys == "heads":
+            return x, colmean, k.astype(jnp.float32), q.astype(jnp.float32)
         if with_keys:
             return x, colmean, k.astype(jnp.float32).mean(axis=2)
         return x, colmean
@@ -258,11 +262,12 @@ class QwenVisionEncoder(nnx.Module):
             i = j
         return x
 
-    def block_with_attention(self, x, layout: WindowLayout, index: int, with_keys: bool = False):
+    def block_with_attention(self, x, layout: WindowLayout, index: int, with_keys: bool | str = False):
         """Block `index` on x [T, N, C] (window order) → (x, colmean [T, N] fp32) with colmean
         (the attention each patch receives, `QwenVisionBlock`) in the processor's patch order
         (merge unit by merge unit in raster order, each unit's patches consecutive); with_keys
-        also (…, keys [T, N, D] fp32) in that order."""
+        also (…, keys [T, N, D] fp32) in that order; with_keys="heads": (…, keys, queries), the
+        rotated keys and queries per head [T, N, heads, D] fp32 in that order."""
         cos, sin = self.rope(layout)
         windows = None if index in self.cfg.fullatt_block_indexes else layout.segments
         x, *extra = self.block(index)(x, cos, sin, windows, with_attention=True, with_keys=with_keys)

@@ -3,10 +3,16 @@ official code (LunarShen/FastVID a40a109, `fastvid_llavaonevision/.../modeling_q
 l. 900-1000; the same code as viridisGreen/EarlyTom b909322 `fastvid/modeling_qwen2.py`
 l. 157-331): dynamic shapes, one loop per segment as there, fp32.
 
+Signals: with `head` (a transformers `SiglipVisionModel` with its head, the original SigLIP
+beside the tower), as the official LLaVA-OV code (EarlyTom b909322 `fastvid/llava_arch.py`
+l. 211-215, `siglip_encoder.py` `SigLipVisionAbstract` l. 918-921 and the head l. 704-722):
+its post_layernorm and attention-pooling head on the tower's output; DySeg's g_t is the
+head's pooled output, ATS's attention the probe's attention (nn.MultiheadAttention's weights,
+averaged over heads), bilinear-pooled 27 x 27 → 14 x 14 (`get_attn_2dPool`, l. 171-182).
+Without it, the Qwen2.5-VL port's signals: DySeg on the mean of each frame's pooled tokens, ATS
+on the last SigLIP block's attention received, bilinear-pooled.
+
 Differences from the official code (all shared with earlytom_jax/compression/fastvid.py):
-- signals: DySeg on the mean of each frame's pooled tokens and ATS on the last SigLIP block's
-  attention received, bilinear-pooled (the official LLaVA-OV code uses the original SigLIP's
-  attention-pooling head, absent from LLaVA-OV checkpoints; its Qwen2.5-VL port uses these);
 - deterministic ties: top-k (DySeg's c - 1 smallest similarities, ATS, the anchors) take the
   lower index first; density peaks compare (density, lower index) instead of adding
   U(0, 1e-6) noise; the anchor argmax takes the first anchor (torch.argmax);
@@ -18,6 +24,31 @@ from __future__ import annotations
 import torch
 
 from tests.references.baselines_ref import _encode
+from tests.references.earlytom_ref import _vision_parts, bilinear_pool
+
+
+def head_signals(model, head, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original SigLIP's signals on the tower's output (every block of the tiny LLaVA-OV's
+    tower, no post-LayerNorm, as LLaVA-OV's features). → (g [T, C]: the head's pooled output,
+    attention [T, S]: the probe's, averaged over heads, bilinear-pooled to the token grid)."""
+    embeddings, blocks = _vision_parts(model)
+    h = embeddings(pixel_values.float())
+    for b in blocks:
+        h = b(h, None)
+    if isinstance(h, tuple):
+        h = h[0]
+    vm = getattr(head, "vision_model", head)
+    x = vm.post_layernorm(h)
+    pool = vm.head
+    probe = pool.probe.repeat(x.shape[0], 1, 1)
+    out, weights = pool.attention(probe, x, x)  # weights [T, 1, N], mean over heads (torch's default)
+    g = (out + pool.mlp(pool.layernorm(out)))[:, 0]
+    assert torch.equal(g, pool(x)), "the head written out differs from transformers' forward"
+    T, N = weights.shape[0], weights.shape[-1]
+    side = int(round(N**0.5))
+    p = -(-side // 2)
+    attn = bilinear_pool(weights.reshape(T, side, side, 1), p, p).reshape(T, p * p)
+    return g, attn
 
 
 def _topk(values: torch.Tensor, k: int, largest: bool = True) -> list[int]:
@@ -123,12 +154,16 @@ def _forward(model, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fastvid_reference(model, pixel_values, prefix_ids, suffix_ids, *, ratio: float, dyseg_c: int = 8,
                       tau: float = 0.9, d: float = 0.4, p: int = 4, beta: float = 0.6,
-                      keep_positions: bool = True, max_new_tokens: int = 1) -> dict:
-    """FastVID on transformers' fp32 LLaVA-OneVision. Returns dict(segments (sizes), keep
-    (t·S + s, sorted), tokens [K, H], first_logits [V], tokens_out (greedy ids))."""
+                      keep_positions: bool = True, max_new_tokens: int = 1, head=None) -> dict:
+    """FastVID on transformers' fp32 LLaVA-OneVision; `head`: the original SigLIP (a
+    `SiglipVisionModel` with its head) for the official signals. Returns dict(segments (sizes),
+    keep (t·S + s, sorted), tokens [K, H], first_logits [V], tokens_out (greedy ids))."""
     video, attn, _ = _encode(model, pixel_values)
     T, S, _ = video.shape
-    sizes = dyseg(video.mean(dim=1), dyseg_c, tau)
+    g = video.mean(dim=1)
+    if head is not None:
+        g, attn = head_signals(model, head, pixel_values)
+    sizes = dyseg(g, dyseg_c, tau)
     sel = stprune(video, attn, sizes, ratio, d, p, beta)
     emb = model.get_input_embeddings()
     P, Q = len(prefix_ids), len(suffix_ids)
