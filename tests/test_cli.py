@@ -162,6 +162,35 @@ def test_eval_and_run_take_the_presets_ratio():
     assert r == m.ratio == 0.1
 
 
+def test_set_reaches_any_registered_setting(capsys):
+    """--set METHOD.KEY=VALUE builds the method with that setting (typed as its default), in run,
+    eval --compare and bench; a wrong key, value, method or a method the command does not run is
+    one line before anything loads."""
+    from earlytom_jax import cli
+    from earlytom_jax.architectures import architecture
+    from earlytom_jax.cli.eval import eval_runs
+    from earlytom_jax.cli.flags import method_from_args
+
+    cfg = architecture("llava-ov-0.5b")
+    run = ("run", "--model", "m", "--video", "v", "--prompt", "p")
+    m = method_from_args(_parse(*run, "--method", "holitom", "--set", "holitom.d=0.5", "--set", "holitom.knn=5"), cfg)
+    assert (m.d, m.knn) == (0.5, 5) and isinstance(m.knn, int)
+    m = method_from_args(_parse(*run, "--method", "fastvid", "--set", "fastvid.keep_positions=false",
+                                "--set", "fastvid.signals=tower"), cfg)
+    assert m.keep_positions is False and m.signals == "tower"
+    runs = eval_runs(_parse("eval", "--model", "m", "--task", "videomme", "--data", "d", "--out", "o", "--compare",
+                            "full,holitom,prunevid", "--set", "prunevid.cluster_ratio=0.4"), cfg)
+    assert [getattr(m, "cluster_ratio", None) for _, _, m in runs] == [None, None, 0.4]
+    for argv, says in [((*run, "--method", "holitom", "--set", "holitom.zz=1"), "holitom has no setting 'zz'; its settings: tau"),
+                       ((*run, "--method", "holitom", "--set", "holitom.d=abc"), "'abc' is not a float"),
+                       ((*run, "--set", "holitom.d=0.5"), "holitom is not among the methods this command runs (earlytom)"),
+                       ((*run, "--set", "holitomd=1"), "expected METHOD.KEY=VALUE"),
+                       (("bench", "--arch", "tiny", "--methods", "full,earlytom", "--set", "nope.d=1"), "unknown method 'nope'")]:
+        assert cli.main(list(argv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+
+
 def test_bench_ratio_is_one_ratio_or_refused(capsys):
     from earlytom_jax import cli
     from earlytom_jax.cli.bench import bench_ratios

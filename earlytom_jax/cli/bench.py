@@ -4,7 +4,7 @@ flags become a `bench.session.BenchSpec`, the library runs it."""
 from __future__ import annotations
 
 from earlytom_jax.architectures import ARCHITECTURES
-from earlytom_jax.cli.flags import (compression_flags, floats, ints, method_from_args, names, ratio_from_args,
+from earlytom_jax.cli.flags import (check_set, compression_flags, floats, ints, method_from_args, names, ratio_from_args,
                                     siglip_head_flag, video_flags)
 from earlytom_jax.errors import ConfigError
 
@@ -58,6 +58,7 @@ def cmd_bench(args) -> int:
     from earlytom_jax.bench import session
     from earlytom_jax.checkpoint.hub import resolve_model
 
+    check_set(args)
     if args.model:
         args.model = resolve_model(args.model)  # a hub id → its snapshot directory, once
     methods = args.methods or session.default_methods(session.source_config(args.arch, args.model))

@@ -93,6 +93,10 @@ def compression_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-noncausal", action="store_true", help="layer k-1 without causal mask in prefill, as the official code")
     g.add_argument("--paper-prose", action="store_true", help="follow the paper's prose where the official code differs")
     g.add_argument("--preset", default=None, help="published settings: TASK or TASK@RATIO, e.g. videomme@0.1")
+    g.add_argument("--set", dest="method_set", action="append", default=None, metavar="METHOD.KEY=VALUE",
+                   help="any registered setting of a method, e.g. holitom.d=0.5, fastvid.signals=tower, "
+                        "prunevid.cluster_ratio=0.4 (repeatable; wins over the flags above; a wrong key "
+                        "lists the method's settings)")
 
 
 def ratio_from_args(args) -> float:
@@ -132,6 +136,7 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
         key = next((k for k in keys if k in takes), None)
         if key is not None and key != "preset":
             explicit[key] = getattr(args, flag)
+    explicit.update(set_flags(getattr(args, "method_set", None)).get(name, {}))
     kw, said = defaults.settings(name, cfg, explicit, args.preset, info)
     method = registry.build(name, ratio if ratio is not None else ratio_from_args(args), cfg, **kw)
     check_family(cfg, method)  # before any note about its settings
@@ -145,12 +150,85 @@ def method_from_args(args, cfg, name: str | None = None, ratio: float | None = N
     return method
 
 
+def set_flags(items) -> dict[str, dict]:
+    """--set METHOD.KEY=VALUE items → {method: {key: value}}, each value parsed as the type of
+    the setting's default (bool: true/false/1/0; a tuple: comma-separated; None: a number if it
+    reads as one, else the text). ConfigError (one line) for an unknown method or setting, or a
+    value that does not parse."""
+    import dataclasses
+
+    from earlytom_jax.compression import registration
+    from earlytom_jax.errors import ConfigError
+
+    out: dict[str, dict] = {}
+    for item in items or ():
+        head, eq, text = item.partition("=")
+        method, dot, key = head.strip().partition(".")
+        if not (eq and dot and method and key):
+            raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. holitom.d=0.5")
+        try:
+            name = registry.canonical(method)
+        except (KeyError, ValueError, ConfigError):
+            raise ConfigError(f"--set {item!r}: unknown method {method!r}; methods: {', '.join(registry.METHODS)}") from None
+        takes = registry.SETTINGS[name]
+        if key not in takes:
+            raise ConfigError(f"--set {item!r}: {name} has no setting {key!r}; its settings: {', '.join(takes) or 'none'}")
+        fields = {f.name: f for f in dataclasses.fields(registration.TABLE[name].cls)}
+        default = fields[key].default if key in fields else None
+        out.setdefault(name, {})[key] = _parse_setting(item, text.strip(), default)
+    return out
+
+
+def check_set(args) -> None:
+    """--set checked before anything is loaded: well formed, known settings, and each for a
+    method the command runs (--method, eval's --compare or bench's --methods, where given)."""
+    from earlytom_jax.errors import ConfigError
+
+    items = getattr(args, "method_set", None)
+    given = set_flags(items)
+    chosen = getattr(args, "methods", None) or getattr(args, "compare", None)
+    if chosen is None and hasattr(args, "method"):
+        chosen = [args.method or DEFAULT_METHOD]
+    if chosen is None or not given:
+        return
+    runs = set(registry.resolve([str(c).partition("@")[0] for c in chosen]))  # bench: NAME@RATIO
+    for name in given:
+        if name not in runs:
+            item = next(i for i in items if registry.canonical(i.partition(".")[0].strip()) == name)
+            raise ConfigError(f"--set {item!r}: {name} is not among the methods this command runs ({', '.join(sorted(runs))})")
+
+
+def _parse_setting(item: str, text: str, default):
+    from earlytom_jax.errors import ConfigError
+
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        if isinstance(default, (int, float, str)):
+            return type(default)(text)
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    except ValueError:
+        want = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        raise ConfigError(f"--set {item!r}: {text!r} is not {want}") from None
+
+
 def check_counts(args) -> None:
-    """--frames and --max-new-tokens (where the command has them) at least 1: checked before
-    anything is loaded."""
+    """--frames and --max-new-tokens (where the command has them) at least 1, and --set
+    (`check_set`): checked before anything is loaded."""
     from earlytom_jax.errors import ConfigError
 
     if getattr(args, "frames", None) is not None and args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: need at least 1")
     if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: need at least 1 (the first token is the answer's start)")
+    check_set(args)
