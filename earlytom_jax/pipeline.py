@@ -48,9 +48,9 @@ from earlytom_jax.models.siglip_head import KEY as SIGLIP_HEAD
 # reach them through this one as well
 __all__ = ["BATCH", "CacheGroup", "FULL", "check_family", "compile_prefill", "decode_loop", "decode_loop_batch",
            "decode_span", "decode_step", "decode_step_jit", "decode_step_pruned", "decode_step_pruned_jit",
-           "encode_video", "llm_prefill", "llm_prefill_bucketed", "llm_span_info", "pad_suffix", "pad_suffixes",
-           "prefill", "prefill_batch", "prefill_jit", "sequence_logits", "splice", "split_caches", "stage_llm",
-           "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer", "visual_span"]
+           "encode_video", "grid_positions", "llm_prefill", "llm_prefill_bucketed", "llm_span_info", "pad_suffix",
+           "pad_suffixes", "prefill", "prefill_batch", "prefill_jit", "sequence_logits", "splice", "split_caches",
+           "stage_llm", "stage_tokens", "stage_vision", "staged_prefill", "visual_buffer", "visual_span"]
 
 # ----------------------------------------------------------------------------- vision
 
@@ -188,7 +188,9 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL, batch_
     tokens packed at the front, then the newline right after the last kept token.
     LLaVA-Video: the selected tokens frame by frame in raster order, a newline after every
     pooled row that kept a token (`lov.grid_newlines`; every row for a method whose
-    `grid_newline_rows` is "all"), padding after them: buffer [`visual_span`, H].
+    `grid_newline_rows` is "all"), padding after them: buffer [`visual_span`, H]; with the
+    method's `keep_positions` (FastVID), info["visual_positions"] int32 (each slot's position in
+    the full grid span, `grid_positions`) and info["text_start"] (the full span's length).
     Qwen2.5-VL: merged tokens [T, mh, mw, H] → (buffer [Vc, H], valid [Vc], info) with no
     newline, info["visual_positions"] int32 [Vc, 3] (each slot's position relative to the
     video: its source token's, `kept_index`) and info["text_start"]; the method's `select`
@@ -216,6 +218,9 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL, batch_
             src = jnp.where(valid, jnp.arange(buf.shape[0], dtype=jnp.int32), -1)
         every = getattr(method, "grid_newline_rows", "kept") == "all"
         cap = visual_span(cfg, method, t0, s)
+        if getattr(method, "keep_positions", False):  # FastVID: slots keep their full-sequence positions
+            info = {**info, "visual_positions": grid_positions(src, valid, cfg.pooled_grid, n, cap, every),
+                    "text_start": jnp.int32(cfg.visual_slots(t0))}
         buf, valid = lov.grid_newlines(buf, valid, src, model.newline[...], cfg.pooled_grid, n, cap, every)
         return buf, valid, info
     count = info["count"]
@@ -230,6 +235,24 @@ def visual_buffer(params, feats, n, state, cfg: ModelConfig, method=FULL, batch_
         src = jnp.concatenate([info["kept_index"], jnp.full((1,), -1, jnp.int32)])
         info = {**info, "visual_positions": jnp.where(at[:, 0], t0 * s, src)}
     return buf, valid, info
+
+
+def grid_positions(src, valid, pooled_grid: int, frames, capacity: int, every_row: bool = False):
+    """Each slot's position in the uncompressed grid span (`add_token_per_grid`: frame t's
+    pooled row r at (t·g' + r)·(g' + 1), its newline g' after) for the layout `lov.grid_newlines`
+    gives the selected slots src int32 [Vc] (t·S + s), valid [Vc]. → int32 [capacity] (0 on
+    padding), relative to the video's first slot."""
+    g = pooled_grid
+    # the same layout of the source indices themselves (-1 marks a newline)
+    lay, ok = lov.grid_newlines(src[:, None], valid, src, jnp.full((1,), -1, jnp.int32), g, frames, capacity,
+                                every_row)
+    lay = lay[:, 0]
+    tok, nl = ok & (lay >= 0), ok & (lay < 0)
+    if every_row:  # the k-th newline closes row k
+        row = jnp.cumsum(nl.astype(jnp.int32)) - 1
+    else:  # a newline closes the row of the token before it
+        row = jax.lax.cummax(jnp.where(tok, lay, -1)) // g
+    return jnp.where(tok, lay + lay // g, jnp.where(nl, row * (g + 1) + g, 0)).astype(jnp.int32)
 
 
 def visual_span(cfg: ModelConfig, method, t0: int, s: int) -> int:
@@ -258,7 +281,10 @@ def splice(params, buf, buf_valid, info, prefix_ids, suffix_ids, cfg: ModelConfi
         start = info.pop("text_start")
         return (*model.splice(prefix_ids, buf, buf_valid, info["visual_positions"], suffix_ids, suffix_valid,
                               start), info)
-    return (*model.splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid, info.get("visual_positions")), info)
+    info = dict(info)
+    start = info.pop("text_start", None)  # LLaVA-Video with FastVID: the text after the full grid span
+    return (*model.splice(prefix_ids, buf, buf_valid, suffix_ids, suffix_valid, info.get("visual_positions"), start),
+            info)
 
 
 def prefill(params, pixels, prefix_ids, suffix_ids, cfg: ModelConfig, method=FULL, max_new: int = 32, suffix_valid=None,

@@ -4,7 +4,9 @@ frames, then STPrune keeps, per frame, the `salient` tokens of highest attention
 per segment, `context` tokens built by density-based token merging (DTM): the anchor frames of
 a segment (its last frame and every p-th before it) each pick their tokens of highest
 density-peak score as anchors, and every non-salient token of the segment joins its most
-similar anchor. Docs: docs/baselines/fastvid.md (settings, sources, deviations).
+similar anchor. Docs: docs/baselines/fastvid.md (settings, sources, deviations). On
+Qwen2.5-VL and LLaVA-Video, `from_ratio` builds FastVID's official ports instead
+(fastvid_qwen.FastVIDQwen, fastvid_video.FastVIDVideo: other budgets and merge pools).
 
 Per frame of S pooled tokens: R = int(S·r) retained, salient = R - int(R·d), ctx = R - salient;
 a segment of L frames has ceil(L/p) anchor frames of ctx·L // ceil(L/p) context tokens each
@@ -62,7 +64,9 @@ class FastVID(NoHooks):
     keep_positions: bool = True
     signals: str = "auto"
     name = "fastvid"
-    families = ("llava_onevision", "qwen2_5_vl")  # Qwen2.5-VL: `from_ratio` builds fastvid_qwen.FastVIDQwen
+    # Qwen2.5-VL and LLaVA-Video: `from_ratio` builds their ports (fastvid_qwen.FastVIDQwen,
+    # fastvid_video.FastVIDVideo)
+    families = ("llava_onevision", "qwen2_5_vl", "llava_video")
     encoder_layers = (-1,)  # the last block's attention received: ATS's signal
 
     def __post_init__(self):
@@ -79,7 +83,8 @@ class FastVID(NoHooks):
         """The one budget conversion: `--ratio r` is FastVID's own RETAIN_RATIO (the scripts'
         0.10/0.15/0.20/0.25 are the tables' ratios), i.e. at most T0·int(196·r) tokens, which
         is at most (and about) the shared r·T0·196. On Qwen2.5-VL: the official port's variant
-        (`fastvid_qwen.FastVIDQwen`, its own defaults: tau 0.84, dyseg_ignore 0.95)."""
+        (`fastvid_qwen.FastVIDQwen`, its own defaults: tau 0.84, dyseg_ignore 0.95); on
+        LLaVA-Video its LLaVA-Video port's (`fastvid_video.FastVIDVideo`: T0·int(169·r))."""
         from earlytom_jax.models import family
 
         if family.is_qwen(cfg):
@@ -88,6 +93,10 @@ class FastVID(NoHooks):
             return FastVIDQwen.from_ratio(ratio, cfg, **kw)
         if "dyseg_ignore" in kw:
             raise ConfigError("FastVID dyseg_ignore is a setting of its Qwen2.5-VL port only")
+        if cfg.family == "llava_video":
+            from earlytom_jax.compression.fastvid_video import FastVIDVideo
+
+            return FastVIDVideo.from_ratio(ratio, cfg, **kw)
         return cls(ratio=ratio, **kw).check(cfg)
 
     def check(self, cfg: LlavaOVConfig) -> "FastVID":
@@ -149,6 +158,8 @@ class FastVID(NoHooks):
     def select(self, tokens, n, state, cfg, grid=None):
         if grid is not None:  # a FastVID built directly, not by from_ratio, on Qwen2.5-VL
             raise ConfigError("FastVID on Qwen2.5-VL: build it with FastVID.from_ratio (fastvid_qwen.FastVIDQwen)")
+        if getattr(cfg, "grid_newlines", False):  # likewise on LLaVA-Video
+            raise ConfigError("FastVID on LLaVA-Video: build it with FastVID.from_ratio (fastvid_video.FastVIDVideo)")
         t0, s, h = tokens.shape
         _, sal, ctx = self.per_frame(s)
         cmax = self.context_slots(t0, s)

@@ -10,7 +10,8 @@ convention: r of the T0 · 196 pooled visual tokens (`base.token_budget`).
     uniform_frames  max(1, round(r·T0)) frames with all 196 tokens (frame-granular)
     tome            ToMe in every encoder block: round(r·196) merged tokens per frame, no pooling
     holitom         about r·T0·196 tokens (data dependent), then half of them from layer 18
-    fastvid         at most T0·int(196·r) tokens (FastVID's RETAIN_RATIO; Qwen2.5-VL: T·int(S·r))
+    fastvid         at most T0·int(196·r) tokens (FastVID's RETAIN_RATIO; Qwen2.5-VL: T·int(S·r);
+                    LLaVA-Video: T0·int(169·r))
     pdrop           all tokens enter the LLM; r is PyramidDrop's per-stage λ (published 0.5)
     dycoke          r is the share of its tokens a pruned frame keeps (K = 1 - r)
     prunevid        r / 0.5 of each merged group kept from layer selected_layer + 1

@@ -179,7 +179,8 @@ class LlavaOneVision(nnx.Module):
         the config's pooling, as LLaVA-NeXT's `get_2dPool` follows `mm_projector`)."""
         return pool_frames(self.projector(feats), self.cfg)
 
-    def splice(self, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=None, visual_positions=None):
+    def splice(self, prefix_ids, visual, visual_valid, suffix_ids, suffix_valid=None, visual_positions=None,
+               text_start=None):
         """Build the prefill sequence for one video.
 
         prefix_ids [P], suffix_ids [Q] int32; visual [Vc, Ht] with visual_valid bool [Vc]
@@ -189,7 +190,8 @@ class LlavaOneVision(nnx.Module):
         positions count valid slots only (0..n_valid-1; padding gets the previous id).
         visual_positions int32 [Vc] (optional, FastVID): each visual slot's position relative
         to the video's first slot, and the text after the video continues from the largest
-        valid one (positions of the uncompressed sequence, gaps included).
+        valid one (positions of the uncompressed sequence, gaps included), or from `text_start`
+        (int32, relative to the video's first slot) when given.
         """
         pre, suf = self.text.embed_tokens(prefix_ids), self.text.embed_tokens(suffix_ids)
         h = jnp.concatenate([pre, visual.astype(pre.dtype), suf], axis=0)
@@ -200,7 +202,7 @@ class LlavaOneVision(nnx.Module):
         if visual_positions is not None:
             p = prefix_ids.shape[0]
             vis = p + jnp.asarray(visual_positions, jnp.int32)
-            top = jnp.max(jnp.where(visual_valid, vis, p - 1))
+            top = jnp.max(jnp.where(visual_valid, vis, p - 1)) if text_start is None else p + text_start - 1
             text = top + jnp.maximum(jnp.cumsum(suffix_valid.astype(jnp.int32)), 1)
             positions = jnp.concatenate([positions[:p], jnp.where(visual_valid, vis, 0), text])
         return h[None], valid[None], positions[None]

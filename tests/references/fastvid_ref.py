@@ -27,10 +27,12 @@ from tests.references.baselines_ref import _encode
 from tests.references.earlytom_ref import _vision_parts, bilinear_pool
 
 
-def head_signals(model, head, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+def head_signals(model, head, pixel_values, pool_mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
     """The original SigLIP's signals on the tower's output (every block of the tiny LLaVA-OV's
     tower, no post-LayerNorm, as LLaVA-OV's features). → (g [T, C]: the head's pooled output,
-    attention [T, S]: the probe's, averaged over heads, bilinear-pooled to the token grid)."""
+    attention [T, S]: the probe's, averaged over heads, pooled to the token grid: bilinear
+    (LLaVA-OV's `get_attn_2dPool`) or "average" (`F.avg_pool2d(·, 2)`, FastVID's LLaVA-Video
+    port, `fastvid_llavavideo/.../llava_arch.py` l. 188-197))."""
     embeddings, blocks = _vision_parts(model)
     h = embeddings(pixel_values.float())
     for b in blocks:
@@ -46,8 +48,13 @@ def head_signals(model, head, pixel_values) -> tuple[torch.Tensor, torch.Tensor]
     assert torch.equal(g, pool(x)), "the head written out differs from transformers' forward"
     T, N = weights.shape[0], weights.shape[-1]
     side = int(round(N**0.5))
-    p = -(-side // 2)
-    attn = bilinear_pool(weights.reshape(T, side, side, 1), p, p).reshape(T, p * p)
+    maps = weights.reshape(T, side, side, 1)
+    if pool_mode == "average":
+        p = side // 2
+        attn = torch.nn.functional.avg_pool2d(maps.permute(0, 3, 1, 2), 2).reshape(T, p * p)
+    else:
+        p = -(-side // 2)
+        attn = bilinear_pool(maps, p, p).reshape(T, p * p)
     return g, attn
 
 
