@@ -7,12 +7,14 @@ compile counts, budgets, errors and FLOPs."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from earlytom_jax import flops, pipeline
+from earlytom_jax.bench.timing import FLOP_STATS
 from earlytom_jax.compression import registry
 from earlytom_jax.compression.fastvid import FastVID
 from earlytom_jax.errors import ConfigError
@@ -200,3 +202,186 @@ def test_flops_count_fastvid_work(real_layout, runs):
     assert with_head_flops - pf.tokens == siglip_head.flops(cfg.vision, T0) - means > 0
     explicit = registry.build("fastvid", 0.1, cfg, dyseg_c=3, signals="head")
     assert explicit.select_flops(cfg, T0) == method.select_flops(cfg, T0, stats=head["stats"])
+    kept = {k: v for k, v in head["stats"].items() if k in FLOP_STATS}  # what `bench` keeps of the stats
+    assert flops.prefill_flops(cfg, T0, text, kept, method).tokens == with_head_flops
+
+
+# ------------------------------------------------------------------------------ LLaVA-Video
+
+
+VIDEO_CASES = {  # id: (clip, ratio, settings, head); FastVID's LLaVA-Video port (fastvid_video_ref)
+    "video-scenes": ("scenes", 0.1, dict(dyseg_c=3), False),
+    "video-static-head-p2": ("static", 0.15, dict(dyseg_c=3, p=2), True),
+}
+
+
+@pytest.fixture(scope="module")
+def video_layout(tmp_path_factory):
+    """A tiny random LLaVA-Video with the real 27 x 27 → 13 x 13 layout (grid newlines) and the
+    original SigLIP's head beside it → (torch model, config, params, torch SigLIP, our head)."""
+    from tests.test_llava_video import _video_checkpoint
+    from tests.tiny_models import tiny_siglip
+
+    model, cfg, params = _video_checkpoint(str(tmp_path_factory.mktemp("video378fv")), seed=2, image_size=378,
+                                           vision_layers=2)
+    assert (cfg.pooled_grid, cfg.tokens_per_frame) == (13, 169)
+    sig, directory = tiny_siglip(model.config.vision_config, str(tmp_path_factory.mktemp("siglip_video")))
+    return model, cfg, params, sig, load_siglip_head(directory, cfg.vision)
+
+
+@pytest.fixture(scope="module")
+def video_runs(video_layout):
+    from tests.references.fastvid_video_ref import fastvid_video_reference
+
+    model, cfg, params, sig, head = video_layout
+    pre, suf = jnp.asarray(PREFIX, jnp.int32), jnp.asarray(SUFFIX, jnp.int32)
+    out = {}
+    for case, (clip, ratio, kw, with_sig) in VIDEO_CASES.items():
+        p = with_head(params, head if with_sig else None)
+        method = registry.build("fastvid", ratio, cfg, **kw)
+        pix = _clip(clip, cfg.vision.image_size)
+        feats, n, state = pipeline.stage_vision(p, jnp.asarray(pix), cfg, method)
+        h, valid, positions, _, _ = pipeline.stage_tokens(p, feats, n, state, pre, suf, cfg, method)
+        gen = generate(p, cfg, pix, PREFIX, SUFFIX, method, NEW)
+        ref = fastvid_video_reference(model, torch.tensor(pix), PREFIX, SUFFIX, ratio=ratio, max_new_tokens=NEW,
+                                      head=sig if with_sig else None, **kw)
+        out[case] = (method, gen, np.asarray(h[0]), np.asarray(valid[0]), np.asarray(positions[0]), ref)
+    return out
+
+
+def segments_of(starts) -> list[int]:
+    return np.diff(np.append(np.flatnonzero(np.asarray(starts)), len(starts))).tolist()
+
+
+@pytest.mark.parametrize("case", list(VIDEO_CASES))
+def test_llava_video_matches_port_reference(video_runs, case):
+    """Segments, per-frame salient and context counts, kept indices, the visual span (kept tokens
+    and the newline of each row that kept one), every slot's position in the full grid
+    sequence, first-token logits and greedy tokens against the port's reference."""
+    method, gen, h, valid, positions, ref = video_runs[case]
+    s = gen.stats
+    count, span = int(s["count"]), int(s["visual_tokens"])
+    assert type(method).__name__ == "FastVIDVideo" and registry.name(method) == "fastvid"
+    assert segments_of(s["segment_starts"]) == ref["segments"]
+    assert np.asarray(s["salient_per_frame"]).tolist() == ref["salient_per_frame"]
+    assert np.asarray(s["context_per_frame"]).tolist() == ref["context_per_frame"]
+    assert np.asarray(s["kept_index"])[:count].tolist() == ref["keep"]
+    assert span == len(ref["span_index"])
+    P = len(PREFIX)
+    vis = np.flatnonzero(valid[P:len(valid) - len(SUFFIX)]) + P
+    assert len(vis) == span
+    np.testing.assert_allclose(h[vis], ref["span"].numpy(), rtol=0, atol=1e-5)
+    assert (positions[vis] - P).tolist() == ref["span_index"]
+    assert positions[np.flatnonzero(valid)].tolist() == ref["positions"]
+    np.testing.assert_allclose(gen.first_logits, ref["first_logits"].numpy(), rtol=0, atol=1e-4)
+    assert gen.tokens == ref["tokens_out"]
+    assert bool(s["signals_head"]) is VIDEO_CASES[case][3]
+
+
+def test_llava_video_positions_matter(video_runs, video_layout):
+    """The reference with consecutive positions instead of the full sequence's moves the logits
+    far past the tolerance, so the positions are tested."""
+    from tests.references.fastvid_video_ref import fastvid_video_reference
+
+    model, cfg, *_ = video_layout
+    clip, ratio, kw, _ = VIDEO_CASES["video-scenes"]
+    ref = video_runs["video-scenes"][-1]
+    pix = torch.tensor(_clip(clip, cfg.vision.image_size))
+    moved = fastvid_video_reference(model, pix, PREFIX, SUFFIX, ratio=ratio, keep_positions=False, **kw)
+    assert float((moved["first_logits"] - ref["first_logits"]).abs().max()) > 1e-3
+
+
+def test_grid_positions_and_text_start(video_layout):
+    """`pipeline.grid_positions` on scattered selections (slots in any order, padding between)
+    against the full grid span's indices of the layout, and the splice's text after the full
+    span (`text_start`) also when the last row kept nothing."""
+    _, cfg, params, *_ = video_layout
+    g, t0 = 3, 4
+    s, vc = g * g, 4 * 9
+    cap, full = vc + t0 * g, t0 * g * (g + 1)
+    positions = jax.jit(lambda src: pipeline.grid_positions(src, src >= 0, g, jnp.int32(t0), cap))
+
+    @jax.jit
+    def text_positions(got, valid):
+        info = {"visual_positions": got, "text_start": jnp.int32(full)}
+        _, _, pos, out = pipeline.splice(params, jnp.zeros((cap, cfg.text.hidden_size)), valid, info, jnp.arange(2),
+                                         jnp.arange(3), cfg)
+        assert "text_start" not in out
+        return pos[0, -3:]
+
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.5, 0.8):
+        keep = rng.random((t0, s)) < density
+        keep[-1, -g:] = False  # the last row of the last frame keeps nothing
+        src = [t * s + j for t in range(t0) for j in range(s) if keep[t, j]]
+        src_arr = np.full(vc, -1, np.int32)
+        src_arr[rng.permutation(vc)[:len(src)]] = src
+        got = positions(jnp.asarray(src_arr))
+        want = []
+        for t in range(t0):
+            for r in range(g):
+                cols = [c for c in range(g) if keep[t, r * g + c]]
+                want += [(t * g + r) * (g + 1) + c for c in cols] + ([(t * g + r) * (g + 1) + g] if cols else [])
+        assert np.asarray(got).tolist() == want + [0] * (cap - len(want))
+        assert max(want) < full - 1  # the text does not follow the last kept slot
+        assert np.asarray(text_positions(got, jnp.arange(cap) < len(want))).tolist() == [2 + full + i for i in range(3)]
+
+
+def test_llava_video_cases_exercise_the_port(video_runs, video_layout):
+    """Multi-frame segments with a salient remainder and several anchor frames, frames without
+    context, rows without a kept token (fewer newlines than rows), the budget T0·int(169·r)."""
+    _, cfg, *_ = video_layout
+    for case, (method, gen, *_rest, ref) in video_runs.items():
+        s = gen.stats
+        count, newlines = int(s["count"]), int(s["visual_tokens"]) - int(s["count"])
+        assert count == T0 * int(169 * VIDEO_CASES[case][1])  # every segment keeps R·L
+        assert 0 < newlines < T0 * cfg.pooled_grid
+        assert max(ref["segments"]) > 1 and 0 in ref["context_per_frame"]
+    sal = video_runs["video-scenes"][-1]["salient_per_frame"]
+    assert len(set(sal)) > 1  # sal % L > 0 in a segment
+    head = video_runs["video-static-head-p2"][-1]
+    start = 0
+    anchors = []
+    for L in head["segments"]:
+        anchors.append(sum(c > 0 for c in head["context_per_frame"][start:start + L]))
+        start += L
+    assert max(anchors) > 1, head["segments"]
+
+
+def test_llava_video_budgets_match_the_port(video_layout):
+    """`frame_budgets` (static shapes) against the port's per-segment lists over random
+    segmentations and settings."""
+    from earlytom_jax.compression.fastvid_video import frame_budgets
+    from tests.references.fastvid_video_ref import frame_counts
+
+    budgets = jax.jit(frame_budgets, static_argnums=(1, 2, 3))
+    rng = np.random.default_rng(0)
+    for r, d, p in [(16, 0.4, 4), (25, 0.4, 2), (7, 0.25, 3), (33, 0.7, 1), (5, 0.0, 4), (1, 0.4, 2)]:
+        for _ in range(6):  # segmentations of 17 frames, one or two long segments among them
+            starts = np.concatenate([[True], rng.random(16) < rng.choice([0.1, 0.4])])
+            sal, ctx = budgets(jnp.asarray(starts), r, d, p)
+            want_s, want_c = [], []
+            for L in segments_of(starts):
+                a, b = frame_counts(L, r, d, p)
+                want_s += a
+                want_c += b
+            assert np.asarray(sal).tolist() == want_s and np.asarray(ctx).tolist() == want_c
+
+
+def test_llava_video_settings_and_refusals(video_layout):
+    from earlytom_jax.compression.fastvid_video import FastVIDVideo
+
+    _, cfg, *_ = video_layout
+    m = registry.build("fastvid", 0.1, cfg)
+    assert isinstance(m, FastVIDVideo) and (m.dyseg_c, m.tau, m.d, m.p, m.beta) == (8, 0.9, 0.4, 4, 0.6)
+    assert m.capacity(64, 169) == 64 * 16
+    assert pipeline.visual_span(cfg, m, 64, 169) == 64 * 16 + 64 * 13
+    for ratio, kw, match in [(0.005, {}, "keeps no token"), (0.1, {"d": 1.0}, "no salient token"),
+                             (0.9, {}, "more than its 169"), (0.1, {"dyseg_ignore": 0.9}, "Qwen2.5-VL port only")]:
+        with pytest.raises(ConfigError, match=match) as e:
+            registry.build("fastvid", ratio, cfg, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="build it with FastVID.from_ratio"):
+        FastVID(ratio=0.1).select(jnp.zeros((2, 169, 4)), 2, {}, cfg)
+    h = cfg.text.hidden_size
+    assert m.select_flops(cfg, 8) >= 8 * 2 * 169 * 169 * h

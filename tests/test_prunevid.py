@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from earlytom_jax import flops, pipeline
+from earlytom_jax.bench.timing import FLOP_STATS
 from earlytom_jax.architectures import architecture
 from earlytom_jax.compression import defaults, registry
 from earlytom_jax.compression import prunevid_ops as ops
@@ -231,6 +232,8 @@ def test_span_buckets_change_nothing(spread):
     run = flops.executed_prefill_flops(cfg, 8, len(PREFIX) + len(SUFFIX), stats, PruneVid(**fields))
     whole = flops.executed_prefill_flops(cfg, 8, len(PREFIX) + len(SUFFIX), stats, PruneVid(**fields), "largest")
     assert run["llm"] < whole["llm"]
+    kept = {k: v for k, v in stats.items() if k in FLOP_STATS}  # what `bench` keeps of the stats
+    assert flops.executed_prefill_flops(cfg, 8, len(PREFIX) + len(SUFFIX), kept, PruneVid(**fields)) == run
 
 
 def test_merging_only_matches_reference(spread):

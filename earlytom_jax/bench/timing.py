@@ -183,8 +183,7 @@ class MethodTimer:
                 pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)  # compile the stages
                 _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)
         stats = {k: jax.device_get(v).tolist() for k, v in self.stats.items()
-                 if k in ("frames", "visual_tokens", "llm_kept", "frames_after_layer", "llm_kept_stages",
-                          "llm_query_rows")}  # what the FLOP counter reads
+                 if k in FLOP_STATS}
         text = pre.shape[0] + suf.shape[0]
         f, executed = stage_flops(cfg, pixels.shape, text, stats, method)
         fx = None
@@ -202,6 +201,11 @@ class MethodTimer:
             flops_executed=executed, flops_xla=fx, decode=decode, peak_memory=peak,
             first_token=self.first, host_cpu_s=list(self.cpu),
         )
+
+
+# what the FLOP counter reads of a prefill's stats
+FLOP_STATS = ("frames", "visual_tokens", "llm_kept", "frames_after_layer", "llm_kept_stages", "llm_query_rows",
+              "llm_query_slots", "llm_span_bucket", "signals_head")
 
 
 def stage_flops(cfg, pixel_shape, text_tokens: int, stats: dict, method, conditionals: str = "executed"):
