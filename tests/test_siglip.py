@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import torch
@@ -78,7 +80,11 @@ def test_bf16_block_runs_frame_by_frame_on_cpu_with_the_same_result(tiny_dir):
 def test_encoder_frames_benchmark_prints_both_forms(capsys):
     assert load_benchmark("encoder_frames").main(["--frames", "2", "--layers", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "2 frames: max abs diff 0," in out
+    # The two forms agree up to bf16 rounding: bit for bit where the CPU's dot kernels split the
+    # sums alike (AVX512 hosts at 2 frames), within a few ulps of the largest value elsewhere.
+    diff, peak = (float(v) for v in re.search(
+        r"2 frames: max abs diff ([0-9.e+-]+), of max abs ([0-9.e+-]+);", out).groups())
+    assert 0 < peak and diff <= 4 * 2.0**-8 * peak, out
     row = [line for line in out.splitlines() if line.startswith("| 2 |")]
     assert len(row) == 1 and len(row[0].split("|")) == 6, out
 
