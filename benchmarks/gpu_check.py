@@ -281,14 +281,17 @@ def kernel_check(dtype: str, length: int = 1000) -> dict:
     # segments long enough for the fused kernel (64-token windows would stay materialised)
     lengths = [length * 2 // 5, length * 7 // 20]
     windows = attn.Segments.from_lengths(lengths + [length - sum(lengths)], rng.permutation(length))
-    cases = {"causal": (lambda impl: attn.causal_attention(q, k, v, key_valid, impl=impl), valid),
-             "bidirectional": (lambda impl: attn.attention(q, k, v, key_valid, impl=impl), None),
-             "segments": (lambda impl: attn.segment_attention(q, k, v, windows, impl=impl), None)}
+    # inputs are arguments, not closed-over constants: XLA would fold the constants' attention on
+    # the host while compiling (minutes at this size, on any device)
+    cases = {"causal": (lambda impl, q, k, v, kv: attn.causal_attention(q, k, v, kv, impl=impl), valid),
+             "bidirectional": (lambda impl, q, k, v, kv: attn.attention(q, k, v, kv, impl=impl), None),
+             "segments": (lambda impl, q, k, v, kv: attn.segment_attention(q, k, v, windows, impl=impl), None)}
     out: dict = {"impl": attn.choose(q, k), "dtype": dtype, "length": length}
     tol = (3e-2, 3e-3) if dtype == "bfloat16" else (1e-4, 1e-5)
     ok = True
     for name, (fn, rows) in cases.items():
-        got, ref = (np.asarray(jax.jit(lambda impl=impl: fn(impl))(), np.float32) for impl in (None, "dense"))
+        got, ref = (np.asarray(jax.jit(fn, static_argnums=0)(impl, q, k, v, key_valid), np.float32)
+                    for impl in (None, "dense"))
         err = np.abs(got - ref) if rows is None else np.abs(got - ref)[rows]
         out[name] = {"max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
                      "finite": bool(np.isfinite(got).all())}
