@@ -158,6 +158,21 @@ def _forward(model, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(inputs_embeds=h[None].float(), position_ids=pos[None], attention_mask=ones).logits[0, -1].float()
 
 
+def greedy_from(model, h: torch.Tensor, pos: torch.Tensor, max_new_tokens: int):
+    """Greedy decoding by full recomputation from embeddings h [L, H] at positions pos [L]; each new
+    token takes the next position. Returns (first logits [V], greedy ids)."""
+    emb = model.get_input_embeddings()
+    logits = first = _forward(model, h, pos)
+    out = []
+    for _ in range(max_new_tokens):
+        tok = int(logits.argmax())
+        out.append(tok)
+        h = torch.cat([h, emb(torch.tensor([tok]))], 0)
+        pos = torch.cat([pos, pos[-1:] + 1])
+        logits = _forward(model, h, pos)
+    return first, out
+
+
 @torch.no_grad()
 def fastvid_reference(model, pixel_values, prefix_ids, suffix_ids, *, ratio: float, dyseg_c: int = 8,
                       tau: float = 0.9, d: float = 0.4, p: int = 4, beta: float = 0.6,
@@ -181,14 +196,6 @@ def fastvid_reference(model, pixel_values, prefix_ids, suffix_ids, *, ratio: flo
         pos = torch.tensor(list(range(P)) + vis + list(range(P + T * S + 1, P + T * S + 1 + Q)))
     else:
         pos = torch.arange(h.shape[0])
-    logits = _forward(model, h, pos)
-    first = logits
-    out = []
-    for _ in range(max_new_tokens):
-        tok = int(logits.argmax())
-        out.append(tok)
-        h = torch.cat([h, emb(torch.tensor([tok]))], 0)
-        pos = torch.cat([pos, pos[-1:] + 1])
-        logits = _forward(model, h, pos)
+    first, out = greedy_from(model, h, pos, max_new_tokens)
     return dict(segments=sizes, keep=sel["keep"], tokens=sel["tokens"], first_logits=first, tokens_out=out,
                 context_per_frame=sel["context_per_frame"])

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from earlytom_jax.llava_video_torch import video_features
 from tests.references.earlytom_ref import _vision_parts
-from tests.references.fastvid_ref import _density_score, _forward, _merge, _topk, dyseg, head_signals
+from tests.references.fastvid_ref import _density_score, _merge, _topk, dyseg, greedy_from, head_signals
 from tests.references.llava_video_ref import _last_block
 
 
@@ -152,14 +152,7 @@ def fastvid_video_reference(model, pixel_values, prefix_ids, suffix_ids, *, rati
         pos = torch.cat([torch.arange(P), P + index, P + span.shape[0] + torch.arange(Q)])
     else:
         pos = torch.arange(P + V + Q)
-    logits = _forward(model, h, pos)
-    first, out = logits, []
-    for _ in range(max_new_tokens):
-        tok = int(logits.argmax())
-        out.append(tok)
-        h = torch.cat([h, emb(torch.tensor([tok]))], 0)
-        pos = torch.cat([pos, pos[-1:] + 1])
-        logits = _forward(model, h, pos)
+    first, out = greedy_from(model, h, pos, max_new_tokens)
     return dict(segments=sizes, salient_per_frame=sel["salient_per_frame"],
                 context_per_frame=sel["context_per_frame"], keep=sel["keep"], span_index=index.tolist(),
                 span=visual, positions=pos[:P + V + Q].tolist(), first_logits=first, tokens_out=out)
