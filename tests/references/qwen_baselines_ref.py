@@ -88,9 +88,10 @@ def merged_tokens(model, pixels: np.ndarray):
     return out.reshape(grid[0], mh * mw, -1), grid
 
 
-def merged_tokens_and_signals(model, pixels: np.ndarray):
-    """(merged tokens [T, S, Ht], importance [T, S], keys [T, S, D], grid): VisionZip's signals
-    from the last vision block (module docstring)."""
+def last_block_qk(model, pixels: np.ndarray):
+    """One forward of transformers' vision tower that captures its last block's attention input:
+    (merged tokens [T, S, Ht], grid, q and k [L, heads, D] after the vision rotary (window
+    order), cu_seqlens of that block, back: the merged index -> window slot permutation)."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
     from transformers.vision_utils import get_vision_window_index
 
@@ -114,21 +115,29 @@ def merged_tokens_and_signals(model, pixels: np.ndarray):
     q, k, _ = attn.qkv(x).reshape(L, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, heads, D]
     cos, sin = captured["rope"]
     q, k = mq.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    window_index, _ = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vc.spatial_merge_size,
+                                              window_size=vc.window_size, patch_size=vc.patch_size)
+    return tokens, grid, q, k, captured["cu"], torch.argsort(window_index)
+
+
+def merged_tokens_and_signals(model, pixels: np.ndarray):
+    """(merged tokens [T, S, Ht], importance [T, S], keys [T, S, D], grid): VisionZip's signals
+    from the last vision block (module docstring)."""
+    tokens, grid, q, k, cu, back = last_block_qk(model, pixels)
+    scaling = model.model.visual.blocks[-1].attn.scaling
+    L = q.shape[0]
     T, gh, gw = grid
     N = gh * gw
     received = torch.zeros(L, dtype=torch.float32)
-    bounds = [int(v) for v in captured["cu"].tolist()]
+    bounds = [int(v) for v in cu.tolist()]
     for lo, hi in zip(bounds, bounds[1:]):
         if hi == lo:
             continue
         qs, ks = q[lo:hi].transpose(0, 1).float(), k[lo:hi].transpose(0, 1).float()  # [heads, n, D]
-        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * attn.scaling, dim=-1, dtype=torch.float32)
+        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scaling, dim=-1, dtype=torch.float32)
         received[lo:hi] = probs.mean(dim=0).sum(dim=0) / N
     keys = k.float().mean(dim=1)  # [L, D]
     mh, mw, unit = _grid_sizes(model, grid)
-    window_index, _ = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vc.spatial_merge_size,
-                                              window_size=vc.window_size, patch_size=vc.patch_size)
-    back = torch.argsort(window_index)  # processor merged index -> window slot
     S = mh * mw
     received = received.view(L // unit, unit)[back].view(T, S, unit).mean(-1)
     keys = keys.view(L // unit, unit, -1)[back].view(T, S, unit, -1).mean(2)

@@ -29,43 +29,20 @@ import torch
 
 from earlytom_jax.bench_torch import qwen_positions as full_positions
 from tests.references.fastvid_ref import _density_score, _merge, _topk, dyseg
-from tests.references.qwen_baselines_ref import _grid_sizes, _run, merged_tokens
+from tests.references.qwen_baselines_ref import _grid_sizes, _run, last_block_qk
 
 
 def port_signals(model, pixels):
     """(merged tokens [T, S, Ht], ATS attention [T, S] (raster order), grid) from one forward of
     transformers' vision tower (module docstring)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
-    from transformers.vision_utils import get_vision_window_index
-
-    visual = model.model.visual
-    vc = model.config.vision_config
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
-        captured["rope"] = kwargs["position_embeddings"]
-
-    handle = visual.blocks[-1].attn.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        tokens, grid = merged_tokens(model, pixels)
-    finally:
-        handle.remove()
-    attn = visual.blocks[-1].attn
-    x = captured["x"]
-    L = x.shape[0]
-    q, k, _ = attn.qkv(x).reshape(L, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = captured["rope"]
-    q, k = mq.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    tokens, grid, q, k, _, back = last_block_qk(model, pixels)
     T, gh, gw = grid
     heads, D = q.shape[1], q.shape[2]
     q_mean = q.transpose(0, 1).reshape(heads, T, gh * gw, D).mean(-2, keepdim=True)  # [heads, T, 1, D]
     k_unit = k.transpose(0, 1).reshape(heads, T, gh * gw // 4, 4, D).mean(-2)  # [heads, T, S, D]
     w = torch.softmax(q_mean @ k_unit.transpose(-2, -1) / D**0.5, dim=-1, dtype=torch.float32)
     w = w.mean(2).mean(0)  # [T, S], window order
-    window_index, _ = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=vc.spatial_merge_size,
-                                              window_size=vc.window_size, patch_size=vc.patch_size)
-    w = w.reshape(-1)[torch.argsort(window_index)].reshape(T, -1)
+    w = w.reshape(-1)[back].reshape(T, -1)
     return tokens, w, grid
 
 
