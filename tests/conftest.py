@@ -31,3 +31,11 @@ def tiny_dir(tmp_path_factory):
     model = build_tiny_model(seed=0)
     d = save_tiny_checkpoint(model, str(tmp_path_factory.mktemp("tiny")))
     return model, d
+
+
+@pytest.fixture(scope="session")
+def qwen_win_full(tmp_path_factory):
+    """get(name) -> (transformers model, cfg, params) of tiny_qwen.WIN_AND_FULL[name], built once."""
+    from tests import tiny_qwen
+
+    return tiny_qwen.loader(tmp_path_factory, tiny_qwen.WIN_AND_FULL, "qwen")

@@ -23,18 +23,6 @@ from tests.references import qwen_baselines_ref as ref_mod
 PREFIX = [5, 6, 7, tiny_qwen.VSTART]
 SUFFIX = [tiny_qwen.VEND, 8, 9, 10, 11]
 
-MODELS = {
-    # 3 blocks, the last a window block (windows of 2x2 merged tokens), 2 text layers
-    "win": dict(seed=21, vision_layers=3, fullatt=(1,), window=56),
-    # 3 blocks, the last a full-attention block; 3 text layers, GQA 4, another M-RoPE split
-    "full": dict(seed=22, vision_layers=3, fullatt=(2,), window=56, text_layers=3, kv_heads=1, mrope=(2, 4, 2)),
-}
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return tiny_qwen.loader(tmp_path_factory, MODELS, "qwen")
-
 
 _pixels = tiny_qwen.random_pixels
 
@@ -64,18 +52,18 @@ def _check_common(ref, logits, toks, nxt, st):
 # --------------------------------------------------------------------------------------------
 
 
-def test_reference_full_tokens_equal_transformers(loaded):
+def test_reference_full_tokens_equal_transformers(qwen_win_full):
     """The reference's layer-by-layer LLM with all tokens is transformers' own forward (logits,
     greedy tokens); its VisionZip signals come from the same forward (merged tokens equal) and
     each temporal patch's attention sums to 1 over its patches (1/4 over merged-token means)."""
-    model, _, _ = loaded("full")
+    model, _, _ = qwen_win_full("full")
     pix = _pixels(4, 56, 84, seed=1)
     ref = ref_mod.qwen_baseline_reference(model, pix, PREFIX, SUFFIX, 1.25, method="full", max_new_tokens=3)
     hf, _ = tiny_qwen.logits(model, pix, PREFIX, SUFFIX, 1.25)
     np.testing.assert_allclose(ref["logits"].numpy(), hf[-1], atol=1e-5, rtol=0)
     assert ref["tokens"] == tiny_qwen.greedy(model, pix, PREFIX, SUFFIX, 3, 1.25)
     for name in ("win", "full"):
-        model, _, _ = loaded(name)
+        model, _, _ = qwen_win_full(name)
         with torch.no_grad():
             toks, imp, keys, grid = ref_mod.merged_tokens_and_signals(model, pix)
             plain, _ = ref_mod.merged_tokens(model, pix)
@@ -92,8 +80,8 @@ def test_reference_full_tokens_equal_transformers(loaded):
     ("win", 6, 112, 168, 0.1, "pool", 1.0),     # 4 x 6 merged grid, 2/2/3 cells (one band of 4 rows)
     ("full", 4, 168, 84, 0.25, "sample", 0.5),  # 6 x 3 (taller than wide), 4/5 cells (two bands)
 ])
-def test_uniform_tokens_match_reference(loaded, name, frames, h, w, ratio, mode, spt):
-    model, cfg, params = loaded(name)
+def test_uniform_tokens_match_reference(qwen_win_full, name, frames, h, w, ratio, mode, spt):
+    model, cfg, params = qwen_win_full(name)
     pix = _pixels(frames, h, w, seed=frames + h)
     method = registry.build("uniform_tokens", ratio, cfg, mode=mode)
     ref = ref_mod.qwen_baseline_reference(model, pix, PREFIX, SUFFIX, spt, method="uniform_tokens", ratio=ratio,
@@ -120,10 +108,10 @@ def test_uniform_tokens_match_reference(loaded, name, frames, h, w, ratio, mode,
     ("win", 10, 56, 84, 0.4, [0, 4], 1.5),
     ("full", 8, 84, 112, 0.2, [0], 0.75),
 ])
-def test_uniform_frames_match_reference(loaded, name, frames, h, w, ratio, picked, spt):
+def test_uniform_frames_match_reference(qwen_win_full, name, frames, h, w, ratio, picked, spt):
     """Only the picked temporal patches are encoded, each at its ORIGINAL temporal position;
     the text after the video starts one past the full video's largest position."""
-    model, cfg, params = loaded(name)
+    model, cfg, params = qwen_win_full(name)
     pix = _pixels(frames, h, w, seed=frames + w)
     method = registry.build("uniform_frames", ratio, cfg)
     T, S, mw = frames // 2, (h // 28) * (w // 28), w // 28
@@ -147,9 +135,9 @@ def test_uniform_frames_match_reference(loaded, name, frames, h, w, ratio, picke
     ("win", 4, 56, 84, 1, 0.5, 1.0),
     ("full", 6, 84, 112, 2, 0.75, 1.25),
 ])
-def test_fastv_matches_reference(loaded, name, frames, h, w, layer, drop, spt):
+def test_fastv_matches_reference(qwen_win_full, name, frames, h, w, layer, drop, spt):
     """Dropped inside the LLM, the survivors keep their 3-D positions (no newline in the span)."""
-    model, cfg, params = loaded(name)
+    model, cfg, params = qwen_win_full(name)
     pix = _pixels(frames, h, w, seed=frames * 3)
     method = FastV(layer, drop).check(cfg)
     ref = ref_mod.qwen_baseline_reference(model, pix, PREFIX, SUFFIX, spt, method="fastv", layer=layer, drop=drop,
@@ -166,8 +154,8 @@ def test_fastv_matches_reference(loaded, name, frames, h, w, layer, drop, spt):
     ("win", 6, 112, 168, 0.5, dict(dominant_ratio=0.5), 1.0),             # last block: windows; K/C 6/6
     ("full", 4, 112, 112, 0.4, dict(quirks=False), 0.5),                   # last block: full; K/C 5/1, 5/2
 ])
-def test_visionzip_matches_reference(loaded, name, frames, h, w, ratio, kw, spt):
-    model, cfg, params = loaded(name)
+def test_visionzip_matches_reference(qwen_win_full, name, frames, h, w, ratio, kw, spt):
+    model, cfg, params = qwen_win_full(name)
     pix = _pixels(frames, h, w, seed=frames + h + w)
     method = registry.build("visionzip", ratio, cfg, **kw)
     ref = ref_mod.qwen_baseline_reference(model, pix, PREFIX, SUFFIX, spt, method="visionzip", ratio=ratio,

@@ -23,18 +23,6 @@ from tests.references import qwen_fastvid_ref as ref_mod
 PREFIX = [5, 6, 7, tiny_qwen.VSTART]
 SUFFIX = [tiny_qwen.VEND, 8, 9, 10, 11]
 
-MODELS = {
-    # 3 blocks, the last a window block (the port's signal ignores the windows), 2 text layers
-    "win": dict(seed=21, vision_layers=3, fullatt=(1,), window=56),
-    # 3 blocks, the last a full-attention block; 3 text layers, GQA 4, another M-RoPE split
-    "full": dict(seed=22, vision_layers=3, fullatt=(2,), window=56, text_layers=3, kv_heads=1, mrope=(2, 4, 2)),
-}
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return tiny_qwen.loader(tmp_path_factory, MODELS, "qwen-fastvid")
-
 
 def _clip(bases, noise, h, w, seed):
     """Temporal patches (2 equal frames each) of base image `bases[t]` plus noise `noise[t]`:
@@ -80,9 +68,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fastvid_qwen_matches_reference(loaded, case):
+def test_fastvid_qwen_matches_reference(qwen_win_full, case):
     name, bases, noise, h, w, spt, kw = CASES[case]
-    model, cfg, params = loaded(name)
+    model, cfg, params = qwen_win_full(name)
     pix = _clip(bases, noise, h, w, seed=len(bases) + h)
     method = registry.build("fastvid", kw["ratio"], cfg, **{k: v for k, v in kw.items() if k != "ratio"})
     assert isinstance(method, fq.FastVIDQwen)

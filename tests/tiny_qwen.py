@@ -129,6 +129,15 @@ def greedy(model, pixels, prefix, suffix, n: int, second_per_grid_t: float = 1.0
     return toks
 
 
+# The two tiny configurations the Qwen method tests share (conftest's `qwen_win_full`):
+WIN_AND_FULL = {
+    # 3 blocks, the last a window block (windows of 2x2 merged tokens), 2 text layers
+    "win": dict(seed=21, vision_layers=3, fullatt=(1,), window=56),
+    # 3 blocks, the last a full-attention block; 3 text layers, GQA 4, another M-RoPE split
+    "full": dict(seed=22, vision_layers=3, fullatt=(2,), window=56, text_layers=3, kv_heads=1, mrope=(2, 4, 2)),
+}
+
+
 def loader(tmp_path_factory, models: dict, tag: str):
     """get(name) → (transformers model, our cfg, our params) of `models[name]` (kwargs of `build`),
     built, saved and loaded once per name (a module fixture's cache)."""
