@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
+import jax
 import numpy as np
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -77,3 +79,13 @@ def kept_per_frame(kept_index, n: int, per_frame: int) -> list[list[int]]:
         if i >= 0:
             out[i // per_frame].append(i % per_frame)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method"))
+def visual_buffer(params, pixels, cfg, method):
+    """The encoder and the method's visual buffer as one program (eagerly, op by op, a 27 x 27
+    grid's ToMe took 30 s): (buffer [N, H], valid [N], info)."""
+    from earlytom_jax import pipeline
+
+    feats, n, state = pipeline.encode_video(params, pixels, cfg, method)
+    return pipeline.visual_buffer(params, feats, n, state, cfg, method)

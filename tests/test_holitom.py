@@ -6,7 +6,6 @@ bad settings."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -21,7 +20,7 @@ from earlytom_jax.compression import dpc_knn, registry
 from earlytom_jax.compression import holitom_temporal as temporal
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import generate
-from tests.helpers import random_pixels
+from tests.helpers import random_pixels, visual_buffer
 from tests.references import holitom_ref
 
 PREFIX, SUFFIX = [1, 2, 3], [4, 5, 6, 7]
@@ -43,12 +42,6 @@ def _clip(name: str) -> np.ndarray:
     if name == "singleton":  # frame 3 unlike the others: a segment of one frame
         ind[3] = -3.0 * ind[3]
     return ind
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def _visual(params, pixels, cfg, method):
-    feats, n, state = pipeline.encode_video(params, pixels, cfg, method)
-    return pipeline.visual_buffer(params, feats, n, state, cfg, method)
 
 
 def _segments(starts):
@@ -84,7 +77,7 @@ def test_matches_reference(real_layout, clip, ratio, tau):
         row = st["cluster"][a]
         got = {c: [s for s in range(S) if row[s] == c and s != c] for c in groups}
         assert got == groups and sum(v >= 0 for v in row) == len(ref["static"][a])
-    buf, valid, _ = _visual(params, jnp.asarray(pix), cfg, method)
+    buf, valid, _ = visual_buffer(params, jnp.asarray(pix), cfg, method)
     n = st["count"]
     np.testing.assert_allclose(np.asarray(buf[:n]), ref["visual"].numpy(), atol=1e-5, rtol=0)
     assert [i for i, k in enumerate(st["llm_keep_mask"]) if k] == ref["llm_keep"]
@@ -114,7 +107,7 @@ def test_contextual_tokens_match_reference(real_layout, clip):
         for c, ms in groups.items():  # a member's tokens went to its centre's slot
             assert {st["token_slot"][t * S + m] for m in [c, *ms]} == {kept.index(t * S + c)}
     assert members > 0
-    buf, _, _ = _visual(params, jnp.asarray(pix), cfg, method)
+    buf, _, _ = visual_buffer(params, jnp.asarray(pix), cfg, method)
     np.testing.assert_allclose(np.asarray(buf[:st["count"]]), ref["visual"].numpy(), atol=1e-5, rtol=0)
     assert [i for i, k in enumerate(st["llm_keep_mask"]) if k] == ref["llm_keep"]
     np.testing.assert_allclose(gen.first_logits, ref["first_logits"].numpy(), atol=1e-4, rtol=0)

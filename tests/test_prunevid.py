@@ -24,6 +24,7 @@ from earlytom_jax.compression.prunevid import (PruneVid, PruneVidMerge, cluster_
                                                quota_table)
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import generate
+from tests.helpers import visual_buffer
 from tests.references import prunevid_ref as ref
 
 PREFIX, SUFFIX = [1, 2, 3], [4, 5, 6, 7]
@@ -55,14 +56,6 @@ def _clip(t0: int, seed: int, scenes: int, size: int) -> np.ndarray:
         f[:, :, size // 2:] = rng.normal(size=(3, size, size - size // 2))
         frames.append(f + 0.05 * rng.normal(size=f.shape).astype(np.float32))
     return np.stack(frames)
-
-
-def _buffer(params, pix, cfg, method):
-    feats, n, state = pipeline.encode_video(params, pix, cfg, method)
-    return pipeline.visual_buffer(params, feats, n, state, cfg, method)
-
-
-_buffer_jit = jax.jit(_buffer, static_argnames=("cfg", "method"))
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -175,7 +168,7 @@ def test_matches_reference(spread, t0, seed, scenes, layer, ratio):
     want = ref.prunevid_reference(model, torch.tensor(pix), PREFIX, SUFFIX, selected_layer=layer - 1,
                                   retention_ratio=alpha, max_new_tokens=4)
     m = want["merge"]
-    buf, valid, info = _buffer_jit(params, jnp.asarray(pix), cfg, method)
+    buf, valid, info = visual_buffer(params, jnp.asarray(pix), cfg, method)
     _check_merge(m, info, buf, valid, t0, cfg.tokens_per_frame)
     count = int(info["count"])
     assert len(want["llm_keep"]) == sum(int(n * alpha) for _, n in m["groups"])

@@ -15,7 +15,7 @@ from earlytom_jax.compression import registry, tome
 from earlytom_jax.config import LlavaOVConfig, Qwen2Config, SiglipConfig
 from earlytom_jax.errors import ConfigError
 from earlytom_jax.generate import generate
-from tests.helpers import random_pixels
+from tests.helpers import random_pixels, visual_buffer
 from tests.references import baselines_ref
 
 PREFIX, SUFFIX = [1, 2, 3], [4, 5, 6, 7]
@@ -53,8 +53,7 @@ def test_tome_matches_reference(real_layout, ratio):
     ref = baselines_ref.tome_reference(model, torch.tensor(pix), PREFIX, SUFFIX, ratio)
     c = max(1, round(ratio * cfg.tokens_per_frame))
     assert list(method.schedule(cfg)) == ref["schedule"]
-    feats, n, state = pipeline.encode_video(params, jnp.asarray(pix), cfg, method)
-    buf, valid, info = pipeline.visual_buffer(params, feats, n, state, cfg, method)
+    buf, valid, info = visual_buffer(params, jnp.asarray(pix), cfg, method)
     assert buf.shape[0] == T0 * c + 1 and bool(valid.all()) and int(info["count"]) == T0 * c
     np.testing.assert_allclose(np.asarray(buf[:-1]), ref["visual"].numpy(), atol=1e-4, rtol=0)
     gen = generate(params, cfg, pix, PREFIX, SUFFIX, method, 3)
