@@ -140,7 +140,7 @@ WIN_AND_FULL = {
 
 def loader(tmp_path_factory, models: dict, tag: str):
     """get(name) → (transformers model, our cfg, our params) of `models[name]` (kwargs of `build`),
-    built, saved and loaded once per name (a module fixture's cache)."""
+    built, saved and loaded once per name (cached for the calling fixture's scope)."""
     from earlytom_jax.checkpoint.load import load_hf
 
     cache = {}
