@@ -221,13 +221,16 @@ def llm_layer_executed(cfg: LlavaOVConfig, L: int, entries: int) -> int:
     return proj + 2 * 2 * t.num_heads * t.head_dim * entries
 
 
-def _buckets(method, t_in: int, conditionals: str):
-    """The frame bucket a count of n frames ran on (every bucket at the largest for "largest")."""
+def _buckets(method, t_in: int, conditionals: str, frame_loop: bool = False):
+    """The frame bucket a count of n frames ran on (every bucket at the largest for "largest");
+    frame_loop: the encoder ran the n frames one at a time (`stack.frame_loop`), exactly n."""
     buckets = tuple(method.frame_buckets(t_in)) if hasattr(method, "frame_buckets") else (t_in,)
 
     def bucket(n: int) -> int:
         if conditionals == "largest":
             return max(buckets)
+        if frame_loop:
+            return n
         return min([b for b in buckets if b >= n] or [t_in])
 
     return bucket
@@ -265,19 +268,20 @@ def _span_run(span: int, stats: dict, conditionals: str) -> int:
 
 
 def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats: dict, method,
-                           conditionals: str = "executed") -> dict:
+                           conditionals: str = "executed", frame_loop: bool = False) -> dict:
     """Matmul FLOPs of what the compiled prefill executes, static shapes and all: encoder blocks,
     then projector and pooling, on the frame bucket they ran on (the whole frame buffer without
     frame merging), LLM layers over every slot of the static sequence (padding included),
     attention as the kernels compute it (masked squares, diagonal blocks; see
     `attention_entries`). conditionals "largest" counts each `lax.switch`/`lax.cond` at its
     largest branch (the largest frame bucket, every key block), as XLA's cost analysis does.
-    Elementwise work (norms, softmax, activations, RoPE) is not counted here; XLA counts it
+    frame_loop: the pipeline ran merged frames one at a time (`stack.frame_loop`: bf16 on CPU),
+    on exactly the frames left rather than a bucket. Elementwise work (norms, softmax, activations, RoPE) is not counted here; XLA counts it
     (see bench.xla_stage_flops).
 
     → {"vision", "tokens", "llm", "total"} (Python ints)."""
     t_in = _input_frames(method, t0)
-    bucket = _buckets(method, t_in, conditionals)
+    bucket = _buckets(method, t_in, conditionals, frame_loop)
     frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats, bucket)
     if getattr(method, "token_merging", False):
         vis, tok = _tokens_and_vision(cfg, t_in, method)
@@ -354,7 +358,7 @@ def qwen_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tok
 
 
 def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int], text_tokens: int, stats: dict,
-                                method, conditionals: str = "executed") -> dict:
+                                method, conditionals: str = "executed", frame_loop: bool = False) -> dict:
     """`executed_prefill_flops` for Qwen2.5-VL: the encoder with padded windows on the frame
     buckets it ran on (`qwen_vision(padded=True)`), the LLM over the static sequence (text,
     then the method's visual buffer for T temporal patches of gh·gw / unit tokens, no newline)
@@ -362,7 +366,8 @@ def qwen_executed_prefill_flops(cfg: Qwen25VLConfig, grid: tuple[int, int, int],
     → {"vision", "tokens", "llm", "total"}."""
     t, gh, gw = grid
     t_in = _input_frames(method, t)
-    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats, _buckets(method, t_in, conditionals))
+    frames = _frames_per_block(cfg.vision.num_layers, t_in, method, stats,
+                               _buckets(method, t_in, conditionals, frame_loop))
     per_patch = gh * gw // cfg.vision.merge_unit
     span = method.capacity(t, per_patch) if hasattr(method, "capacity") else t * per_patch
     vis = qwen_vision(cfg, grid, padded=True, frames_per_block=frames)

@@ -8,7 +8,9 @@
 Shapes stay static: frames live in a buffer of capacity T0 with a valid count `n`; after a
 frame merge the following encoder blocks, and then the projector and pooling, run on the
 smallest bucket of frames that holds `n` (chosen on device with `lax.switch`, so no host
-round trip); visual tokens live in a buffer of the method's static capacity with a validity
+round trip), or, where the encoder runs frames one at a time anyway (bf16 on CPU,
+`stack.frame_by_frame`), on exactly the first `n` frames (a loop whose later steps are
+skipped); visual tokens live in a buffer of the method's static capacity with a validity
 mask; the in-LLM merge compacts the sequence into a shorter static capacity. Positions count
 valid slots only, so padding never moves a RoPE id and is never attended.
 
@@ -39,7 +41,7 @@ from earlytom_jax.config import LlavaOVConfig, ModelConfig
 from earlytom_jax.decoding import (FULL, CacheGroup, decode_loop, decode_loop_batch, decode_span, decode_step,
                                    decode_step_jit, decode_step_pruned, decode_step_pruned_jit, split_caches)
 from earlytom_jax.llm_stages import llm_prefill, llm_prefill_bucketed, llm_span_info
-from earlytom_jax.models import family
+from earlytom_jax.models import family, stack
 from earlytom_jax.models import llava_onevision as lov
 from earlytom_jax.models.qwen2_5_vl import video_positions
 from earlytom_jax.models.siglip_head import KEY as SIGLIP_HEAD
@@ -60,6 +62,8 @@ BATCH = "batch"  # the vmapped axis of `prefill_batch`
 
 def _bucketed(fn, x, n, buckets, batch_axis=None):
     """Run fn on the first b frames of x for the smallest bucket b >= n; pad back to capacity.
+    Where the encoder runs frames one at a time (`stack.frame_by_frame`), on the first n
+    frames exactly (`stack.map_frames_upto`), the rest zeros.
 
     fn(x [b, ...]) → tuple of arrays with leading frame axis b. Under `vmap` over `batch_axis`
     the bucket holds the largest `n` of the batch: its index is the same for every sample, so
@@ -70,6 +74,8 @@ def _bucketed(fn, x, n, buckets, batch_axis=None):
         return fn(x)
     if batch_axis is not None:
         n = jax.lax.pmax(n, batch_axis)
+    if stack.frame_by_frame(x):  # one frame at a time anyway: a loop over the n frames left, no bucket's padding
+        return stack.map_frames_upto(fn, x, n)
 
     def branch(b):
         def f(x):

@@ -77,3 +77,19 @@ def test_executed_projector_runs_on_the_bucket_of_the_frames_left():
     largest = flops.executed_prefill_flops(cfg, 16, 39, stats, m, conditionals="largest")
     assert largest["tokens"] == flops.projector_and_pool(cfg, 16) + sel
     assert flops.prefill_flops(cfg, 16, 39, stats, m).tokens == flops.projector_and_pool(cfg, 3) + sel
+
+
+def test_executed_frame_loop_runs_the_frames_left():
+    """Where the encoder runs frames one at a time (bf16 on CPU), the blocks after a merge and
+    the projector run on the frames left, no bucket: the executed count is the exact one."""
+    cfg = architecture("llava-ov-0.5b")
+    from earlytom_jax.compression.earlytom import EarlyTom
+
+    m = EarlyTom(ratio=0.1, layers=(6, 21, 23), llm_layer=18)
+    stats = {"frames": 3, "frames_after_layer": [9, 5, 3], "visual_tokens": 314, "llm_kept": 157}
+    run = flops.executed_prefill_flops(cfg, 16, 39, stats, m, frame_loop=True)
+    exact = flops.prefill_flops(cfg, 16, 39, stats, m)
+    assert (run["vision"], run["tokens"]) == (exact.vision, exact.tokens)
+    assert run["vision"] < flops.executed_prefill_flops(cfg, 16, 39, stats, m)["vision"]
+    largest = flops.executed_prefill_flops(cfg, 16, 39, stats, m, conditionals="largest", frame_loop=True)
+    assert largest == flops.executed_prefill_flops(cfg, 16, 39, stats, m, conditionals="largest")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +116,53 @@ def test_packed_stacks_are_not_converted_whole():
     assert _f32_stacks(hlo(plain), plain) != []
     packed = stack.pack(_bf16_params(cfg), backend="cpu")
     assert _f32_stacks(hlo(packed), plain) == []
+
+
+def test_map_frames_upto_runs_only_the_frames_left():
+    """fn on the first n frames (bf16 through the loop), zeros after; steps from n on never
+    call fn."""
+    calls = []
+
+    def fn(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x * 2, x.astype(jnp.float32).sum(-1)
+
+    x = jnp.arange(5 * 3, dtype=jnp.bfloat16).reshape(5, 3)
+    y, s = jax.jit(stack.map_frames_upto, static_argnums=0)(fn, x, jnp.int32(3))
+    jax.effects_barrier()
+    assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32 and len(calls) == 3
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.where(np.arange(5)[:, None] < 3, 2 * np.asarray(x, np.float32), 0))
+    np.testing.assert_array_equal(np.asarray(s), np.where(np.arange(5) < 3, np.asarray(x, np.float32).sum(-1), 0))
+
+
+@pytest.mark.parametrize("arch, repeat", [("tiny", [0, 0, 0, 1, 1, 2, 2, 2]),
+                                          ("qwen-tiny", [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7])])
+def test_merged_frames_run_one_at_a_time_as_the_buckets_do(arch, repeat):
+    """bf16 on CPU, the blocks after a frame merge run on exactly the frames left (a loop)
+    instead of the smallest frame bucket holding them (`lax.switch`): the same frames, the same
+    features bit for bit (each frame's blocks run alone either way), zeros after them. The
+    counts reached (5 of 8 frames, 7 of 8 temporal patches) are not buckets (2, 4, 6, 8)."""
+    cfg = architecture(arch)
+    params = stack.pack(_bf16_params(cfg), backend="cpu")
+    if arch == "tiny":
+        pix = random_pixels(8, cfg.vision.image_size, seed=2)
+    else:
+        pix = np.random.default_rng(0).standard_normal((16, 3, 56, 84)).astype(np.float32)
+    pix = jnp.asarray(pix[np.array(repeat)], jnp.bfloat16)
+    method = EarlyTom(ratio=0.5, tau=0.0, layers=(1, 2), llm_layer=2)
+
+    def encode(p, x):
+        feats, n, state = pipeline.encode_video(p, x, cfg, method)
+        return feats, n, state["frames_after_layer"]
+
+    loop = jax.jit(encode)(params, pix)
+    with pytest.MonkeyPatch.context() as mp:  # the pipeline's choice only: the blocks still run frame by frame
+        mp.setattr(pipeline, "stack", types.SimpleNamespace(frame_by_frame=lambda x: False))
+        switch = jax.jit(encode)(params, pix)
+    n = int(loop[1])
+    assert n < len(repeat) // (2 if arch == "qwen-tiny" else 1)
+    assert n == int(switch[1]) and np.asarray(loop[2]).tolist() == np.asarray(switch[2]).tolist()
+    assert n not in method.frame_buckets(loop[0].shape[0])
+    a, b = np.asarray(loop[0], np.float32), np.asarray(switch[0], np.float32)
+    np.testing.assert_array_equal(a[:n], b[:n])
+    assert not a[n:].any()

@@ -16,7 +16,7 @@ import numpy as np
 from earlytom_jax import flops, pipeline, progress
 from earlytom_jax.bench.probes import cores_busy, peak_memory_read, peak_memory_start
 from earlytom_jax.bench.xla_flops import xla_stage_flops
-from earlytom_jax.models import family
+from earlytom_jax.models import family, stack
 
 STAGES = ("vision", "tokens", "llm")  # the staged breakdown's keys, in pipeline order
 NEVER = np.asarray([-1], np.int32)  # an EOS list no token id matches: timed decodes run their full length
@@ -182,10 +182,11 @@ class MethodTimer:
                 vt = self.video_time
                 pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)  # compile the stages
                 _, stages = pipeline.staged_prefill(params, pixels, pre, suf, cfg, method, 16, vt)
+            frame_loop = stack.frame_loop(pixels.dtype)
         stats = {k: jax.device_get(v).tolist() for k, v in self.stats.items()
                  if k in FLOP_STATS}
         text = pre.shape[0] + suf.shape[0]
-        f, executed = stage_flops(cfg, pixels.shape, text, stats, method)
+        f, executed = stage_flops(cfg, pixels.shape, text, stats, method, frame_loop=frame_loop)
         fx = None
         if xla:
             fx = xla_stage_flops(params, cfg, pixels.shape[0], pre.shape[0], suf.shape[0], method, 16,
@@ -208,17 +209,19 @@ FLOP_STATS = ("frames", "visual_tokens", "llm_kept", "frames_after_layer", "llm_
               "llm_query_slots", "llm_span_bucket", "signals_head")
 
 
-def stage_flops(cfg, pixel_shape, text_tokens: int, stats: dict, method, conditionals: str = "executed"):
+def stage_flops(cfg, pixel_shape, text_tokens: int, stats: dict, method, conditionals: str = "executed",
+                frame_loop: bool = False):
     """(exact `flops.PrefillFlops`, executed counts dict) of one prefill of pixels of
     `pixel_shape` ([T0, 3, S, S], or Qwen2.5-VL's [T', 3, H, W], whose grid the encoder's
-    count needs), from the statistics the pipeline returned (Python values)."""
+    count needs), from the statistics the pipeline returned (Python values); frame_loop: the
+    encoder ran frames one at a time (`stack.frame_loop`)."""
     if family.is_qwen(cfg):
         grid = flops.qwen_grid(cfg.vision, pixel_shape)
         return (flops.qwen_prefill_flops(cfg, grid, text_tokens, stats, method),
-                flops.qwen_executed_prefill_flops(cfg, grid, text_tokens, stats, method, conditionals))
+                flops.qwen_executed_prefill_flops(cfg, grid, text_tokens, stats, method, conditionals, frame_loop))
     t0 = pixel_shape[0]
     return (flops.prefill_flops(cfg, t0, text_tokens, stats, method),
-            flops.executed_prefill_flops(cfg, t0, text_tokens, stats, method, conditionals=conditionals))
+            flops.executed_prefill_flops(cfg, t0, text_tokens, stats, method, conditionals, frame_loop))
 
 
 def rounds(runs: int, desc: str, bar: bool):

@@ -96,14 +96,35 @@ def frame_by_frame(x) -> bool:
     the caches (SigLIP: docs/cpu-forms.md#siglip-blocks-frame-by-frame; Qwen2.5-VL's encoder,
     4 blocks on 8 temporal patches of 1008 patches: 2.24 → 1.75 s). Each frame's result then
     does not depend on how many frames share the batch."""
-    return (x.dtype == _BF16 and x.shape[0] > 1 and jax.default_backend() == "cpu"
-            and jax.sharding.get_abstract_mesh().empty)
+    return x.shape[0] > 1 and frame_loop(x.dtype)
+
+
+def frame_loop(dtype) -> bool:
+    """Whether encoders run activations of `dtype` one frame at a time here (`frame_by_frame`):
+    bf16 on CPU without a mesh."""
+    return jnp.dtype(dtype) == _BF16 and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
 def map_frames(fn, x):
     """fn(x [1, ...]) → [1, ...] for each frame of x [B, ...], as a loop (`jax.lax.map`), bf16
     through the loop as bits."""
     return unbits(jax.lax.map(lambda xb: bits(fn(unbits(xb)[None])[0]), bits(x)))
+
+
+def map_frames_upto(fn, x, n):
+    """fn(x [1, ...]) → tuple of [1, ...] arrays, for each of the first `n` frames (traced int)
+    of x [B, ...], as one loop over the B frames whose steps from `n` on only write zeros
+    (`lax.cond`): the frames left after a merge cost what they are, with one compiled body.
+    → tuple of [B, ...] arrays, zero from frame n on; bf16 through the loop as bits."""
+    shapes = jax.eval_shape(fn, x[:1])
+
+    def step(args):
+        i, xb = args
+        return jax.lax.cond(i < n, lambda xb: tuple(bits(o[0]) for o in fn(unbits(xb)[None])),
+                            lambda xb: tuple(bits(jnp.zeros(s.shape[1:], s.dtype)) for s in shapes), xb)
+
+    out = jax.lax.map(step, (jnp.arange(x.shape[0], dtype=jnp.int32), bits(x)))
+    return tuple(unbits(o) for o in out)
 
 
 def per_layer(tree) -> bool:
