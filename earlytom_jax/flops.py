@@ -276,8 +276,8 @@ def executed_prefill_flops(cfg: LlavaOVConfig, t0: int, text_tokens: int, stats:
     `attention_entries`). conditionals "largest" counts each `lax.switch`/`lax.cond` at its
     largest branch (the largest frame bucket, every key block), as XLA's cost analysis does.
     frame_loop: the pipeline ran merged frames one at a time (`stack.frame_loop`: bf16 on CPU),
-    on exactly the frames left rather than a bucket. Elementwise work (norms, softmax, activations, RoPE) is not counted here; XLA counts it
-    (see bench.xla_stage_flops).
+    on exactly the frames left rather than a bucket. Elementwise work (norms, softmax,
+    activations, RoPE) is not counted here; XLA counts it (see bench.xla_stage_flops).
 
     → {"vision", "tokens", "llm", "total"} (Python ints)."""
     t_in = _input_frames(method, t0)
